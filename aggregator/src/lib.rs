@@ -1,0 +1,1 @@
+//! fwdllm-aggregator library: round state machine, pacing, persistence, export.

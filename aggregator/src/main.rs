@@ -1,0 +1,3 @@
+fn main() {
+    println!("fwdllm-aggregator {}", env!("CARGO_PKG_VERSION"));
+}

@@ -1,0 +1,3 @@
+fn main() {
+    println!("fwdllm-agent {}", env!("CARGO_PKG_VERSION"));
+}
