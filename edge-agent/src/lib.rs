@@ -1,1 +1,9 @@
-//! fwdllm-agent library: the engine (forward gradients on llama.cpp), data pipeline and daemon.
+//! fwdllm-agent library: the engine (forward gradients on llama.cpp), the data pipeline
+//! and the federated daemon. The binary `fwdllm-agent` is a thin CLI over these modules.
+
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod data;
+pub mod engine;
+pub mod service;

@@ -1,0 +1,1 @@
+//! Agent configuration (TOML, environment overrides, validation).

@@ -1,0 +1,1 @@
+//! The agent daemon: MQTT loop, replay, status and telemetry.

@@ -1,0 +1,1 @@
+//! Data pipeline: readers, task configs, splits and client shards.

@@ -1,0 +1,1 @@
+//! The engine: forward-gradient LoRA on llama.cpp.

@@ -1,0 +1,1 @@
+//! systemd integration: sd-notify READY/WATCHDOG, journald or stderr logging, SIGTERM.
