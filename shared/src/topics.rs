@@ -1,0 +1,1 @@
+//! MQTT topic scheme (names only; no MQTT client here).

@@ -1,0 +1,1 @@
+//! Versioned postcard wire format: every message that crosses the network.
