@@ -1,8 +1,27 @@
 //! fwdllm-shared: everything both sides of the federation must agree on bit for bit —
 //! the wire format, topic names, seeded perturbations, LoRA layout, update math and the
 //! GGUF adapter writer. Knows nothing about llama.cpp or MQTT.
+//!
+//! Modules:
+//! * [`perturb`] — the pinned counter-based generator (SplitMix64 over `(seed, counter)`):
+//!   Rademacher directions, seed derivation, integer Gaussian approximation.
+//! * [`lora`] — LoRA layout over a flat f32 vector, deterministic init, [`WeightsHash`].
+//! * [`update`] — `(seed, coeff)` commit replay and perturbed parameter vectors.
+//! * [`gguf`] — GGUF v3 LoRA adapter writer (for stock llama.cpp) and a small GGUF reader.
+//! * [`wire`], [`topics`] — the versioned postcard wire format and MQTT topic names.
+//!
+//! **Invariant:** replay (init + commits) is pure integer/f32 math in this crate, uses no
+//! libm function and never reads an engine output, so every replica on every platform holds
+//! the same bits for the same model version.
 
-pub mod topics;
-pub mod wire;
+pub mod gguf;
+pub mod lora;
+pub mod perturb;
+pub mod update;
+
 #[cfg(feature = "service")]
 pub mod service;
+pub mod topics;
+pub mod wire;
+
+pub use lora::WeightsHash;

@@ -1,0 +1,787 @@
+//! GGUF v3: a writer for LoRA adapters that stock llama.cpp loads, and a small,
+//! panic-free reader (for tests, for inspecting exported adapters and for reading a model's
+//! [`ModelShape`] from its header).
+//!
+//! Layout facts, checked against the llama.cpp vendored by llama-cpp-sys-2 0.1.160
+//! (`ggml/src/gguf.cpp`, `gguf_init_from_file_impl` / `gguf_write_to_buf`, and
+//! `src/llama-adapter.cpp`, `llama_adapter_lora_init_impl`):
+//! * header: magic `"GGUF"`, version u32 = 3, n_tensors u64, n_kv u64 (all little-endian);
+//! * kv: key as string (u64 length + UTF-8 bytes, no NUL), value type u32, value; arrays are
+//!   element type u32, count u64, elements; strings as above; bool is one byte 0/1;
+//! * tensor info: name string (< 64 bytes, unique), n_dims u32 (<= 4), `ne[n_dims]` u64 with
+//!   `ne[0]` the fastest-varying dimension, ggml type u32 (F32 = 0), offset u64 relative to
+//!   the data section; offsets must be contiguous, each tensor padded to the alignment;
+//! * data section starts at the header size padded to `general.alignment` (u32, power of two,
+//!   default 32);
+//! * adapters: `general.type = "adapter"`, `general.architecture` must equal the model's,
+//!   `adapter.type = "lora"`, `adapter.lora.alpha` f32 (read with `gguf_get_val_f32`, which
+//!   aborts on any other type); tensors `<base>.lora_a` / `<base>.lora_b` with
+//!   `a.ne[0] == w.ne[0]` (in), `b.ne[1] == w.ne[1]` (out), `a.ne[1] == b.ne[0]` (rank).
+//!   llama.cpp scales the product by `alpha / rank`.
+//!
+//! Hand-written rather than using a GGUF crate: we need only ~300 lines, exact control of the
+//! bytes llama.cpp accepts, and a reader that returns typed errors on hostile input.
+
+use std::fs::File;
+use std::io::{BufReader, Read};
+use std::path::{Path, PathBuf};
+
+use crate::lora::{LoraWeights, ModelShape};
+
+/// `"GGUF"`.
+pub const GGUF_MAGIC: [u8; 4] = *b"GGUF";
+/// The GGUF version written and the highest one read.
+pub const GGUF_VERSION: u32 = 3;
+/// Alignment used when `general.alignment` is absent.
+pub const GGUF_DEFAULT_ALIGNMENT: u64 = 32;
+/// ggml type id of f32 tensors.
+pub const GGML_TYPE_F32: u32 = 0;
+/// llama.cpp's `GGML_MAX_NAME`: tensor names must be shorter than this.
+pub const GGML_MAX_NAME: usize = 64;
+
+const MAX_STRING_LEN: u64 = 1 << 24;
+const MAX_ARRAY_LEN: u64 = 1 << 22;
+const MAX_KV: u64 = 1 << 16;
+const MAX_TENSORS: u64 = 1 << 20;
+const MAX_DIMS: u32 = 4;
+const PREALLOC_CAP: usize = 4096;
+
+/// GGUF value type ids.
+mod ty {
+    pub(super) const U8: u32 = 0;
+    pub(super) const I8: u32 = 1;
+    pub(super) const U16: u32 = 2;
+    pub(super) const I16: u32 = 3;
+    pub(super) const U32: u32 = 4;
+    pub(super) const I32: u32 = 5;
+    pub(super) const F32: u32 = 6;
+    pub(super) const BOOL: u32 = 7;
+    pub(super) const STRING: u32 = 8;
+    pub(super) const ARRAY: u32 = 9;
+    pub(super) const U64: u32 = 10;
+    pub(super) const I64: u32 = 11;
+    pub(super) const F64: u32 = 12;
+}
+
+/// A metadata value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GgufValue {
+    U8(u8),
+    I8(i8),
+    U16(u16),
+    I16(i16),
+    U32(u32),
+    I32(i32),
+    F32(f32),
+    Bool(bool),
+    String(String),
+    /// Homogeneous array; `elem_type` is the GGUF type id of the elements.
+    Array {
+        elem_type: u32,
+        values: Vec<GgufValue>,
+    },
+    U64(u64),
+    I64(i64),
+    F64(f64),
+}
+
+impl GgufValue {
+    /// GGUF type id of this value.
+    pub fn type_id(&self) -> u32 {
+        match self {
+            GgufValue::U8(_) => ty::U8,
+            GgufValue::I8(_) => ty::I8,
+            GgufValue::U16(_) => ty::U16,
+            GgufValue::I16(_) => ty::I16,
+            GgufValue::U32(_) => ty::U32,
+            GgufValue::I32(_) => ty::I32,
+            GgufValue::F32(_) => ty::F32,
+            GgufValue::Bool(_) => ty::BOOL,
+            GgufValue::String(_) => ty::STRING,
+            GgufValue::Array { .. } => ty::ARRAY,
+            GgufValue::U64(_) => ty::U64,
+            GgufValue::I64(_) => ty::I64,
+            GgufValue::F64(_) => ty::F64,
+        }
+    }
+
+    fn type_name(&self) -> &'static str {
+        match self {
+            GgufValue::U8(_) => "u8",
+            GgufValue::I8(_) => "i8",
+            GgufValue::U16(_) => "u16",
+            GgufValue::I16(_) => "i16",
+            GgufValue::U32(_) => "u32",
+            GgufValue::I32(_) => "i32",
+            GgufValue::F32(_) => "f32",
+            GgufValue::Bool(_) => "bool",
+            GgufValue::String(_) => "string",
+            GgufValue::Array { .. } => "array",
+            GgufValue::U64(_) => "u64",
+            GgufValue::I64(_) => "i64",
+            GgufValue::F64(_) => "f64",
+        }
+    }
+
+    /// The value as a u64 if it is a non-negative integer of any width.
+    pub fn as_u64(&self) -> Option<u64> {
+        match *self {
+            GgufValue::U8(v) => Some(v.into()),
+            GgufValue::U16(v) => Some(v.into()),
+            GgufValue::U32(v) => Some(v.into()),
+            GgufValue::U64(v) => Some(v),
+            GgufValue::I8(v) => u64::try_from(v).ok(),
+            GgufValue::I16(v) => u64::try_from(v).ok(),
+            GgufValue::I32(v) => u64::try_from(v).ok(),
+            GgufValue::I64(v) => u64::try_from(v).ok(),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            GgufValue::String(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+/// One tensor's header entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GgufTensorInfo {
+    pub name: String,
+    /// `ne[0..n_dims]`; `ne[0]` varies fastest.
+    pub dims: Vec<u64>,
+    /// ggml type id (0 = F32).
+    pub ggml_type: u32,
+    /// Offset of the tensor's data relative to the start of the data section.
+    pub offset: u64,
+}
+
+impl GgufTensorInfo {
+    pub fn n_elements(&self) -> Option<u64> {
+        self.dims
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+    }
+
+    /// Size of the data in bytes, if the ggml type is one this reader knows.
+    pub fn n_bytes(&self) -> Option<u64> {
+        let (block, size) = ggml_type_block(self.ggml_type)?;
+        let n = self.n_elements()?;
+        if self.dims.first().copied().unwrap_or(1) % block != 0 {
+            return None;
+        }
+        (n / block).checked_mul(size)
+    }
+}
+
+/// `(block size, bytes per block)` of common ggml types (from ggml.c `type_traits`).
+fn ggml_type_block(t: u32) -> Option<(u64, u64)> {
+    Some(match t {
+        0 => (1, 4),     // F32
+        1 => (1, 2),     // F16
+        2 => (32, 18),   // Q4_0
+        3 => (32, 20),   // Q4_1
+        6 => (32, 22),   // Q5_0
+        7 => (32, 24),   // Q5_1
+        8 => (32, 34),   // Q8_0
+        9 => (32, 36),   // Q8_1
+        10 => (256, 84), // Q2_K
+        11 => (256, 110),
+        12 => (256, 144),
+        13 => (256, 176),
+        14 => (256, 210),
+        15 => (256, 292),
+        24 => (1, 1), // I8
+        25 => (1, 2), // I16
+        26 => (1, 4), // I32
+        27 => (1, 8), // I64
+        28 => (1, 8), // F64
+        30 => (1, 2), // BF16
+        _ => return None,
+    })
+}
+
+/// A parsed GGUF file (or only its header, see [`read_gguf_header`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GgufFile {
+    pub version: u32,
+    /// Metadata in file order.
+    pub kv: Vec<(String, GgufValue)>,
+    pub tensors: Vec<GgufTensorInfo>,
+    pub alignment: u64,
+    /// Absolute offset of the data section in the file.
+    pub data_offset: u64,
+    /// The data section (empty when only the header was read).
+    pub data: Vec<u8>,
+}
+
+impl GgufFile {
+    pub fn get(&self, key: &str) -> Option<&GgufValue> {
+        self.kv.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+
+    pub fn tensor(&self, name: &str) -> Option<&GgufTensorInfo> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+
+    /// Bytes of tensor `name` (requires the data section and a known ggml type).
+    pub fn tensor_data(&self, name: &str) -> Option<&[u8]> {
+        let t = self.tensor(name)?;
+        let start = usize::try_from(t.offset).ok()?;
+        let len = usize::try_from(t.n_bytes()?).ok()?;
+        self.data.get(start..start.checked_add(len)?)
+    }
+
+    /// F32 tensor `name` decoded from little-endian bytes.
+    pub fn tensor_f32(&self, name: &str) -> Option<Vec<f32>> {
+        if self.tensor(name)?.ggml_type != GGML_TYPE_F32 {
+            return None;
+        }
+        let bytes = self.tensor_data(name)?;
+        Some(
+            bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        )
+    }
+
+    fn required(&self, key: &str) -> Result<&GgufValue, GgufError> {
+        self.get(key)
+            .ok_or_else(|| GgufError::MissingKey(key.to_string()))
+    }
+
+    fn required_u32(&self, key: &str) -> Result<u32, GgufError> {
+        let v = self.required(key)?;
+        v.as_u64()
+            .and_then(|x| u32::try_from(x).ok())
+            .ok_or_else(|| GgufError::WrongType {
+                key: key.to_string(),
+                expected: "unsigned integer fitting u32",
+                found: v.type_name(),
+            })
+    }
+
+    /// The llama-family [`ModelShape`] from `{arch}.block_count`, `{arch}.embedding_length`,
+    /// `{arch}.attention.head_count`, `{arch}.attention.head_count_kv` (defaults to
+    /// head_count, as in llama.cpp) and `{arch}.feed_forward_length`.
+    pub fn model_shape(&self) -> Result<ModelShape, GgufError> {
+        let key = "general.architecture";
+        let arch_v = self.required(key)?;
+        let arch = arch_v
+            .as_str()
+            .ok_or_else(|| GgufError::WrongType {
+                key: key.to_string(),
+                expected: "string",
+                found: arch_v.type_name(),
+            })?
+            .to_string();
+        let n_head = self.required_u32(&format!("{arch}.attention.head_count"))?;
+        let kv_key = format!("{arch}.attention.head_count_kv");
+        let n_head_kv = if self.get(&kv_key).is_some() {
+            self.required_u32(&kv_key)?
+        } else {
+            n_head
+        };
+        Ok(ModelShape {
+            n_layer: self.required_u32(&format!("{arch}.block_count"))?,
+            n_embd: self.required_u32(&format!("{arch}.embedding_length"))?,
+            n_head,
+            n_head_kv,
+            n_ff: self.required_u32(&format!("{arch}.feed_forward_length"))?,
+            arch,
+        })
+    }
+}
+
+/// Malformed, truncated or unexpected GGUF input.
+#[derive(Debug, thiserror::Error)]
+pub enum GgufError {
+    #[error("cannot read GGUF file {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("I/O error while reading GGUF {what} at byte {offset}: {source}")]
+    Io {
+        what: &'static str,
+        offset: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "GGUF input ends inside the {what} at byte {offset}; the file is truncated or not GGUF"
+    )]
+    Truncated { what: &'static str, offset: u64 },
+    #[error("not a GGUF file: magic is {0:02x?}, expected \"GGUF\"")]
+    BadMagic([u8; 4]),
+    #[error("GGUF version {0} is not supported (only 2 and 3); re-convert the file with a current llama.cpp")]
+    UnsupportedVersion(u32),
+    #[error("GGUF {what} is {value}, above the limit {max}; the file is corrupt")]
+    LimitExceeded {
+        what: &'static str,
+        value: u64,
+        max: u64,
+    },
+    #[error("GGUF {what} at byte {offset} is not valid UTF-8")]
+    InvalidUtf8 { what: &'static str, offset: u64 },
+    #[error("unknown GGUF value type {type_id} at byte {offset}")]
+    UnknownValueType { type_id: u32, offset: u64 },
+    #[error("GGUF bool at byte {offset} is {value}, expected 0 or 1")]
+    InvalidBool { value: u8, offset: u64 },
+    #[error("nested GGUF arrays are not supported (at byte {offset})")]
+    NestedArray { offset: u64 },
+    #[error("duplicate GGUF key `{0}`")]
+    DuplicateKey(String),
+    #[error("duplicate GGUF tensor `{0}`")]
+    DuplicateTensor(String),
+    #[error("general.alignment must be a u32 power of two, got {0}")]
+    BadAlignment(String),
+    #[error("GGUF tensor `{name}`: {reason}")]
+    BadTensor { name: String, reason: String },
+    #[error("GGUF metadata key `{0}` is missing; is this a llama-family model file?")]
+    MissingKey(String),
+    #[error("GGUF metadata key `{key}` has type {found}, expected {expected}")]
+    WrongType {
+        key: String,
+        expected: &'static str,
+        found: &'static str,
+    },
+}
+
+/// Position-tracking reader that maps EOF to [`GgufError::Truncated`].
+struct Reader<R> {
+    inner: R,
+    pos: u64,
+}
+
+impl<R: Read> Reader<R> {
+    fn bytes<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], GgufError> {
+        let mut buf = [0u8; N];
+        self.exact(&mut buf, what)?;
+        Ok(buf)
+    }
+
+    fn exact(&mut self, buf: &mut [u8], what: &'static str) -> Result<(), GgufError> {
+        match self.inner.read_exact(buf) {
+            Ok(()) => {
+                self.pos += buf.len() as u64;
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(GgufError::Truncated {
+                what,
+                offset: self.pos,
+            }),
+            Err(source) => Err(GgufError::Io {
+                what,
+                offset: self.pos,
+                source,
+            }),
+        }
+    }
+
+    fn u32(&mut self, what: &'static str) -> Result<u32, GgufError> {
+        Ok(u32::from_le_bytes(self.bytes(what)?))
+    }
+
+    fn u64(&mut self, what: &'static str) -> Result<u64, GgufError> {
+        Ok(u64::from_le_bytes(self.bytes(what)?))
+    }
+
+    fn string(&mut self, what: &'static str) -> Result<String, GgufError> {
+        let len = self.u64(what)?;
+        if len > MAX_STRING_LEN {
+            return Err(GgufError::LimitExceeded {
+                what,
+                value: len,
+                max: MAX_STRING_LEN,
+            });
+        }
+        let offset = self.pos;
+        let mut buf = Vec::with_capacity((len as usize).min(PREALLOC_CAP));
+        let got = (&mut self.inner)
+            .take(len)
+            .read_to_end(&mut buf)
+            .map_err(|source| GgufError::Io {
+                what,
+                offset,
+                source,
+            })?;
+        self.pos += got as u64;
+        if got as u64 != len {
+            return Err(GgufError::Truncated {
+                what,
+                offset: self.pos,
+            });
+        }
+        String::from_utf8(buf).map_err(|_| GgufError::InvalidUtf8 { what, offset })
+    }
+
+    fn value(&mut self, type_id: u32, in_array: bool) -> Result<GgufValue, GgufError> {
+        const W: &str = "metadata value";
+        let offset = self.pos;
+        Ok(match type_id {
+            ty::U8 => GgufValue::U8(u8::from_le_bytes(self.bytes(W)?)),
+            ty::I8 => GgufValue::I8(i8::from_le_bytes(self.bytes(W)?)),
+            ty::U16 => GgufValue::U16(u16::from_le_bytes(self.bytes(W)?)),
+            ty::I16 => GgufValue::I16(i16::from_le_bytes(self.bytes(W)?)),
+            ty::U32 => GgufValue::U32(u32::from_le_bytes(self.bytes(W)?)),
+            ty::I32 => GgufValue::I32(i32::from_le_bytes(self.bytes(W)?)),
+            ty::F32 => GgufValue::F32(f32::from_le_bytes(self.bytes(W)?)),
+            ty::U64 => GgufValue::U64(u64::from_le_bytes(self.bytes(W)?)),
+            ty::I64 => GgufValue::I64(i64::from_le_bytes(self.bytes(W)?)),
+            ty::F64 => GgufValue::F64(f64::from_le_bytes(self.bytes(W)?)),
+            ty::BOOL => match self.bytes::<1>(W)?[0] {
+                0 => GgufValue::Bool(false),
+                1 => GgufValue::Bool(true),
+                value => return Err(GgufError::InvalidBool { value, offset }),
+            },
+            ty::STRING => GgufValue::String(self.string("metadata string")?),
+            ty::ARRAY => {
+                if in_array {
+                    return Err(GgufError::NestedArray { offset });
+                }
+                let elem_type = self.u32("array element type")?;
+                if elem_type > ty::F64 {
+                    return Err(GgufError::UnknownValueType {
+                        type_id: elem_type,
+                        offset,
+                    });
+                }
+                if elem_type == ty::ARRAY {
+                    return Err(GgufError::NestedArray { offset });
+                }
+                let n = self.u64("array length")?;
+                if n > MAX_ARRAY_LEN {
+                    return Err(GgufError::LimitExceeded {
+                        what: "array length",
+                        value: n,
+                        max: MAX_ARRAY_LEN,
+                    });
+                }
+                let mut values = Vec::with_capacity((n as usize).min(PREALLOC_CAP));
+                for _ in 0..n {
+                    values.push(self.value(elem_type, true)?);
+                }
+                GgufValue::Array { elem_type, values }
+            }
+            type_id => return Err(GgufError::UnknownValueType { type_id, offset }),
+        })
+    }
+}
+
+/// Parses the header (kv + tensor infos) from `reader`, leaving the data section unread
+/// (`data` is empty). Reads exactly up to the end of the tensor infos.
+pub fn read_gguf_header<R: Read>(reader: R) -> Result<GgufFile, GgufError> {
+    let mut r = Reader {
+        inner: reader,
+        pos: 0,
+    };
+    let magic = r.bytes::<4>("magic")?;
+    if magic != GGUF_MAGIC {
+        return Err(GgufError::BadMagic(magic));
+    }
+    let version = r.u32("version")?;
+    if !(2..=GGUF_VERSION).contains(&version) {
+        return Err(GgufError::UnsupportedVersion(version));
+    }
+    let n_tensors = r.u64("tensor count")?;
+    if n_tensors > MAX_TENSORS {
+        return Err(GgufError::LimitExceeded {
+            what: "tensor count",
+            value: n_tensors,
+            max: MAX_TENSORS,
+        });
+    }
+    let n_kv = r.u64("kv count")?;
+    if n_kv > MAX_KV {
+        return Err(GgufError::LimitExceeded {
+            what: "kv count",
+            value: n_kv,
+            max: MAX_KV,
+        });
+    }
+    let mut kv: Vec<(String, GgufValue)> = Vec::with_capacity((n_kv as usize).min(PREALLOC_CAP));
+    let mut keys = std::collections::HashSet::new();
+    for _ in 0..n_kv {
+        let key = r.string("metadata key")?;
+        let type_id = r.u32("metadata value type")?;
+        let value = r.value(type_id, false)?;
+        if !keys.insert(key.clone()) {
+            return Err(GgufError::DuplicateKey(key));
+        }
+        kv.push((key, value));
+    }
+    let alignment = match kv.iter().find(|(k, _)| k == "general.alignment") {
+        None => GGUF_DEFAULT_ALIGNMENT,
+        Some((_, GgufValue::U32(a))) if a.is_power_of_two() => u64::from(*a),
+        Some((_, v)) => return Err(GgufError::BadAlignment(format!("{v:?}"))),
+    };
+    let mut tensors: Vec<GgufTensorInfo> =
+        Vec::with_capacity((n_tensors as usize).min(PREALLOC_CAP));
+    let mut names = std::collections::HashSet::new();
+    for _ in 0..n_tensors {
+        let name = r.string("tensor name")?;
+        let bad = |name: &str, reason: String| GgufError::BadTensor {
+            name: name.to_string(),
+            reason,
+        };
+        if name.len() >= GGML_MAX_NAME {
+            return Err(bad(
+                &name,
+                format!(
+                    "name is {} bytes, llama.cpp allows < {GGML_MAX_NAME}",
+                    name.len()
+                ),
+            ));
+        }
+        let n_dims = r.u32("tensor dimension count")?;
+        if n_dims > MAX_DIMS {
+            return Err(bad(
+                &name,
+                format!("{n_dims} dimensions, at most {MAX_DIMS}"),
+            ));
+        }
+        let mut dims = Vec::with_capacity(n_dims as usize);
+        for _ in 0..n_dims {
+            dims.push(r.u64("tensor dimension")?);
+        }
+        let ggml_type = r.u32("tensor type")?;
+        let offset = r.u64("tensor offset")?;
+        let info = GgufTensorInfo {
+            name,
+            dims,
+            ggml_type,
+            offset,
+        };
+        if info.dims.iter().any(|&d| d > i64::MAX as u64) || info.n_elements().is_none() {
+            return Err(bad(&info.name, format!("shape {:?} overflows", info.dims)));
+        }
+        if offset % alignment != 0 {
+            return Err(bad(
+                &info.name,
+                format!("offset {offset} is not a multiple of the alignment {alignment}"),
+            ));
+        }
+        if !names.insert(info.name.clone()) {
+            return Err(GgufError::DuplicateTensor(info.name));
+        }
+        tensors.push(info);
+    }
+    let data_offset = if n_tensors > 0 {
+        r.pos.div_ceil(alignment) * alignment
+    } else {
+        r.pos
+    };
+    Ok(GgufFile {
+        version,
+        kv,
+        tensors,
+        alignment,
+        data_offset,
+        data: Vec::new(),
+    })
+}
+
+/// Parses a complete GGUF file held in memory. Checks that every tensor of a known ggml type
+/// lies inside the data section. Never panics on any input.
+pub fn read_gguf(bytes: &[u8]) -> Result<GgufFile, GgufError> {
+    let mut file = read_gguf_header(bytes)?;
+    let start = usize::try_from(file.data_offset)
+        .ok()
+        .filter(|&s| s <= bytes.len())
+        .ok_or(GgufError::Truncated {
+            what: "padding before the data section",
+            offset: bytes.len() as u64,
+        })?;
+    let data_len = (bytes.len() - start) as u64;
+    for t in &file.tensors {
+        if let Some(n) = t.n_bytes() {
+            if t.offset.checked_add(n).is_none_or(|end| end > data_len) {
+                return Err(GgufError::BadTensor {
+                    name: t.name.clone(),
+                    reason: format!(
+                        "data [{}, +{n}) lies outside the {data_len}-byte data section (truncated file?)",
+                        t.offset
+                    ),
+                });
+            }
+        }
+    }
+    file.data = bytes[start..].to_vec();
+    Ok(file)
+}
+
+/// Reads a model's [`ModelShape`] from the header of the GGUF file at `path` (reads the
+/// metadata and tensor infos only, never the tensor data).
+pub fn model_shape_from_gguf(path: impl AsRef<Path>) -> Result<ModelShape, GgufError> {
+    let path = path.as_ref();
+    let file = File::open(path).map_err(|source| GgufError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    read_gguf_header(BufReader::with_capacity(1 << 16, file))?.model_shape()
+}
+
+/// An f32 tensor to write: name, ggml `ne` (fastest-varying first) and data in that order.
+#[derive(Debug, Clone, Copy)]
+pub struct F32Tensor<'a> {
+    pub name: &'a str,
+    pub dims: &'a [u64],
+    pub data: &'a [f32],
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn put_value(out: &mut Vec<u8>, v: &GgufValue) {
+    match v {
+        GgufValue::U8(x) => out.extend_from_slice(&x.to_le_bytes()),
+        GgufValue::I8(x) => out.extend_from_slice(&x.to_le_bytes()),
+        GgufValue::U16(x) => out.extend_from_slice(&x.to_le_bytes()),
+        GgufValue::I16(x) => out.extend_from_slice(&x.to_le_bytes()),
+        GgufValue::U32(x) => out.extend_from_slice(&x.to_le_bytes()),
+        GgufValue::I32(x) => out.extend_from_slice(&x.to_le_bytes()),
+        GgufValue::F32(x) => out.extend_from_slice(&x.to_le_bytes()),
+        GgufValue::Bool(x) => out.push(u8::from(*x)),
+        GgufValue::String(s) => put_str(out, s),
+        GgufValue::Array { elem_type, values } => {
+            out.extend_from_slice(&elem_type.to_le_bytes());
+            out.extend_from_slice(&(values.len() as u64).to_le_bytes());
+            for e in values {
+                put_value(out, e);
+            }
+        }
+        GgufValue::U64(x) => out.extend_from_slice(&x.to_le_bytes()),
+        GgufValue::I64(x) => out.extend_from_slice(&x.to_le_bytes()),
+        GgufValue::F64(x) => out.extend_from_slice(&x.to_le_bytes()),
+    }
+}
+
+fn pad_to(out: &mut Vec<u8>, alignment: usize) {
+    let padded = out.len().div_ceil(alignment) * alignment;
+    out.resize(padded, 0);
+}
+
+/// Serialises a GGUF v3 file with the given metadata and F32 tensors, 32-byte alignment
+/// (`general.alignment` is honoured if present in `kv` as a power-of-two u32).
+///
+/// # Panics
+/// If a tensor's `data.len()` differs from the product of its `dims` (a caller bug).
+pub fn write_gguf_f32(kv: &[(String, GgufValue)], tensors: &[F32Tensor<'_>]) -> Vec<u8> {
+    let alignment = kv
+        .iter()
+        .find_map(|(k, v)| match v {
+            GgufValue::U32(a) if k == "general.alignment" && a.is_power_of_two() => {
+                Some(*a as usize)
+            }
+            _ => None,
+        })
+        .unwrap_or(GGUF_DEFAULT_ALIGNMENT as usize);
+    let data_bytes: usize = tensors
+        .iter()
+        .map(|t| (t.data.len() * 4).div_ceil(alignment) * alignment)
+        .sum();
+    let mut out = Vec::with_capacity(4096 + data_bytes);
+    out.extend_from_slice(&GGUF_MAGIC);
+    out.extend_from_slice(&GGUF_VERSION.to_le_bytes());
+    out.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+    out.extend_from_slice(&(kv.len() as u64).to_le_bytes());
+    for (k, v) in kv {
+        put_str(&mut out, k);
+        out.extend_from_slice(&v.type_id().to_le_bytes());
+        put_value(&mut out, v);
+    }
+    let mut offset = 0u64;
+    for t in tensors {
+        let n: u64 = t.dims.iter().product();
+        assert_eq!(
+            n,
+            t.data.len() as u64,
+            "tensor {} dims/data mismatch",
+            t.name
+        );
+        put_str(&mut out, t.name);
+        out.extend_from_slice(&(t.dims.len() as u32).to_le_bytes());
+        for d in t.dims {
+            out.extend_from_slice(&d.to_le_bytes());
+        }
+        out.extend_from_slice(&GGML_TYPE_F32.to_le_bytes());
+        out.extend_from_slice(&offset.to_le_bytes());
+        offset += ((t.data.len() * 4).div_ceil(alignment) * alignment) as u64;
+    }
+    if !tensors.is_empty() {
+        pad_to(&mut out, alignment);
+    }
+    for t in tensors {
+        for v in t.data {
+            out.extend_from_slice(&v.to_bits().to_le_bytes());
+        }
+        pad_to(&mut out, alignment);
+    }
+    out
+}
+
+/// Metadata keys written into every adapter, in order.
+pub fn adapter_kv(weights: &LoraWeights) -> Vec<(String, GgufValue)> {
+    let layout = weights.layout();
+    vec![
+        (
+            "general.architecture".into(),
+            GgufValue::String(layout.shape().arch.clone()),
+        ),
+        ("general.type".into(), GgufValue::String("adapter".into())),
+        (
+            "general.name".into(),
+            GgufValue::String("fwdllm LoRA".into()),
+        ),
+        (
+            "general.alignment".into(),
+            GgufValue::U32(GGUF_DEFAULT_ALIGNMENT as u32),
+        ),
+        ("adapter.type".into(), GgufValue::String("lora".into())),
+        (
+            "adapter.lora.alpha".into(),
+            GgufValue::F32(layout.config().alpha),
+        ),
+        (
+            "fwdllm.weights_hash".into(),
+            GgufValue::String(weights.hash().to_string()),
+        ),
+    ]
+}
+
+/// A GGUF v3 LoRA adapter for stock llama.cpp: tensors
+/// `blk.{layer}.{module}.weight.lora_a` (ggml `ne = [in, rank]`) and `.lora_b`
+/// (`ne = [rank, out]`), F32, in layout order, with the metadata of [`adapter_kv`].
+pub fn write_lora_adapter(weights: &LoraWeights) -> Vec<u8> {
+    let kv = adapter_kv(weights);
+    let params = weights.params();
+    let mut names = Vec::with_capacity(weights.layout().tensors().len() * 2);
+    let mut dims = Vec::with_capacity(names.capacity());
+    for t in weights.layout().tensors() {
+        let base = t.base_name();
+        names.push(format!("{base}.lora_a"));
+        dims.push([u64::from(t.in_dim), u64::from(t.rank)]);
+        names.push(format!("{base}.lora_b"));
+        dims.push([u64::from(t.rank), u64::from(t.out_dim)]);
+    }
+    let tensors: Vec<F32Tensor<'_>> = weights
+        .layout()
+        .tensors()
+        .iter()
+        .flat_map(|t| [t.a.clone(), t.b.clone()])
+        .zip(names.iter().zip(&dims))
+        .map(|(range, (name, d))| F32Tensor {
+            name,
+            dims: d,
+            data: &params[range],
+        })
+        .collect();
+    write_gguf_f32(&kv, &tensors)
+}
