@@ -554,3 +554,303 @@ impl LoraWeights {
             .flat_map(|r| self.params[r.clone()].iter().copied())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny_shape() -> ModelShape {
+        ModelShape {
+            arch: "llama".into(),
+            n_layer: 2,
+            n_embd: 8,
+            n_head: 2,
+            n_head_kv: 1,
+            n_ff: 16,
+        }
+    }
+
+    fn tiny_config() -> LoraConfig {
+        LoraConfig {
+            rank: 2,
+            alpha: 4.0,
+            modules: vec![LoraModule::AttnQ, LoraModule::AttnV, LoraModule::FfnDown],
+            layers: None,
+            trainable: Trainable::AB,
+            init_seed: 42,
+        }
+    }
+
+    #[test]
+    fn smollm2_module_dims() {
+        let s = ModelShape::smollm2_135m();
+        let check = |m: LoraModule, expect: (u32, u32)| assert_eq!(s.module_dims(m), expect, "{m}");
+        check(LoraModule::AttnQ, (576, 576));
+        check(LoraModule::AttnK, (576, 192));
+        check(LoraModule::AttnV, (576, 192));
+        check(LoraModule::AttnOutput, (576, 576));
+        check(LoraModule::FfnGate, (576, 1536));
+        check(LoraModule::FfnUp, (576, 1536));
+        check(LoraModule::FfnDown, (1536, 576));
+    }
+
+    #[test]
+    fn default_layout_on_smollm2() {
+        let layout = LoraLayout::new(&ModelShape::smollm2_135m(), &LoraConfig::default()).unwrap();
+        // 30 layers x rank 2 x ((576 + 576) for q + (576 + 192) for v).
+        assert_eq!(layout.total_len(), 30 * 2 * (1152 + 768));
+        // Only B: 30 x 2 x (576 + 192).
+        assert_eq!(layout.trainable_len(), 30 * 2 * (576 + 192));
+        assert_eq!(layout.tensors().len(), 60);
+        let t = &layout.tensors()[1];
+        assert_eq!(
+            (t.layer, t.module, t.in_dim, t.out_dim),
+            (0, LoraModule::AttnV, 576, 192)
+        );
+        assert_eq!(t.base_name(), "blk.0.attn_v.weight");
+    }
+
+    #[test]
+    fn layout_order_is_layers_then_config_modules_then_a_b() {
+        let layout = LoraLayout::new(&tiny_shape(), &tiny_config()).unwrap();
+        let names: Vec<_> = layout
+            .tensors()
+            .iter()
+            .map(|t| (t.layer, t.module))
+            .collect();
+        use LoraModule::*;
+        assert_eq!(
+            names,
+            [
+                (0, AttnQ),
+                (0, AttnV),
+                (0, FfnDown),
+                (1, AttnQ),
+                (1, AttnV),
+                (1, FfnDown)
+            ]
+        );
+        let t = &layout.tensors()[0];
+        assert_eq!((t.a.clone(), t.b.clone()), (0..16, 16..32));
+        // AB: adjacent trainable ranges merge into one.
+        assert_eq!(layout.trainable_ranges(), &[0..layout.total_len()]);
+    }
+
+    #[test]
+    fn config_errors_name_field_and_fix() {
+        let shape = tiny_shape();
+        let check = |edit: &dyn Fn(&mut LoraConfig), expect: LoraError, words: &[&str]| {
+            let mut c = tiny_config();
+            edit(&mut c);
+            let err = LoraLayout::new(&shape, &c).unwrap_err();
+            assert_eq!(err, expect);
+            let msg = err.to_string();
+            for w in words {
+                assert!(msg.contains(w), "`{msg}` lacks `{w}`");
+            }
+        };
+        check(
+            &|c| c.rank = 0,
+            LoraError::ZeroRank,
+            &["lora.rank", "positive"],
+        );
+        check(
+            &|c| c.rank = 5,
+            LoraError::RankTooLarge {
+                rank: 5,
+                min_dim: 4,
+            },
+            &["lora.rank", "rank <= 4"],
+        );
+        check(
+            &|c| c.modules.clear(),
+            LoraError::NoModules,
+            &["lora.modules", "attn_q"],
+        );
+        check(
+            &|c| c.modules.push(LoraModule::AttnQ),
+            LoraError::DuplicateModule(LoraModule::AttnQ),
+            &["attn_q", "once"],
+        );
+        check(
+            &|c| c.layers = Some((1, 1)),
+            LoraError::EmptyLayerRange { start: 1, end: 1 },
+            &["lora.layers", "start < end"],
+        );
+        check(
+            &|c| c.layers = Some((1, 3)),
+            LoraError::LayerRangeOutOfBounds {
+                start: 1,
+                end: 3,
+                n_layer: 2,
+            },
+            &["lora.layers", "end <= 2"],
+        );
+        for bad in [0.0, -1.0, f32::INFINITY] {
+            check(
+                &|c| c.alpha = bad,
+                LoraError::BadAlpha(bad),
+                &["lora.alpha", "> 0"],
+            );
+        }
+        let mut c = tiny_config();
+        c.alpha = f32::NAN;
+        assert!(matches!(LoraLayout::new(&shape, &c), Err(LoraError::BadAlpha(a)) if a.is_nan()));
+    }
+
+    #[test]
+    fn shape_errors() {
+        let mut s = tiny_shape();
+        s.n_head = 3;
+        assert!(matches!(
+            LoraLayout::new(&s, &tiny_config()),
+            Err(LoraError::InconsistentHeads { .. })
+        ));
+        let mut s = tiny_shape();
+        s.n_ff = 0;
+        assert_eq!(
+            LoraLayout::new(&s, &tiny_config()),
+            Err(LoraError::ZeroShapeField { field: "n_ff" })
+        );
+    }
+
+    #[test]
+    fn module_names_parse_and_serialize() {
+        for m in LoraModule::ALL {
+            assert_eq!(m.gguf_name().parse::<LoraModule>(), Ok(m));
+            assert_eq!(
+                serde_json::to_string(&m).unwrap(),
+                format!("\"{}\"", m.gguf_name())
+            );
+            assert_eq!(
+                serde_json::from_str::<LoraModule>(&format!("\"{m}\"")).unwrap(),
+                m
+            );
+        }
+        let err = "attn_x".parse::<LoraModule>().unwrap_err().to_string();
+        for m in LoraModule::ALL {
+            assert!(err.contains(m.gguf_name()), "{err}");
+        }
+        assert!(err.contains("attn_x"));
+    }
+
+    #[test]
+    fn config_serde_roundtrip_and_defaults() {
+        let c = tiny_config();
+        let json = serde_json::to_string(&c).unwrap();
+        assert!(json.contains("\"trainable\":\"ab\""), "{json}");
+        assert_eq!(serde_json::from_str::<LoraConfig>(&json).unwrap(), c);
+        assert_eq!(
+            serde_json::from_str::<LoraConfig>("{}").unwrap(),
+            LoraConfig::default()
+        );
+        assert!(serde_json::from_str::<LoraConfig>("{\"rnak\": 3}").is_err());
+    }
+
+    #[test]
+    fn init_is_seeded_scaled_and_b_is_zero() {
+        let layout = LoraLayout::new(&tiny_shape(), &tiny_config()).unwrap();
+        let w = LoraWeights::init(layout.clone());
+        let bits: Vec<u32> = w.params()[..4].iter().map(|x| x.to_bits()).collect();
+        assert_eq!(bits, [0x3edeeb0d, 0x3e761150, 0x3ce92b20, 0x3eb1eade]);
+        for t in layout.tensors() {
+            assert!(w.params()[t.b.clone()].iter().all(|&x| x.to_bits() == 0));
+            let a = &w.params()[t.a.clone()];
+            let bound = 6.0 / (t.in_dim as f32).sqrt() * 1.0001;
+            assert!(a.iter().all(|x| x.abs() <= bound) && a.iter().any(|&x| x != 0.0));
+        }
+        // Distinct tensors get distinct streams.
+        let t = layout.tensors();
+        assert_ne!(w.params()[t[0].a.clone()], w.params()[t[3].a.clone()]);
+        assert_eq!(LoraWeights::init(layout.clone()), w);
+        let mut other = tiny_config();
+        other.init_seed = 43;
+        let w2 = LoraWeights::init(LoraLayout::new(&tiny_shape(), &other).unwrap());
+        assert_ne!(w2.params(), w.params());
+    }
+
+    #[test]
+    fn golden_init_hash() {
+        let w = LoraWeights::init(LoraLayout::new(&tiny_shape(), &tiny_config()).unwrap());
+        assert_eq!(
+            w.hash().to_string(),
+            "93942d369161e62abab9eab122a88f47fef3cb2155223295639fbb1a3b31e1ed"
+        );
+    }
+
+    #[test]
+    fn hash_covers_layout_and_every_bit() {
+        let layout = LoraLayout::new(&tiny_shape(), &tiny_config()).unwrap();
+        let w = LoraWeights::init(layout.clone());
+        let mut p = w.params().to_vec();
+        p[7] = f32::from_bits(p[7].to_bits() ^ 1);
+        assert_ne!(
+            LoraWeights::from_params(layout.clone(), p).unwrap().hash(),
+            w.hash()
+        );
+        let mut c = tiny_config();
+        c.alpha = 2.0;
+        let other = LoraLayout::new(&tiny_shape(), &c).unwrap();
+        assert_ne!(
+            LoraWeights::from_params(other, w.params().to_vec())
+                .unwrap()
+                .hash(),
+            w.hash()
+        );
+        // -0.0 and +0.0 compare equal as floats but are different states.
+        let z = LoraWeights::from_params(layout.clone(), vec![0.0; layout.total_len()]).unwrap();
+        let mut nz = vec![0.0; layout.total_len()];
+        nz[0] = -0.0;
+        assert_ne!(
+            LoraWeights::from_params(layout, nz).unwrap().hash(),
+            z.hash()
+        );
+    }
+
+    #[test]
+    fn weights_hash_text_roundtrip() {
+        let h = WeightsHash(std::array::from_fn(|i| i as u8 * 7));
+        let s = h.to_string();
+        assert_eq!(s.len(), 64);
+        assert_eq!(s.parse::<WeightsHash>(), Ok(h));
+        assert!("zz".parse::<WeightsHash>().is_err());
+        assert!(s[..63].parse::<WeightsHash>().is_err());
+        assert!(format!("{}é", &s[..62]).parse::<WeightsHash>().is_err());
+        assert_eq!(
+            serde_json::from_str::<WeightsHash>(&serde_json::to_string(&h).unwrap()).unwrap(),
+            h
+        );
+    }
+
+    #[test]
+    fn from_params_checks_length_and_finiteness() {
+        let layout = LoraLayout::new(&tiny_shape(), &tiny_config()).unwrap();
+        let n = layout.total_len();
+        assert_eq!(
+            LoraWeights::from_params(layout.clone(), vec![0.0; n - 1]).unwrap_err(),
+            LoraError::ParamLenMismatch {
+                expected: n,
+                got: n - 1
+            }
+        );
+        let mut p = vec![0.0; n];
+        p[5] = f32::INFINITY;
+        assert!(matches!(
+            LoraWeights::from_params(layout, p),
+            Err(LoraError::NonFiniteParam { index: 5, .. })
+        ));
+    }
+
+    #[test]
+    fn trainable_norm_counts_only_trainable() {
+        let mut c = tiny_config();
+        c.trainable = Trainable::B;
+        let layout = LoraLayout::new(&tiny_shape(), &c).unwrap();
+        let mut w = LoraWeights::init(layout);
+        assert_eq!(w.trainable_norm(), 0.0);
+        let b0 = w.layout().tensors()[0].b.start;
+        w.params_mut()[b0] = 3.0;
+        w.params_mut()[b0 + 1] = -4.0;
+        assert_eq!(w.trainable_norm(), 5.0);
+    }
+}

@@ -45,7 +45,6 @@ pub const DOMAIN_GAUSSIAN: u64 = u64::from_le_bytes(*b"fwd-gau\0");
 pub const DOMAIN_SEED: u64 = u64::from_le_bytes(*b"fwd-sed\0");
 
 const ONE_BITS: u32 = 0x3F80_0000; // 1.0f32
-const SIGN_BIT: u32 = 0x8000_0000;
 
 /// SplitMix64 finaliser (Stafford Mix13): a bijection on u64 with full avalanche.
 #[inline(always)]
@@ -181,9 +180,6 @@ pub fn gaussian_approx(seed: u64, out: &mut [f32]) {
     }
 }
 
-// Keeps the sign-bit constant documented next to the code that relies on it.
-const _: () = assert!(SIGN_BIT == 1 << 31);
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,10 +188,12 @@ mod tests {
         v.iter().map(|x| x.to_bits()).collect()
     }
 
+    const P: u32 = 0x3F80_0000; // +1.0
+    const M: u32 = 0xBF80_0000; // -1.0
+
     #[test]
     fn mix64_matches_reference_splitmix64() {
-        // Reference: SplitMix64 seeded with 0 yields these outputs (Vigna's splitmix64.c):
-        // state += GAMMA; return mix64(state).
+        // Reference SplitMix64 (Vigna, splitmix64.c) seeded with 0: state += GAMMA; mix64(state).
         let mut state = 0u64;
         let mut next = || {
             state = state.wrapping_add(GAMMA);
@@ -204,5 +202,165 @@ mod tests {
         assert_eq!(next(), 0xE220_A839_7B1D_CDAF);
         assert_eq!(next(), 0x6E78_9E6A_A1B9_65F4);
         assert_eq!(next(), 0x06C4_5D18_8009_454F);
+    }
+
+    #[test]
+    fn golden_direction_words() {
+        // (seed, word 0, word 1): pinned; a change here forks every stored commit.
+        let cases = [
+            (0u64, 0x7E8B_A505_DF18_F0E4u64, 0x3564_187E_34DA_693Fu64),
+            (1, 0x3A17_9F80_5BAD_7959, 0x3EB4_5620_328C_3308),
+            (0xDEAD_BEEF, 0x34FD_4EB6_C037_D5B5, 0x2C07_3257_F318_880F),
+            (u64::MAX, 0xC18E_30A5_F877_F6A0, 0x8625_FAC4_7DE8_9553),
+        ];
+        for (seed, w0, w1) in cases {
+            assert_eq!(direction_word(seed, 0), w0, "seed {seed:#x} word 0");
+            assert_eq!(direction_word(seed, 1), w1, "seed {seed:#x} word 1");
+            let mut v = [0f32; 128];
+            direction(seed, &mut v);
+            for (i, x) in v.iter().enumerate() {
+                let w = if i < 64 { w0 } else { w1 };
+                let expect = if (w >> (i % 64)) & 1 == 1 { M } else { P };
+                assert_eq!(x.to_bits(), expect, "seed {seed:#x} element {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn golden_direction_first_values_seed0() {
+        let mut v = [0f32; 8];
+        direction(0, &mut v);
+        assert_eq!(bits(&v), [P, P, M, P, P, M, M, M]);
+    }
+
+    #[test]
+    fn direction_values_are_exactly_plus_or_minus_one_and_balanced() {
+        let mut v = vec![0f32; 1 << 20];
+        direction(12345, &mut v);
+        let neg = v.iter().filter(|x| x.to_bits() == M).count();
+        let pos = v.iter().filter(|x| x.to_bits() == P).count();
+        assert_eq!(neg + pos, v.len(), "every element is exactly +1.0 or -1.0");
+        // 2^20 fair coins: sd = 512; 10 sd bound on a fixed seed.
+        assert!((neg as i64 - (1 << 19)).abs() < 5120, "neg = {neg}");
+    }
+
+    #[test]
+    fn direction_depends_on_seed() {
+        let mut a = [0f32; 256];
+        let mut b = [0f32; 256];
+        direction(1, &mut a);
+        direction(2, &mut b);
+        let same = a.iter().zip(&b).filter(|(x, y)| x == y).count();
+        assert!(
+            (64..192).contains(&same),
+            "seeds 1 and 2 agree on {same}/256"
+        );
+    }
+
+    #[test]
+    fn direction_at_matches_full_direction_for_every_offset() {
+        let mut full = vec![0f32; 300];
+        direction(99, &mut full);
+        for start in 0..140 {
+            for len in [0, 1, 5, 63, 64, 65, 130] {
+                let mut part = vec![0f32; len];
+                direction_at(99, start as u64, &mut part);
+                assert_eq!(
+                    bits(&part),
+                    bits(&full[start..start + len]),
+                    "{start}+{len}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn add_scaled_direction_at_equals_plain_f32_sum() {
+        let mut v = vec![0f32; 200];
+        direction(5, &mut v);
+        for start in [0usize, 3, 64, 70] {
+            let x0: Vec<f32> = (0..130).map(|i| (i as f32) * 0.37 - 20.0).collect();
+            let mut x = x0.clone();
+            add_scaled_direction_at(5, start as u64, 0.1, &mut x);
+            for i in 0..x.len() {
+                assert_eq!(
+                    x[i].to_bits(),
+                    (x0[i] + 0.1 * v[start + i]).to_bits(),
+                    "{start}/{i}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn golden_derive_seed() {
+        assert_eq!(derive_seed(0, 0, 0, 0), 0x6365_6337_7196_18E7);
+        assert_eq!(derive_seed(7, 3, 2, 1), 0x12A8_2654_05A3_98AF);
+        assert_eq!(
+            derive_seed(u64::MAX, u64::MAX, u32::MAX, u32::MAX),
+            0x8211_29CA_347F_34D9
+        );
+        assert_eq!(mix_seed(1, 2), 0xD027_09CF_6923_E3A7);
+    }
+
+    #[test]
+    fn derive_seed_distinct_within_a_round() {
+        let mut seen = std::collections::HashSet::new();
+        for c in 0..64 {
+            for k in 0..64 {
+                assert!(
+                    seen.insert(derive_seed(42, 7, c, k)),
+                    "collision at {c},{k}"
+                );
+            }
+        }
+        // And each input changes the result.
+        let base = derive_seed(1, 2, 3, 4);
+        assert_ne!(base, derive_seed(0, 2, 3, 4));
+        assert_ne!(base, derive_seed(1, 3, 3, 4));
+        assert_ne!(base, derive_seed(1, 2, 4, 4));
+        assert_ne!(base, derive_seed(1, 2, 3, 5));
+    }
+
+    #[test]
+    fn golden_gaussian_approx() {
+        let cases: [(u64, [u32; 4]); 4] = [
+            (0, [0xbf06ed00, 0xbee61200, 0x3f80d200, 0x3ff12900]),
+            (1, [0xbe921800, 0x4013cd00, 0x3be70000, 0xbe8c1e00]),
+            (
+                0xDEAD_BEEF,
+                [0xbedff400, 0xbf3be200, 0x3e98b200, 0xbfc46280],
+            ),
+            (u64::MAX, [0xbf82ce00, 0xbf940a00, 0xbfb3c580, 0xbfac9480]),
+        ];
+        for (seed, expect) in cases {
+            let mut g = [0f32; 4];
+            gaussian_approx(seed, &mut g);
+            assert_eq!(bits(&g), expect, "seed {seed:#x}");
+        }
+    }
+
+    #[test]
+    fn gaussian_approx_has_unit_moments_and_bounded_support() {
+        let mut g = vec![0f32; 200_000];
+        gaussian_approx(3, &mut g);
+        let n = g.len() as f64;
+        let mean = g.iter().map(|&x| f64::from(x)).sum::<f64>() / n;
+        let var = g
+            .iter()
+            .map(|&x| (f64::from(x) - mean).powi(2))
+            .sum::<f64>()
+            / n;
+        assert!(mean.abs() < 0.01, "mean {mean}");
+        assert!((var - 1.0).abs() < 0.02, "var {var}");
+        assert!(g.iter().all(|x| x.abs() <= 6.0));
+        // Irwin-Hall(12) puts ~31.7% of the mass outside ±1, like N(0,1).
+        let tail = g.iter().filter(|x| x.abs() > 1.0).count() as f64 / n;
+        assert!((tail - 0.317).abs() < 0.01, "tail {tail}");
+    }
+
+    #[test]
+    fn gaussian_and_direction_streams_are_independent_domains() {
+        assert_ne!(key(7, DOMAIN_DIRECTION), key(7, DOMAIN_GAUSSIAN));
     }
 }
