@@ -1,1 +1,515 @@
-//! Versioned postcard wire format: every message that crosses the network.
+//! Versioned postcard wire format: every binary message that crosses the network, plus the
+//! JSON messages on human-facing topics (agent status, telemetry, aggregator metrics).
+//!
+//! # Binary envelope
+//!
+//! ```text
+//! +---------------------+----------+-------------------------------+
+//! | version: u16 (LE)   | kind: u8 | body: postcard(T)             |
+//! +---------------------+----------+-------------------------------+
+//! ```
+//!
+//! The header is fixed-width (not postcard) so a decoder can reject a message from a future
+//! protocol version before it tries to interpret the body. [`decode`] checks, in this order:
+//! the per-kind size limit ([`WireError::TooLarge`]), the header length ([`WireError::Truncated`]),
+//! the version ([`WireError::UnknownVersion`]), the kind ([`WireError::WrongKind`]), the body
+//! ([`WireError::Truncated`] / [`WireError::Malformed`]) and finally that nothing follows the body
+//! ([`WireError::TrailingBytes`]). It never panics on any input.
+//!
+//! Seeds inside (seed, scalar) pairs are encoded as fixed 8-byte little-endian integers rather
+//! than postcard varints: seeds are uniformly random 64-bit values, for which a varint costs 9-10
+//! bytes, so fixed width is both smaller and constant (12 bytes per pair).
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::lora::{LoraConfig, LoraError, LoraLayout, LoraWeights, ModelShape, WeightsHash};
+use crate::update::SeedCoeff;
+
+/// Version carried by every binary message. Bump on any incompatible change to a message body.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Bytes of the fixed envelope header (version u16 LE + kind u8).
+pub const HEADER_LEN: usize = 3;
+
+/// Errors from [`decode`] and [`decode_json`]. Each names what was wrong with the input.
+#[derive(Debug, Error, Clone, PartialEq)]
+pub enum WireError {
+    #[error("message truncated: input ended before the message was complete")]
+    Truncated,
+    #[error("message too large: {len} bytes, the limit for this kind is {max}")]
+    TooLarge { len: usize, max: usize },
+    #[error("unknown protocol version {0} (this build speaks version {PROTOCOL_VERSION}); upgrade the older side")]
+    UnknownVersion(u16),
+    #[error("wrong message kind: expected {expected:?}, got kind byte {got}")]
+    WrongKind { expected: MessageKind, got: u8 },
+    #[error("{0} trailing bytes after the message body")]
+    TrailingBytes(usize),
+    #[error("malformed message: {0}")]
+    Malformed(String),
+}
+
+/// Kind byte of the envelope; one per binary message type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[repr(u8)]
+pub enum MessageKind {
+    RoundAnnounce = 1,
+    ClientUpdate = 2,
+    RoundCommit = 3,
+    Checkpoint = 4,
+}
+
+impl MessageKind {
+    pub fn from_byte(b: u8) -> Option<MessageKind> {
+        match b {
+            1 => Some(MessageKind::RoundAnnounce),
+            2 => Some(MessageKind::ClientUpdate),
+            3 => Some(MessageKind::RoundCommit),
+            4 => Some(MessageKind::Checkpoint),
+            _ => None,
+        }
+    }
+}
+
+/// A binary message: its kind byte and the largest encoding a decoder accepts.
+pub trait WireMessage: Serialize + DeserializeOwned {
+    const KIND: MessageKind;
+    /// Upper bound on the whole encoded message (header included). Keeps a hostile or buggy
+    /// peer from making a decoder allocate without bound; chosen well above real sizes.
+    const MAX_BYTES: usize;
+}
+
+/// Largest update accepted: 65,536 pairs at 12 bytes plus slack.
+pub const MAX_UPDATE_BYTES: usize = 1 << 20;
+/// Largest commit accepted (a commit carries every pair of a round).
+pub const MAX_COMMIT_BYTES: usize = 8 << 20;
+/// Largest announcement accepted (client lists for a few thousand clients).
+pub const MAX_ANNOUNCE_BYTES: usize = 256 << 10;
+/// Largest checkpoint accepted: 64 MiB of f32 parameters (SmolLM2-135M rank 8 q+v is ~1.8 MB).
+pub const MAX_CHECKPOINT_BYTES: usize = 64 << 20;
+/// Largest JSON message accepted on human-facing topics.
+pub const MAX_JSON_BYTES: usize = 64 << 10;
+
+/// Encodes `msg` in the versioned envelope.
+pub fn encode<T: WireMessage>(msg: &T) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
+    out.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    out.push(T::KIND as u8);
+    // Serialising into a Vec cannot fail for these types (no maps of unknown length, no
+    // custom serialisers that error), so a failure here is a programming error.
+    postcard::to_extend(msg, out).expect("postcard serialisation of a wire message into a Vec")
+}
+
+/// Reads the kind byte of an envelope without decoding the body (for routing/logging).
+pub fn peek_kind(bytes: &[u8]) -> Result<MessageKind, WireError> {
+    if bytes.len() < HEADER_LEN {
+        return Err(WireError::Truncated);
+    }
+    let version = u16::from_le_bytes([bytes[0], bytes[1]]);
+    if version != PROTOCOL_VERSION {
+        return Err(WireError::UnknownVersion(version));
+    }
+    MessageKind::from_byte(bytes[2])
+        .ok_or_else(|| WireError::Malformed(format!("unknown kind byte {}", bytes[2])))
+}
+
+/// Decodes one message of type `T`, checking size, version, kind and trailing bytes.
+pub fn decode<T: WireMessage>(bytes: &[u8]) -> Result<T, WireError> {
+    if bytes.len() > T::MAX_BYTES {
+        return Err(WireError::TooLarge {
+            len: bytes.len(),
+            max: T::MAX_BYTES,
+        });
+    }
+    if bytes.len() < HEADER_LEN {
+        return Err(WireError::Truncated);
+    }
+    let version = u16::from_le_bytes([bytes[0], bytes[1]]);
+    if version != PROTOCOL_VERSION {
+        return Err(WireError::UnknownVersion(version));
+    }
+    if bytes[2] != T::KIND as u8 {
+        return Err(WireError::WrongKind {
+            expected: T::KIND,
+            got: bytes[2],
+        });
+    }
+    let (msg, rest) =
+        postcard::take_from_bytes::<T>(&bytes[HEADER_LEN..]).map_err(|e| match e {
+            postcard::Error::DeserializeUnexpectedEnd => WireError::Truncated,
+            other => WireError::Malformed(other.to_string()),
+        })?;
+    if !rest.is_empty() {
+        return Err(WireError::TrailingBytes(rest.len()));
+    }
+    Ok(msg)
+}
+
+/// Serialises a JSON (human-facing) message.
+pub fn encode_json<T: Serialize>(msg: &T) -> Vec<u8> {
+    serde_json::to_vec(msg).expect("JSON serialisation of a plain struct")
+}
+
+/// Decodes a JSON message with the size limit [`MAX_JSON_BYTES`].
+pub fn decode_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, WireError> {
+    if bytes.len() > MAX_JSON_BYTES {
+        return Err(WireError::TooLarge {
+            len: bytes.len(),
+            max: MAX_JSON_BYTES,
+        });
+    }
+    serde_json::from_slice(bytes).map_err(|e| {
+        if e.is_eof() {
+            WireError::Truncated
+        } else {
+            WireError::Malformed(e.to_string())
+        }
+    })
+}
+
+/// Stable per-client index used in `perturb::derive_seed(seed_base, round, client_index, k)`:
+/// the first four bytes (LE) of blake3(client_id). Every agent computes its own, the aggregator
+/// needs none (seeds travel in the update), and two clients collide with probability ~n²/2³³;
+/// the aggregator additionally drops a seed it already pooled in the round.
+pub fn client_index(client_id: &str) -> u32 {
+    let h = blake3::hash(client_id.as_bytes());
+    let b = h.as_bytes();
+    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+
+/// Which clients a round asks for work.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ClientSelection {
+    /// Every client that sees the announcement.
+    All,
+    /// Exactly these client ids (the aggregator resolved the selection from retained statuses).
+    Clients(Vec<String>),
+    /// A deterministic pseudo-random fraction of clients per round; `min` is the aggregator's
+    /// floor when resolving, agents only evaluate the fraction.
+    Fraction { fraction: f32, min: u32 },
+}
+
+impl ClientSelection {
+    /// Whether `client_id` is asked to work in `round`.
+    pub fn includes(&self, client_id: &str, round: u64) -> bool {
+        match self {
+            ClientSelection::All => true,
+            ClientSelection::Clients(ids) => ids.iter().any(|c| c == client_id),
+            ClientSelection::Fraction { fraction, .. } => {
+                let mut h = blake3::Hasher::new();
+                h.update(client_id.as_bytes());
+                h.update(&round.to_le_bytes());
+                let b = h.finalize();
+                let x = u32::from_le_bytes([
+                    b.as_bytes()[0],
+                    b.as_bytes()[1],
+                    b.as_bytes()[2],
+                    b.as_bytes()[3],
+                ]);
+                // Compare in integers so every platform agrees.
+                let threshold = (f64::from(fraction.clamp(0.0, 1.0)) * f64::from(u32::MAX)) as u64;
+                u64::from(x) <= threshold && *fraction > 0.0
+            }
+        }
+    }
+}
+
+/// Task hyper-parameters the agents need for their forward passes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskParams {
+    /// Examples per loss evaluation (one batch per perturbation).
+    pub batch_size: u32,
+    /// One-sided difference (L(θ+εv) − L(θ))/ε instead of central (saves one pass per perturbation).
+    pub one_sided: bool,
+    /// Token budget per example.
+    pub max_tokens: u32,
+    /// Free-form extension parameters (key, value), ignored by agents that do not know a key.
+    pub extra: Vec<(String, String)>,
+}
+
+impl Default for TaskParams {
+    fn default() -> Self {
+        TaskParams {
+            batch_size: 8,
+            one_sided: false,
+            max_tokens: 256,
+            extra: Vec::new(),
+        }
+    }
+}
+
+/// Published retained on the round topic. Also re-published with `extend = n > 0` when the
+/// round is still open and the aggregator wants `n` more perturbations from each selected client.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundAnnounce {
+    pub job: String,
+    pub round: u64,
+    /// Model version the updates must be computed at (= number of commits applied so far).
+    pub model_version: u64,
+    pub weights_hash: WeightsHash,
+    /// Perturbations each selected client computes for this request.
+    pub perturbations_per_client: u32,
+    pub eps: f32,
+    pub deadline_unix_ms: u64,
+    pub selection: ClientSelection,
+    pub task: TaskParams,
+    /// Seeds are `derive_seed(seed_base, round, client_index(client_id), k)`, k counting from 0
+    /// and continuing across extends.
+    pub seed_base: u64,
+    /// 0 for the first request of a round; n > 0 for the n-th "send more" request. An agent
+    /// answers each (round, extend) at most once, with `ClientUpdate::seq = extend`.
+    pub extend: u32,
+}
+
+impl WireMessage for RoundAnnounce {
+    const KIND: MessageKind = MessageKind::RoundAnnounce;
+    const MAX_BYTES: usize = MAX_ANNOUNCE_BYTES;
+}
+
+/// One perturbation's result: the seed of direction v and the directional derivative g ≈ ∇L·v.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SeedScalar {
+    #[serde(with = "postcard::fixint::le")]
+    pub seed: u64,
+    pub g: f32,
+}
+
+/// A client's answer to one (round, extend) request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClientUpdate {
+    pub client_id: String,
+    pub round: u64,
+    /// Model version the client computed at; must equal the announcement's `model_version`.
+    pub base_version: u64,
+    /// De-duplication sequence: the `extend` value this update answers. The aggregator counts
+    /// each (client_id, round, seq) once.
+    pub seq: u32,
+    pub pairs: Vec<SeedScalar>,
+    /// Examples evaluated in total for this update.
+    pub samples: u32,
+    /// Mean unperturbed (or ±-averaged) loss over the batches of this update.
+    pub loss_mean: f32,
+    /// Sum of squared deviations of those losses (Welford M2), for pooled loss variance.
+    pub loss_m2: f32,
+}
+
+impl WireMessage for ClientUpdate {
+    const KIND: MessageKind = MessageKind::ClientUpdate;
+    const MAX_BYTES: usize = MAX_UPDATE_BYTES;
+}
+
+/// Serde adapter: `Vec<SeedCoeff>` with fixed-width seeds (same reasoning as [`SeedScalar`]).
+mod seed_coeff_vec {
+    use super::SeedCoeff;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    struct Fixed(#[serde(with = "postcard::fixint::le")] u64, f32);
+
+    pub(super) fn serialize<S: Serializer>(v: &[SeedCoeff], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(v.iter().map(|p| Fixed(p.seed, p.coeff)))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SeedCoeff>, D::Error> {
+        let v = Vec::<Fixed>::deserialize(d)?;
+        Ok(v.into_iter()
+            .map(|Fixed(seed, coeff)| SeedCoeff { seed, coeff })
+            .collect())
+    }
+}
+
+/// Published retained on the commit topic (latest) and on the commit log topic of its version.
+/// Replaying `pairs` in order with `update::apply_commit` on weights at `base_version` yields
+/// weights at `new_version` whose hash is `weights_hash`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundCommit {
+    pub round: u64,
+    pub base_version: u64,
+    pub new_version: u64,
+    /// Coefficients with the learning rate, schedule, averaging and trust-region clamp folded in.
+    #[serde(with = "seed_coeff_vec")]
+    pub pairs: Vec<SeedCoeff>,
+    pub weights_hash: WeightsHash,
+}
+
+impl WireMessage for RoundCommit {
+    const KIND: MessageKind = MessageKind::RoundCommit;
+    const MAX_BYTES: usize = MAX_COMMIT_BYTES;
+}
+
+/// Full weights, published retained every N commits so late joiners catch up with one download
+/// plus replay of the commits since.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub model_version: u64,
+    pub shape: ModelShape,
+    pub config: LoraConfig,
+    pub params: Vec<f32>,
+    pub weights_hash: WeightsHash,
+}
+
+impl WireMessage for Checkpoint {
+    const KIND: MessageKind = MessageKind::Checkpoint;
+    const MAX_BYTES: usize = MAX_CHECKPOINT_BYTES;
+}
+
+/// Why a checkpoint could not be turned back into weights.
+#[derive(Debug, Error)]
+pub enum CheckpointError {
+    #[error("checkpoint layout is invalid: {0}")]
+    Layout(#[from] LoraError),
+    #[error("checkpoint hash mismatch: message says {expected}, parameters hash to {actual}; the checkpoint is corrupt or was built by a different layout")]
+    HashMismatch {
+        expected: WeightsHash,
+        actual: WeightsHash,
+    },
+}
+
+impl Checkpoint {
+    pub fn from_weights(model_version: u64, weights: &LoraWeights) -> Checkpoint {
+        Checkpoint {
+            model_version,
+            shape: weights.layout().shape().clone(),
+            config: weights.layout().config().clone(),
+            params: weights.params().to_vec(),
+            weights_hash: weights.hash(),
+        }
+    }
+
+    /// Rebuilds the weights and verifies their hash against `weights_hash`.
+    pub fn to_weights(&self) -> Result<LoraWeights, CheckpointError> {
+        let layout = LoraLayout::new(&self.shape, &self.config)?;
+        let weights = LoraWeights::from_params(layout, self.params.clone())?;
+        let actual = weights.hash();
+        if actual != self.weights_hash {
+            return Err(CheckpointError::HashMismatch {
+                expected: self.weights_hash,
+                actual,
+            });
+        }
+        Ok(weights)
+    }
+}
+
+/// Agent lifecycle state as shown on its retained status topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentState {
+    /// Connected and eligible for rounds.
+    Online,
+    /// Connected but sitting rounds out (device limits: memory, temperature, load).
+    Busy,
+    /// Computing an update right now.
+    Training,
+    /// Catching up (replaying commits / downloading a checkpoint).
+    Syncing,
+    /// Disconnected (graceful shutdown or last will).
+    Offline,
+}
+
+impl AgentState {
+    /// Eligible to be selected for a round.
+    pub fn is_eligible(self) -> bool {
+        matches!(
+            self,
+            AgentState::Online | AgentState::Training | AgentState::Syncing
+        )
+    }
+}
+
+/// Retained JSON on `status/{client_id}`; the last will carries the same with `state: offline`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentStatus {
+    pub client_id: String,
+    pub state: AgentState,
+    /// Model version the agent currently holds (0 in a last will published before it synced).
+    #[serde(default)]
+    pub model_version: u64,
+    #[serde(default)]
+    pub weights_hash: Option<WeightsHash>,
+    /// Why the agent is busy/offline, for humans.
+    #[serde(default)]
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub unix_ms: u64,
+    #[serde(default)]
+    pub agent_version: String,
+}
+
+impl AgentStatus {
+    pub fn new(client_id: impl Into<String>, state: AgentState) -> AgentStatus {
+        AgentStatus {
+            client_id: client_id.into(),
+            state,
+            model_version: 0,
+            weights_hash: None,
+            reason: None,
+            unix_ms: 0,
+            agent_version: String::new(),
+        }
+    }
+}
+
+/// Heartbeat JSON on `telemetry/{client_id}` (not retained).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Telemetry {
+    pub client_id: String,
+    pub unix_ms: u64,
+    pub cpu_percent: f32,
+    pub mem_used_bytes: u64,
+    pub mem_total_bytes: u64,
+    pub mem_available_bytes: u64,
+    pub temperature_c: Option<f32>,
+    pub load_avg_1m: Option<f32>,
+    pub model_version: u64,
+    pub rounds_done: u64,
+    pub perturbations_done: u64,
+    /// Wall time of the last update's computation.
+    pub last_update_ms: Option<u64>,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+}
+
+/// Aggregator metrics JSON on the metrics topic (retained: a monitor sees the latest at once)
+/// and in the metrics CSV/JSON files.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AggregatorMetrics {
+    pub job: String,
+    pub unix_ms: u64,
+    /// Round the aggregator is in (or just finished, for a commit record).
+    pub round: u64,
+    pub model_version: u64,
+    /// "collecting", "committed", "abandoned", "stopped", ...
+    pub phase: String,
+    pub clients_online: u32,
+    pub clients_busy: u32,
+    pub clients_selected: u32,
+    pub clients_responded: u32,
+    /// Updates accepted this round (after dedup).
+    pub updates: u32,
+    /// (seed, g) pairs pooled this round.
+    pub perturbations: u32,
+    pub perturbations_total: u64,
+    pub extends: u32,
+    /// Pacing statistic: relative standard error of the pooled gradient estimate (dimensionless).
+    pub pacing_stat: f64,
+    pub pacing_target: f64,
+    /// Mean of g² over the pooled pairs (pooled variance of the directional derivatives).
+    pub pooled_variance: f64,
+    pub lr: f64,
+    pub step_norm: f64,
+    pub theta_norm: f64,
+    /// True if the trust-region clamp shortened this step.
+    pub clamped: bool,
+    pub loss_mean: f64,
+    pub eval_accuracy: Option<f64>,
+    pub eval_loss: Option<f64>,
+    pub duplicates: u64,
+    pub stale: u64,
+    pub rejected: u64,
+    pub round_ms: u64,
+    pub weights_hash: Option<WeightsHash>,
+}
