@@ -50,3 +50,184 @@ pub fn perturbed_params(weights: &LoraWeights, seed: u64, eps: f32, scratch: &mu
         j += r.len() as u64;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lora::{LoraConfig, LoraLayout, LoraModule, ModelShape, Trainable};
+    use crate::perturb::{derive_seed, direction};
+
+    fn layout(trainable: Trainable) -> LoraLayout {
+        let shape = ModelShape {
+            arch: "llama".into(),
+            n_layer: 2,
+            n_embd: 8,
+            n_head: 2,
+            n_head_kv: 1,
+            n_ff: 16,
+        };
+        let config = LoraConfig {
+            rank: 2,
+            alpha: 4.0,
+            modules: vec![LoraModule::AttnQ, LoraModule::AttnV, LoraModule::FfnDown],
+            layers: None,
+            trainable,
+            init_seed: 42,
+        };
+        LoraLayout::new(&shape, &config).unwrap()
+    }
+
+    fn commits() -> Vec<Vec<SeedCoeff>> {
+        (0..6u64)
+            .map(|round| {
+                (0..4u32)
+                    .map(|k| SeedCoeff {
+                        seed: derive_seed(9, round, k % 2, k),
+                        coeff: (k as f32 - 1.5) * 1e-3 / (round as f32 + 1.0),
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    #[test]
+    fn golden_hash_after_fixed_commit() {
+        let mut w = LoraWeights::init(layout(Trainable::AB));
+        let pairs = [
+            SeedCoeff {
+                seed: 1,
+                coeff: 0.25,
+            },
+            SeedCoeff {
+                seed: 2,
+                coeff: -0.125,
+            },
+            SeedCoeff {
+                seed: derive_seed(9, 1, 0, 0),
+                coeff: 1e-3,
+            },
+        ];
+        apply_commit(&mut w, &pairs);
+        assert_eq!(
+            w.hash().to_string(),
+            "068b0bafce5745ca750cc1f7724b552e8e786ebf2773e35285068f1e7477880f"
+        );
+    }
+
+    #[test]
+    fn replicas_replaying_the_same_commits_agree_bit_for_bit() {
+        for t in [Trainable::B, Trainable::AB] {
+            let mut a = LoraWeights::init(layout(t));
+            let mut b = LoraWeights::init(layout(t));
+            for c in commits() {
+                apply_commit(&mut a, &c);
+                apply_commit(&mut b, &c);
+                assert_eq!(a.hash(), b.hash());
+            }
+            assert_ne!(a.hash(), LoraWeights::init(layout(t)).hash());
+        }
+    }
+
+    #[test]
+    fn checkpoint_restore_then_replay_equals_continuous_replay() {
+        let all = commits();
+        let mut continuous = LoraWeights::init(layout(Trainable::AB));
+        let mut checkpoint = None;
+        for (i, c) in all.iter().enumerate() {
+            apply_commit(&mut continuous, c);
+            if i == 2 {
+                checkpoint = Some(continuous.params().to_vec());
+            }
+        }
+        let mut restored =
+            LoraWeights::from_params(layout(Trainable::AB), checkpoint.unwrap()).unwrap();
+        for c in &all[3..] {
+            apply_commit(&mut restored, c);
+        }
+        assert_eq!(bits(restored.params()), bits(continuous.params()));
+        assert_eq!(restored.hash(), continuous.hash());
+    }
+
+    #[test]
+    fn direction_index_follows_trainable_order() {
+        for t in [Trainable::B, Trainable::AB] {
+            let l = layout(t);
+            let n = l.total_len();
+            let mut w = LoraWeights::from_params(l, vec![0.0; n]).unwrap();
+            add_direction(&mut w, 77, 0.5);
+            let mut v = vec![0f32; w.layout().trainable_len()];
+            direction(77, &mut v);
+            let got: Vec<f32> = w.trainable_values().collect();
+            let expect: Vec<f32> = v.iter().map(|x| 0.5 * x).collect();
+            assert_eq!(bits(&got), bits(&expect));
+        }
+    }
+
+    #[test]
+    fn frozen_a_is_never_touched_in_b_mode() {
+        let mut w = LoraWeights::init(layout(Trainable::B));
+        let before = w.clone();
+        for c in commits() {
+            apply_commit(&mut w, &c);
+        }
+        for t in w.layout().tensors() {
+            assert_eq!(
+                bits(&w.params()[t.a.clone()]),
+                bits(&before.params()[t.a.clone()])
+            );
+            assert_ne!(
+                bits(&w.params()[t.b.clone()]),
+                bits(&before.params()[t.b.clone()])
+            );
+        }
+    }
+
+    #[test]
+    fn perturbed_params_equals_add_direction_on_a_copy() {
+        let mut w = LoraWeights::init(layout(Trainable::AB));
+        apply_commit(&mut w, &commits()[0]);
+        let mut scratch = Vec::new();
+        for eps in [1e-3f32, -1e-3] {
+            perturbed_params(&w, 5, eps, &mut scratch);
+            let mut copy = w.clone();
+            add_direction(&mut copy, 5, eps);
+            assert_eq!(bits(&scratch), bits(copy.params()));
+        }
+        assert_ne!(bits(&scratch), bits(w.params()));
+    }
+
+    #[test]
+    fn opposite_steps_from_zero_return_to_exact_zero() {
+        // From B = 0: (0 + c) - c == +0.0 exactly for any finite c.
+        let mut w = LoraWeights::init(layout(Trainable::B));
+        let before = bits(w.params());
+        apply_commit(
+            &mut w,
+            &[
+                SeedCoeff {
+                    seed: 3,
+                    coeff: 0.123,
+                },
+                SeedCoeff {
+                    seed: 3,
+                    coeff: -0.123,
+                },
+            ],
+        );
+        assert_eq!(bits(w.params()), before);
+    }
+
+    #[test]
+    fn seed_coeff_serde_roundtrip() {
+        let p = SeedCoeff {
+            seed: u64::MAX,
+            coeff: -1.5e-7,
+        };
+        let bytes = postcard::to_allocvec(&p).unwrap();
+        assert_eq!(postcard::from_bytes::<SeedCoeff>(&bytes).unwrap(), p);
+    }
+}
