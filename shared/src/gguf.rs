@@ -600,7 +600,10 @@ pub fn read_gguf(bytes: &[u8]) -> Result<GgufFile, GgufError> {
     let data_len = (bytes.len() - start) as u64;
     for t in &file.tensors {
         if let Some(n) = t.n_bytes() {
-            if t.offset.checked_add(n).is_none_or(|end| end > data_len) {
+            // Padded size, as gguf.cpp requires when it loads the data blob.
+            let padded = n.div_ceil(file.alignment).checked_mul(file.alignment);
+            let end = padded.and_then(|p| t.offset.checked_add(p));
+            if end.is_none_or(|end| end > data_len) {
                 return Err(GgufError::BadTensor {
                     name: t.name.clone(),
                     reason: format!(
@@ -784,4 +787,219 @@ pub fn write_lora_adapter(weights: &LoraWeights) -> Vec<u8> {
         })
         .collect();
     write_gguf_f32(&kv, &tensors)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lora::{LoraConfig, LoraLayout, LoraModule, Trainable};
+    use crate::update::{apply_commit, SeedCoeff};
+
+    fn adapter_weights() -> LoraWeights {
+        let shape = ModelShape {
+            arch: "llama".into(),
+            n_layer: 3,
+            n_embd: 12,
+            n_head: 4,
+            n_head_kv: 2,
+            n_ff: 20,
+        };
+        let config = LoraConfig {
+            rank: 3,
+            alpha: 6.0,
+            modules: vec![LoraModule::AttnV, LoraModule::FfnDown, LoraModule::AttnQ],
+            layers: Some((1, 3)),
+            trainable: Trainable::AB,
+            init_seed: 5,
+        };
+        let mut w = LoraWeights::init(LoraLayout::new(&shape, &config).unwrap());
+        apply_commit(
+            &mut w,
+            &[SeedCoeff {
+                seed: 8,
+                coeff: 0.01,
+            }],
+        );
+        w
+    }
+
+    #[test]
+    fn adapter_roundtrips_every_kv_shape_dtype_and_byte() {
+        let w = adapter_weights();
+        let bytes = write_lora_adapter(&w);
+        let f = read_gguf(&bytes).unwrap();
+        assert_eq!(f.version, 3);
+        assert_eq!(f.alignment, 32);
+        assert_eq!(f.data_offset % 32, 0);
+        assert_eq!(f.kv, adapter_kv(&w));
+        let s = |k: &str| f.get(k).and_then(GgufValue::as_str).map(str::to_string);
+        assert_eq!(s("general.architecture").as_deref(), Some("llama"));
+        assert_eq!(s("general.type").as_deref(), Some("adapter"));
+        assert_eq!(s("adapter.type").as_deref(), Some("lora"));
+        assert_eq!(f.get("adapter.lora.alpha"), Some(&GgufValue::F32(6.0)));
+        assert_eq!(s("fwdllm.weights_hash"), Some(w.hash().to_string()));
+
+        let layout = w.layout();
+        assert_eq!(f.tensors.len(), 2 * layout.tensors().len());
+        let mut expected_offset = 0u64;
+        for (i, t) in layout.tensors().iter().enumerate() {
+            for (j, (suffix, dims, range)) in [
+                ("lora_a", [t.in_dim, t.rank], t.a.clone()),
+                ("lora_b", [t.rank, t.out_dim], t.b.clone()),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let info = &f.tensors[2 * i + j];
+                let name = format!("blk.{}.{}.weight.{suffix}", t.layer, t.module.gguf_name());
+                assert_eq!(info.name, name);
+                assert_eq!(info.dims, dims.map(u64::from));
+                assert_eq!(info.ggml_type, GGML_TYPE_F32);
+                assert_eq!(info.offset, expected_offset, "{name}: contiguous, padded");
+                expected_offset += (range.len() as u64 * 4).div_ceil(32) * 32;
+                let got = f.tensor_f32(&name).unwrap();
+                let want = &w.params()[range];
+                assert_eq!(
+                    got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                    want.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+                );
+            }
+        }
+        assert_eq!(f.data.len() as u64, expected_offset);
+        assert_eq!(bytes.len() as u64, f.data_offset + expected_offset);
+    }
+
+    #[test]
+    fn header_bytes_are_exactly_gguf_v3() {
+        let w = adapter_weights();
+        let bytes = write_lora_adapter(&w);
+        assert_eq!(&bytes[..4], b"GGUF");
+        assert_eq!(u32::from_le_bytes(bytes[4..8].try_into().unwrap()), 3);
+        let n_tensors = u64::from_le_bytes(bytes[8..16].try_into().unwrap());
+        let n_kv = u64::from_le_bytes(bytes[16..24].try_into().unwrap());
+        assert_eq!((n_tensors, n_kv), (12, 7));
+        // First key: u64 length, bytes, then value type u32 = 8 (string).
+        assert_eq!(u64::from_le_bytes(bytes[24..32].try_into().unwrap()), 20);
+        assert_eq!(&bytes[32..52], b"general.architecture");
+        assert_eq!(u32::from_le_bytes(bytes[52..56].try_into().unwrap()), 8);
+    }
+
+    #[test]
+    fn writer_handles_every_value_type() {
+        let kv: Vec<(String, GgufValue)> = vec![
+            ("a.u8".into(), GgufValue::U8(250)),
+            ("a.i8".into(), GgufValue::I8(-3)),
+            ("a.u16".into(), GgufValue::U16(65000)),
+            ("a.i16".into(), GgufValue::I16(-30000)),
+            ("a.u32".into(), GgufValue::U32(4_000_000_000)),
+            ("a.i32".into(), GgufValue::I32(-2_000_000_000)),
+            ("a.f32".into(), GgufValue::F32(-0.0)),
+            ("a.bool".into(), GgufValue::Bool(true)),
+            ("a.str".into(), GgufValue::String("héllo".into())),
+            (
+                "a.arr".into(),
+                GgufValue::Array {
+                    elem_type: 8,
+                    values: vec![GgufValue::String("x".into()), GgufValue::String("".into())],
+                },
+            ),
+            (
+                "a.empty".into(),
+                GgufValue::Array {
+                    elem_type: 4,
+                    values: vec![],
+                },
+            ),
+            ("a.u64".into(), GgufValue::U64(u64::MAX)),
+            ("a.i64".into(), GgufValue::I64(i64::MIN)),
+            ("a.f64".into(), GgufValue::F64(1e300)),
+        ];
+        let data = [1.0f32, -2.0, 3.5];
+        let t = F32Tensor {
+            name: "t",
+            dims: &[3, 1],
+            data: &data,
+        };
+        let f = read_gguf(&write_gguf_f32(&kv, &[t])).unwrap();
+        assert_eq!(f.kv, kv);
+        assert_eq!(f.tensor_f32("t").unwrap(), data);
+        // No tensors: no padding, empty data.
+        let f = read_gguf(&write_gguf_f32(&kv, &[])).unwrap();
+        assert!(f.tensors.is_empty() && f.data.is_empty());
+    }
+
+    #[test]
+    fn every_truncation_is_a_typed_error() {
+        let bytes = write_lora_adapter(&adapter_weights());
+        for cut in 0..bytes.len() {
+            match read_gguf(&bytes[..cut]) {
+                Err(GgufError::Truncated { .. }) | Err(GgufError::BadTensor { .. }) => {}
+                other => panic!("cut at {cut}: {:?}", other.map(|f| f.tensors.len())),
+            }
+        }
+    }
+
+    #[test]
+    fn bad_headers_are_typed_errors() {
+        let mut bytes = write_lora_adapter(&adapter_weights());
+        let mut bad = bytes.clone();
+        bad[0] = b'X';
+        assert!(matches!(read_gguf(&bad), Err(GgufError::BadMagic(m)) if &m == b"XGUF"));
+        bad = bytes.clone();
+        bad[4] = 9;
+        assert!(matches!(
+            read_gguf(&bad),
+            Err(GgufError::UnsupportedVersion(9))
+        ));
+        bad = bytes.clone();
+        bad[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(matches!(
+            read_gguf(&bad),
+            Err(GgufError::LimitExceeded { .. })
+        ));
+        // Value type of the first kv -> unknown.
+        bytes[52] = 99;
+        assert!(matches!(
+            read_gguf(&bytes),
+            Err(GgufError::UnknownValueType { type_id: 99, .. })
+        ));
+    }
+
+    #[test]
+    fn model_shape_errors_name_the_key() {
+        let kv = vec![
+            (
+                "general.architecture".to_string(),
+                GgufValue::String("llama".into()),
+            ),
+            (
+                "llama.block_count".to_string(),
+                GgufValue::String("30".into()),
+            ),
+        ];
+        let f = read_gguf(&write_gguf_f32(&kv, &[])).unwrap();
+        let err = f.model_shape().unwrap_err();
+        assert!(
+            err.to_string().contains("llama.attention.head_count"),
+            "{err}"
+        );
+        let kv = vec![
+            (
+                "general.architecture".to_string(),
+                GgufValue::String("llama".into()),
+            ),
+            ("llama.attention.head_count".to_string(), GgufValue::U32(4)),
+            (
+                "llama.block_count".to_string(),
+                GgufValue::String("30".into()),
+            ),
+        ];
+        let err = read_gguf(&write_gguf_f32(&kv, &[]))
+            .unwrap()
+            .model_shape()
+            .unwrap_err();
+        assert!(matches!(err, GgufError::WrongType { ref key, .. } if key == "llama.block_count"));
+        let err = model_shape_from_gguf("/nonexistent/model.gguf").unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/model.gguf"), "{err}");
+    }
 }
