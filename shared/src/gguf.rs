@@ -26,7 +26,7 @@ use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 
-use crate::lora::{LoraWeights, ModelShape};
+use crate::lora::{LoraError, LoraLayout, LoraWeights, ModelShape};
 
 /// `"GGUF"`.
 pub const GGUF_MAGIC: [u8; 4] = *b"GGUF";
@@ -730,9 +730,17 @@ pub fn write_gguf_f32(kv: &[(String, GgufValue)], tensors: &[F32Tensor<'_>]) -> 
     out
 }
 
-/// Metadata keys written into every adapter, in order.
+/// Metadata keys written into every adapter made by [`write_lora_adapter`], in order.
 pub fn adapter_kv(weights: &LoraWeights) -> Vec<(String, GgufValue)> {
-    let layout = weights.layout();
+    let mut kv = base_adapter_kv(weights.layout());
+    kv.push((
+        "fwdllm.weights_hash".into(),
+        GgufValue::String(weights.hash().to_string()),
+    ));
+    kv
+}
+
+fn base_adapter_kv(layout: &LoraLayout) -> Vec<(String, GgufValue)> {
     vec![
         (
             "general.architecture".into(),
@@ -752,30 +760,44 @@ pub fn adapter_kv(weights: &LoraWeights) -> Vec<(String, GgufValue)> {
             "adapter.lora.alpha".into(),
             GgufValue::F32(layout.config().alpha),
         ),
-        (
-            "fwdllm.weights_hash".into(),
-            GgufValue::String(weights.hash().to_string()),
-        ),
     ]
 }
 
 /// A GGUF v3 LoRA adapter for stock llama.cpp: tensors
 /// `blk.{layer}.{module}.weight.lora_a` (ggml `ne = [in, rank]`) and `.lora_b`
-/// (`ne = [rank, out]`), F32, in layout order, with the metadata of [`adapter_kv`].
+/// (`ne = [rank, out]`), F32, in layout order, with the metadata of [`adapter_kv`]
+/// (including `fwdllm.weights_hash` for provenance).
 pub fn write_lora_adapter(weights: &LoraWeights) -> Vec<u8> {
-    let kv = adapter_kv(weights);
-    let params = weights.params();
-    let mut names = Vec::with_capacity(weights.layout().tensors().len() * 2);
+    write_adapter(&adapter_kv(weights), weights.layout(), weights.params())
+}
+
+/// Like [`write_lora_adapter`] for a raw parameter vector of `layout` (e.g. the scratch
+/// buffer of [`crate::update::perturbed_params`]), without copying it into a
+/// [`LoraWeights`] and without the `fwdllm.weights_hash` key (skips hashing in hot loops).
+pub fn write_lora_adapter_params(
+    layout: &LoraLayout,
+    params: &[f32],
+) -> Result<Vec<u8>, LoraError> {
+    if params.len() != layout.total_len() {
+        return Err(LoraError::ParamLenMismatch {
+            expected: layout.total_len(),
+            got: params.len(),
+        });
+    }
+    Ok(write_adapter(&base_adapter_kv(layout), layout, params))
+}
+
+fn write_adapter(kv: &[(String, GgufValue)], layout: &LoraLayout, params: &[f32]) -> Vec<u8> {
+    let mut names = Vec::with_capacity(layout.tensors().len() * 2);
     let mut dims = Vec::with_capacity(names.capacity());
-    for t in weights.layout().tensors() {
+    for t in layout.tensors() {
         let base = t.base_name();
         names.push(format!("{base}.lora_a"));
         dims.push([u64::from(t.in_dim), u64::from(t.rank)]);
         names.push(format!("{base}.lora_b"));
         dims.push([u64::from(t.rank), u64::from(t.out_dim)]);
     }
-    let tensors: Vec<F32Tensor<'_>> = weights
-        .layout()
+    let tensors: Vec<F32Tensor<'_>> = layout
         .tensors()
         .iter()
         .flat_map(|t| [t.a.clone(), t.b.clone()])
@@ -786,7 +808,7 @@ pub fn write_lora_adapter(weights: &LoraWeights) -> Vec<u8> {
             data: &params[range],
         })
         .collect();
-    write_gguf_f32(&kv, &tensors)
+    write_gguf_f32(kv, &tensors)
 }
 
 #[cfg(test)]
@@ -867,6 +889,32 @@ mod tests {
         }
         assert_eq!(f.data.len() as u64, expected_offset);
         assert_eq!(bytes.len() as u64, f.data_offset + expected_offset);
+    }
+
+    #[test]
+    fn params_writer_matches_weights_writer_minus_hash_key() {
+        let w = adapter_weights();
+        let a = read_gguf(&write_lora_adapter(&w)).unwrap();
+        let b = read_gguf(&write_lora_adapter_params(w.layout(), w.params()).unwrap()).unwrap();
+        assert_eq!(a.kv[..a.kv.len() - 1], b.kv[..]);
+        assert_eq!(a.kv.last().unwrap().0, "fwdllm.weights_hash");
+        assert_eq!(
+            a.tensors
+                .iter()
+                .map(|t| (&t.name, &t.dims))
+                .collect::<Vec<_>>(),
+            b.tensors
+                .iter()
+                .map(|t| (&t.name, &t.dims))
+                .collect::<Vec<_>>()
+        );
+        for t in &a.tensors {
+            assert_eq!(a.tensor_data(&t.name), b.tensor_data(&t.name));
+        }
+        assert!(matches!(
+            write_lora_adapter_params(w.layout(), &w.params()[1..]),
+            Err(LoraError::ParamLenMismatch { .. })
+        ));
     }
 
     #[test]
