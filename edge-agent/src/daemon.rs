@@ -1,1 +1,0 @@
-//! The agent daemon: MQTT loop, replay, status and telemetry.
