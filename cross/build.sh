@@ -11,6 +11,7 @@
 #                           target) or "debian" (Debian rustc-web + libstd-rust-web-dev:arm64,
 #                           run from /usr/bin with its own CARGO_HOME, never shadowing rustup)
 #   FWDLLM_DEB_OUT          output directory (default: cross/out/<arch>)
+#   FWDLLM_PACKAGES         which packages (default: "fwdllm-agent fwdllm-aggregator")
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -22,6 +23,7 @@ case "$arch" in
   *) echo "usage: cross/build.sh amd64|arm64" >&2; exit 2 ;;
 esac
 out="${FWDLLM_DEB_OUT:-$root/cross/out/$arch}"
+read -r -a packages <<<"${FWDLLM_PACKAGES:-fwdllm-agent fwdllm-aggregator}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$root/target}"
 cargo_deb_version=3.8.0
 
@@ -122,19 +124,22 @@ if [ "$arch" = arm64 ]; then
 fi
 
 # --- build and package -----------------------------------------------------------------
-for f in systemd/fwdllm-agent.service systemd/fwdllm-aggregator.service \
-         systemd/fwdllm-agent.toml systemd/fwdllm-aggregator.toml cross/README.md; do
-  [ -f "$f" ] || { log "missing $f (packaged as an asset)"; exit 1; }
+bin_args=()
+for pkg in "${packages[@]}"; do
+  case "$pkg" in fwdllm-agent|fwdllm-aggregator) ;; *) log "unknown package $pkg"; exit 2 ;; esac
+  for f in "systemd/$pkg.service" "systemd/$pkg.toml" cross/README.md; do
+    [ -f "$f" ] || { log "missing $f (packaged as an asset of $pkg)"; exit 1; }
+  done
+  bin_args+=(-p "$pkg" --bin "$pkg")
 done
 
 start=$(date +%s)
 log "building release binaries${triple:+ for $triple} (CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
-"${cargo[@]}" build --release "${target_args[@]}" -p fwdllm-agent -p fwdllm-aggregator \
-  --bin fwdllm-agent --bin fwdllm-aggregator
+"${cargo[@]}" build --release "${target_args[@]}" "${bin_args[@]}"
 log "build took $(( $(date +%s) - start )) s"
 
 mkdir -p "$out"
-for pkg in fwdllm-agent fwdllm-aggregator; do
+for pkg in "${packages[@]}"; do
   # cargo-deb is a cargo subcommand: it finds cargo through $CARGO.
   CARGO="${cargo[0]}" "$cargo_deb" -p "$pkg" --no-build "${target_args[@]}" --output "$out/" >&2
 done
