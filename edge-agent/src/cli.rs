@@ -1,12 +1,484 @@
-//! Engine subcommands of `fwdllm-agent` (prepare, eval, calibrate, train-local, bench-engine, shard).
+//! Engine subcommands of `fwdllm-agent` (prepare, eval, calibrate, train-local, bench-engine,
+//! shard, prompt-search).
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+
+use crate::data::{self, Partition, TaskConfig};
+use crate::engine::{self, Engine, EngineConfig, Precision, TrainConfig};
+
+/// Model/engine options shared by the engine subcommands.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EngineArgs {
+    /// Model GGUF as shipped (usually quantised).
+    #[arg(long, default_value = ".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf")]
+    pub model: PathBuf,
+    /// Training/evaluation precision (f32 copy, f16 copy, or the quantised file as is).
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    pub precision: Precision,
+    /// Compute threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: u32,
+    /// Where converted model copies are cached.
+    #[arg(long, default_value = ".cache/prepared")]
+    pub cache_dir: PathBuf,
+    /// Prompts per llama_decode.
+    #[arg(long, default_value_t = 8)]
+    pub seqs_per_decode: u32,
+    /// Flash attention (casts K/V to f16: adds noise to forward gradients).
+    #[arg(long)]
+    pub flash_attn: bool,
+}
+
+impl EngineArgs {
+    pub fn config(&self) -> EngineConfig {
+        EngineConfig {
+            model: self.model.clone(),
+            threads: self.threads,
+            precision: self.precision,
+            cache_dir: self.cache_dir.clone(),
+            seqs_per_decode: self.seqs_per_decode,
+            flash_attn: self.flash_attn,
+            ..EngineConfig::default()
+        }
+    }
+}
+
+/// Task options shared by the engine subcommands.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TaskArgs {
+    /// Task config (TOML): data source, prompt template, labels, verbalizer words.
+    #[arg(long, default_value = "edge-agent/tasks/bbc.toml")]
+    pub task: PathBuf,
+    /// Directory the task's relative data paths are resolved against.
+    #[arg(long, default_value = ".")]
+    pub root: PathBuf,
+    /// Override the task's prompt template (must contain {text}).
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// Override the task's verbalizer words (comma-separated, one per label).
+    #[arg(long, value_delimiter = ',')]
+    pub words: Option<Vec<String>>,
+    /// Override the number of tokens the text is cut to.
+    #[arg(long)]
+    pub max_text_tokens: Option<u32>,
+}
+
+impl TaskArgs {
+    pub fn load(&self) -> anyhow::Result<(TaskConfig, data::Split)> {
+        let mut task = TaskConfig::from_file(&self.task)?;
+        if let Some(p) = &self.prompt {
+            task.prompt = p.replace("\\n", "\n");
+        }
+        if let Some(w) = &self.words {
+            task.words = w.clone();
+        }
+        if let Some(m) = self.max_text_tokens {
+            task.max_text_tokens = m;
+        }
+        task.validate(&self.task)?;
+        let examples = task.load_examples(&self.root)?;
+        let split = data::split(examples, task.split_seed, task.heldout, task.dev);
+        Ok((task, split))
+    }
+}
 
 /// Engine subcommands; flattened into the top-level CLI.
 #[derive(Debug, clap::Subcommand)]
-pub enum EngineCommand {}
+pub enum EngineCommand {
+    /// Convert the model once to the training precision (cached, verified by a stamp).
+    Prepare {
+        #[command(flatten)]
+        engine: EngineArgs,
+    },
+    /// Held-out accuracy and loss of the base model, or of an adapter.
+    Eval {
+        #[command(flatten)]
+        engine: EngineArgs,
+        #[command(flatten)]
+        task: TaskArgs,
+        /// GGUF LoRA adapter to evaluate (base model if absent).
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// Evaluate at most this many held-out examples.
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// Measure noise in ΔL, g across ε and the SNR; pick ε; write the table.
+    Calibrate {
+        #[command(flatten)]
+        engine: EngineArgs,
+        #[command(flatten)]
+        task: TaskArgs,
+        #[arg(long, default_value_t = 5)]
+        directions: u32,
+        #[arg(long, default_value = "target/bench/calibrate.json")]
+        out: PathBuf,
+    },
+    /// Local forward-gradient training (FwdLLM's centralised reference).
+    TrainLocal {
+        #[command(flatten)]
+        engine: EngineArgs,
+        #[command(flatten)]
+        task: TaskArgs,
+        /// Training config TOML (TrainConfig keys); flags below override it.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        lr: Option<f32>,
+        #[arg(long)]
+        max_update_norm: Option<f32>,
+        #[arg(long)]
+        lr_half_life: Option<f32>,
+        #[arg(long)]
+        eps: Option<f32>,
+        #[arg(long)]
+        directions: Option<u32>,
+        #[arg(long)]
+        max_wall_s: Option<f64>,
+        #[arg(long)]
+        max_steps: Option<u32>,
+        #[arg(long)]
+        central: bool,
+        /// Layer range start..end (half-open), e.g. 26..30.
+        #[arg(long)]
+        layers: Option<String>,
+        #[arg(long)]
+        rank: Option<u32>,
+        /// Comma-separated modules (attn_q,attn_v,...).
+        #[arg(long, value_delimiter = ',')]
+        modules: Option<Vec<String>>,
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Output directory (metrics.json, steps.csv, adapter.gguf).
+        #[arg(long, default_value = "target/train-local")]
+        out: PathBuf,
+        /// Also evaluate the trained adapter on the quantised model.
+        #[arg(long)]
+        check_quantized: bool,
+        #[arg(long)]
+        no_progress: bool,
+    },
+    /// Engine benchmark: throughput, adapter swap cost, RSS, noise, SNR, training figures.
+    BenchEngine {
+        #[command(flatten)]
+        engine: EngineArgs,
+        #[command(flatten)]
+        task: TaskArgs,
+        #[arg(long, default_value = "target/bench/engine.json")]
+        out: PathBuf,
+        /// Adapter swaps for the RSS drift measurement.
+        #[arg(long, default_value_t = 10_000)]
+        swaps: u32,
+        /// Training metrics to quote (written by train-local).
+        #[arg(long, default_value = "target/train-local/metrics.json")]
+        train_metrics: PathBuf,
+    },
+    /// Score prompt templates / label words zero-shot on the dev split.
+    PromptSearch {
+        #[command(flatten)]
+        engine: EngineArgs,
+        #[command(flatten)]
+        task: TaskArgs,
+        /// Candidate prompts (use {text}); default: a built-in small set.
+        #[arg(long = "candidate")]
+        candidates: Vec<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Split a task's training examples into client shards (JSONL files).
+    Shard {
+        #[command(flatten)]
+        task: TaskArgs,
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
+        /// Dirichlet α for a non-IID split by label (IID if absent).
+        #[arg(long)]
+        alpha: Option<f64>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value = "target/shards")]
+        out: PathBuf,
+    },
+}
+
+fn init_logging() {
+    let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_secs()
+        .try_init();
+}
 
 impl EngineCommand {
     /// Runs the subcommand.
     pub fn run(self) -> anyhow::Result<()> {
-        match self {}
+        init_logging();
+        match self {
+            EngineCommand::Prepare { engine } => {
+                let cfg = engine.config();
+                let t = std::time::Instant::now();
+                let path = engine::prepare::prepare(
+                    &cfg.model,
+                    cfg.precision,
+                    &cfg.cache_dir,
+                    cfg.effective_threads(),
+                )?;
+                println!("{} ({:.1} s)", path.display(), t.elapsed().as_secs_f64());
+                Ok(())
+            }
+            EngineCommand::Eval {
+                engine,
+                task,
+                adapter,
+                limit,
+            } => {
+                let (tcfg, split) = task.load()?;
+                let mut e = Engine::load(&engine.config())?;
+                e.set_task(&tcfg)?;
+                if let Some(a) = &adapter {
+                    e.set_adapter_file(a)?;
+                }
+                let held = &split.heldout[..limit.unwrap_or(usize::MAX).min(split.heldout.len())];
+                let t = std::time::Instant::now();
+                let task = e.task().cloned().context("task")?;
+                let l = e.loss(&task, held)?;
+                let acc = l
+                    .predictions
+                    .iter()
+                    .zip(held)
+                    .filter(|(p, x)| **p == x.label)
+                    .count() as f64
+                    / held.len() as f64;
+                let mut counts = vec![0usize; tcfg.labels.len()];
+                for &p in &l.predictions {
+                    counts[p] += 1;
+                }
+                println!(
+                    "task {} precision {} adapter {}: held-out n={} accuracy {acc:.4} loss {:.4} ({:.1} s); predictions per label {:?}",
+                    tcfg.name,
+                    engine.precision.as_str(),
+                    adapter.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none".into()),
+                    held.len(),
+                    l.mean,
+                    t.elapsed().as_secs_f64(),
+                    tcfg.labels.iter().zip(&counts).collect::<Vec<_>>()
+                );
+                Ok(())
+            }
+            EngineCommand::Calibrate {
+                engine,
+                task,
+                directions,
+                out,
+            } => {
+                let (tcfg, split) = task.load()?;
+                let mut e = Engine::load(&engine.config())?;
+                e.set_task(&tcfg)?;
+                let tc = TrainConfig::default();
+                let table =
+                    engine::calibrate::calibrate(&mut e, &split.train[..8], &tc.lora, directions)?;
+                engine::calibrate::print_table(&table);
+                if let Some(dir) = out.parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                std::fs::write(&out, serde_json::to_vec_pretty(&table)?)?;
+                println!("wrote {}", out.display());
+                Ok(())
+            }
+            EngineCommand::TrainLocal {
+                engine,
+                task,
+                config,
+                lr,
+                max_update_norm,
+                lr_half_life,
+                eps,
+                directions,
+                max_wall_s,
+                max_steps,
+                central,
+                layers,
+                rank,
+                modules,
+                seed,
+                out,
+                check_quantized,
+                no_progress,
+            } => {
+                let mut tc = match &config {
+                    Some(p) => toml::from_str(
+                        &std::fs::read_to_string(p).with_context(|| p.display().to_string())?,
+                    )
+                    .with_context(|| format!("parsing {}", p.display()))?,
+                    None => TrainConfig::default(),
+                };
+                if let Some(v) = lr {
+                    tc.lr = v;
+                }
+                if let Some(v) = max_update_norm {
+                    tc.max_update_norm = v;
+                }
+                if let Some(v) = lr_half_life {
+                    tc.lr_half_life = v;
+                }
+                if let Some(v) = eps {
+                    tc.eps = v;
+                }
+                if let Some(v) = directions {
+                    tc.directions = v;
+                }
+                if let Some(v) = max_wall_s {
+                    tc.max_wall_s = v;
+                }
+                if let Some(v) = max_steps {
+                    tc.max_steps = v;
+                }
+                if central {
+                    tc.one_sided = false;
+                }
+                if let Some(v) = seed {
+                    tc.seed = v;
+                }
+                if let Some(r) = rank {
+                    tc.lora.rank = r;
+                    tc.lora.alpha = r as f32;
+                }
+                if let Some(l) = layers {
+                    let (a, b) = l
+                        .split_once("..")
+                        .with_context(|| format!("--layers {l:?}: expected START..END"))?;
+                    tc.lora.layers = Some((a.parse()?, b.parse()?));
+                }
+                if let Some(m) = modules {
+                    tc.lora.modules = m
+                        .iter()
+                        .map(|s| s.parse())
+                        .collect::<Result<_, _>>()
+                        .map_err(|e| anyhow::anyhow!("--modules: {e}"))?;
+                }
+                let (tcfg, split) = task.load()?;
+                let mut e = Engine::load(&engine.config())?;
+                e.set_task(&tcfg)?;
+                println!(
+                    "train-local: task {} train {} dev {} held-out {}; precision {}; {:?}",
+                    tcfg.name,
+                    split.train.len(),
+                    split.dev.len(),
+                    split.heldout.len(),
+                    engine.precision.as_str(),
+                    tc
+                );
+                let (mut report, best) =
+                    engine::train::train_local(&mut e, &split, &tc, &out, !no_progress)?;
+                if check_quantized {
+                    drop(e);
+                    let mut qcfg = engine.config();
+                    qcfg.precision = Precision::Quantized;
+                    let mut q = Engine::load(&qcfg)?;
+                    q.set_task(&tcfg)?;
+                    report.quantized_zero_shot = Some(q.evaluate(None, &split.heldout)?);
+                    report.quantized_with_adapter = Some(q.evaluate(Some(&best), &split.heldout)?);
+                    engine::train::write_report(&out.join("metrics.json"), &report)?;
+                }
+                println!(
+                    "zero-shot held-out acc {:.3} loss {:.4} -> best (step {}) held-out acc {:.3} loss {:.4}; {} steps, {} loss evaluations, {:.0} s; reached 0.85 at {:?} s",
+                    report.zero_shot.accuracy,
+                    report.zero_shot.loss,
+                    report.best_step,
+                    report.final_heldout.accuracy,
+                    report.final_heldout.loss,
+                    report.steps,
+                    report.loss_evaluations,
+                    report.wall_s,
+                    report.reached_085_s.map(|s| s.round())
+                );
+                if let (Some(a), Some(b)) =
+                    (&report.quantized_zero_shot, &report.quantized_with_adapter)
+                {
+                    println!(
+                        "quantised model: zero-shot acc {:.3} -> with adapter {:.3}",
+                        a.accuracy, b.accuracy
+                    );
+                }
+                println!(
+                    "wrote {}/metrics.json, steps.csv, adapter.gguf",
+                    out.display()
+                );
+                Ok(())
+            }
+            EngineCommand::BenchEngine {
+                engine,
+                task,
+                out,
+                swaps,
+                train_metrics,
+            } => {
+                let (tcfg, split) = task.load()?;
+                let report =
+                    engine::bench::run(&engine.config(), &tcfg, &split, swaps, &train_metrics)?;
+                if let Some(dir) = out.parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                std::fs::write(&out, serde_json::to_vec_pretty(&report)?)?;
+                println!("{}", serde_json::to_string_pretty(&report)?);
+                println!("wrote {}", out.display());
+                Ok(())
+            }
+            EngineCommand::PromptSearch {
+                engine,
+                task,
+                candidates,
+                limit,
+            } => {
+                let (tcfg, split) = task.load()?;
+                let mut e = Engine::load(&engine.config())?;
+                let dev = &split.dev[..limit.min(split.dev.len())];
+                let candidates = if candidates.is_empty() {
+                    engine::calibrate::default_prompts()
+                } else {
+                    candidates
+                };
+                for p in candidates {
+                    let mut t = tcfg.clone();
+                    t.prompt = p.replace("\\n", "\n");
+                    let task = e.prepare_task(&t)?;
+                    let r = e.evaluate_task(&task, None, dev)?;
+                    println!(
+                        "acc {:.3} loss {:.4} words {:?} prompt {:?}",
+                        r.accuracy, r.loss, t.words, t.prompt
+                    );
+                }
+                Ok(())
+            }
+            EngineCommand::Shard {
+                task,
+                clients,
+                alpha,
+                seed,
+                out,
+            } => {
+                let (tcfg, split) = task.load()?;
+                let partition = match alpha {
+                    Some(a) if a > 0.0 => Partition::Dirichlet { alpha: a },
+                    Some(a) => anyhow::bail!("--alpha {a}: must be > 0"),
+                    None => Partition::Iid,
+                };
+                let shards = data::shard(&split.train, clients, partition, seed);
+                let paths = data::write_shards(&out, &shards, &tcfg.labels)?;
+                for (p, s) in paths.iter().zip(&shards) {
+                    let mut counts = vec![0usize; tcfg.labels.len()];
+                    for x in s {
+                        counts[x.label] += 1;
+                    }
+                    println!(
+                        "{} {} examples, per label {:?}",
+                        p.display(),
+                        s.len(),
+                        counts
+                    );
+                }
+                Ok(())
+            }
+        }
     }
 }

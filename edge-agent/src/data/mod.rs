@@ -1,1 +1,583 @@
-//! Data pipeline: readers, task configs, splits and client shards.
+//! Data pipeline: classification task configs (prompt template, labels, verbalizer words),
+//! readers for BBC News, AG News CSV and generic JSONL/CSV files, the fixed-seed
+//! train/dev/held-out split and IID / Dirichlet(α) client shards written as JSONL files.
+//!
+//! Everything here is deterministic given its seed and runs without loading model weights.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// One labelled example; `label` indexes [`TaskConfig::labels`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Example {
+    pub text: String,
+    pub label: usize,
+}
+
+/// Errors of the data pipeline; each names the file (and line) and what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}: {problem}")]
+    Row {
+        path: PathBuf,
+        line: usize,
+        problem: String,
+    },
+    #[error("{path}:{line}: unknown label {label:?}; the task's labels are {known:?} (fix the row or add the label to the task config)")]
+    UnknownLabel {
+        path: PathBuf,
+        line: usize,
+        label: String,
+        known: Vec<String>,
+    },
+    #[error("task config {path}: {problem}")]
+    Config { path: PathBuf, problem: String },
+    #[error("{path}: no examples found")]
+    Empty { path: PathBuf },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DataError + '_ {
+    move |source| DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Where a task's examples come from. Relative paths are resolved against the root passed to
+/// [`TaskConfig::load_examples`] (the repository root for the shipped tasks).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "format", rename_all = "snake_case")]
+pub enum DataSource {
+    /// One directory per label (named like the label), one UTF-8 text file per example.
+    LabelDirs { dir: PathBuf },
+    /// CSV with a header; `label_column` holds label names, or 1-based indices when
+    /// `label_is_index` (AG News).  `text_columns` are joined with `joiner`.
+    Csv {
+        path: PathBuf,
+        label_column: String,
+        text_columns: Vec<String>,
+        #[serde(default)]
+        label_is_index: bool,
+        #[serde(default = "default_joiner")]
+        joiner: String,
+    },
+    /// JSON Lines `{"<text_field>": "...", "<label_field>": "<label name>"}`.
+    Jsonl {
+        path: PathBuf,
+        #[serde(default = "default_text_field")]
+        text_field: String,
+        #[serde(default = "default_label_field")]
+        label_field: String,
+    },
+}
+
+fn default_joiner() -> String {
+    ". ".into()
+}
+fn default_text_field() -> String {
+    "text".into()
+}
+fn default_label_field() -> String {
+    "label".into()
+}
+
+/// A classification task: data, prompt and verbalizer. Shipped examples: `edge-agent/tasks/*.toml`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskConfig {
+    pub name: String,
+    /// Prompt with one `{text}` placeholder; the loss reads the next-token logits after it.
+    pub prompt: String,
+    /// Label names as they appear in the data.
+    pub labels: Vec<String>,
+    /// One verbalizer word per label (its first token must differ between labels).
+    pub words: Vec<String>,
+    /// The example text is cut to this many tokens before it goes into the prompt.
+    #[serde(default = "default_max_text_tokens")]
+    pub max_text_tokens: u32,
+    pub source: DataSource,
+    /// Split: examples held out for evaluation (never trained on, never used for decisions).
+    #[serde(default = "default_heldout")]
+    pub heldout: usize,
+    /// Split: dev examples (divergence detection, keeping the best adapter).
+    #[serde(default = "default_dev")]
+    pub dev: usize,
+    #[serde(default)]
+    pub split_seed: u64,
+}
+
+fn default_max_text_tokens() -> u32 {
+    80
+}
+fn default_heldout() -> usize {
+    200
+}
+fn default_dev() -> usize {
+    100
+}
+
+impl TaskConfig {
+    /// Reads and validates a task TOML file.
+    pub fn from_file(path: &Path) -> Result<TaskConfig, DataError> {
+        let text = fs::read_to_string(path).map_err(io_err(path))?;
+        let cfg: TaskConfig = toml::from_str(&text).map_err(|e| DataError::Config {
+            path: path.to_path_buf(),
+            problem: e.to_string(),
+        })?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    /// Checks the invariants the engine relies on.
+    pub fn validate(&self, path: &Path) -> Result<(), DataError> {
+        let bad = |problem: String| DataError::Config {
+            path: path.to_path_buf(),
+            problem,
+        };
+        if self.labels.len() < 2 {
+            return Err(bad("`labels` needs at least two labels".into()));
+        }
+        if self.words.len() != self.labels.len() {
+            return Err(bad(format!(
+                "`words` has {} entries but `labels` has {}; give one verbalizer word per label",
+                self.words.len(),
+                self.labels.len()
+            )));
+        }
+        if self.prompt.matches("{text}").count() != 1 {
+            return Err(bad("`prompt` must contain `{text}` exactly once".into()));
+        }
+        if self.max_text_tokens == 0 {
+            return Err(bad("`max_text_tokens` must be > 0".into()));
+        }
+        Ok(())
+    }
+
+    /// Index of a label name, if known.
+    pub fn label_index(&self, name: &str) -> Option<usize> {
+        self.labels.iter().position(|l| l == name)
+    }
+
+    /// Reads all examples of the task's source, in a deterministic order.
+    pub fn load_examples(&self, root: &Path) -> Result<Vec<Example>, DataError> {
+        let resolve = |p: &Path| {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                root.join(p)
+            }
+        };
+        match &self.source {
+            DataSource::LabelDirs { dir } => read_label_dirs(&resolve(dir), &self.labels),
+            DataSource::Csv {
+                path,
+                label_column,
+                text_columns,
+                label_is_index,
+                joiner,
+            } => read_csv(
+                &resolve(path),
+                label_column,
+                text_columns,
+                *label_is_index,
+                joiner,
+                &self.labels,
+            ),
+            DataSource::Jsonl {
+                path,
+                text_field,
+                label_field,
+            } => read_jsonl(&resolve(path), text_field, label_field, &self.labels),
+        }
+    }
+}
+
+/// BBC-style corpus: `<dir>/<label>/*.txt`, files sorted by name.
+pub fn read_label_dirs(dir: &Path, labels: &[String]) -> Result<Vec<Example>, DataError> {
+    let mut out = Vec::new();
+    for (label, name) in labels.iter().enumerate() {
+        let sub = dir.join(name);
+        let mut files: Vec<PathBuf> = fs::read_dir(&sub)
+            .map_err(io_err(&sub))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "txt"))
+            .collect();
+        files.sort();
+        for f in files {
+            let bytes = fs::read(&f).map_err(io_err(&f))?;
+            // Some BBC files carry stray Latin-1 bytes; replace rather than reject them.
+            let text = String::from_utf8_lossy(&bytes).trim().to_string();
+            if text.is_empty() {
+                return Err(DataError::Row {
+                    path: f,
+                    line: 1,
+                    problem: "empty text file".into(),
+                });
+            }
+            out.push(Example { text, label });
+        }
+    }
+    if out.is_empty() {
+        return Err(DataError::Empty {
+            path: dir.to_path_buf(),
+        });
+    }
+    Ok(out)
+}
+
+/// Splits one CSV record (RFC 4180: quoted fields, `""` escapes, no embedded newlines).
+/// Hand-written: one small function instead of a dependency; AG News needs nothing more.
+fn split_csv_line(line: &str) -> Result<Vec<String>, String> {
+    let mut fields = Vec::new();
+    let mut cur = String::new();
+    let mut chars = line.chars().peekable();
+    let mut quoted = false;
+    let mut at_start = true;
+    while let Some(c) = chars.next() {
+        if quoted {
+            if c == '"' {
+                if chars.peek() == Some(&'"') {
+                    cur.push('"');
+                    chars.next();
+                } else {
+                    quoted = false;
+                }
+            } else {
+                cur.push(c);
+            }
+        } else if c == '"' && at_start {
+            quoted = true;
+            at_start = false;
+        } else if c == ',' {
+            fields.push(std::mem::take(&mut cur));
+            at_start = true;
+        } else {
+            cur.push(c);
+            at_start = false;
+        }
+    }
+    if quoted {
+        return Err("unterminated quoted field".into());
+    }
+    fields.push(cur);
+    Ok(fields)
+}
+
+/// CSV reader for classification data (see [`DataSource::Csv`]).
+pub fn read_csv(
+    path: &Path,
+    label_column: &str,
+    text_columns: &[String],
+    label_is_index: bool,
+    joiner: &str,
+    labels: &[String],
+) -> Result<Vec<Example>, DataError> {
+    let text = fs::read_to_string(path).map_err(io_err(path))?;
+    let mut lines = text.lines().enumerate();
+    let row_err = |line: usize, problem: String| DataError::Row {
+        path: path.to_path_buf(),
+        line,
+        problem,
+    };
+    let (_, header) = lines.next().ok_or_else(|| DataError::Empty {
+        path: path.to_path_buf(),
+    })?;
+    let header = split_csv_line(header).map_err(|p| row_err(1, p))?;
+    let col = |name: &str| {
+        header.iter().position(|h| h.trim() == name).ok_or_else(|| {
+            row_err(
+                1,
+                format!("header has no column {name:?} (columns: {header:?})"),
+            )
+        })
+    };
+    let label_col = col(label_column)?;
+    let text_cols = text_columns
+        .iter()
+        .map(|c| col(c))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut out = Vec::new();
+    for (i, line) in lines {
+        let lineno = i + 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let fields = split_csv_line(line).map_err(|p| row_err(lineno, p))?;
+        if fields.len() != header.len() {
+            return Err(row_err(
+                lineno,
+                format!("{} fields, header has {}", fields.len(), header.len()),
+            ));
+        }
+        let raw = fields[label_col].trim();
+        let label = if label_is_index {
+            match raw.parse::<usize>() {
+                Ok(n) if (1..=labels.len()).contains(&n) => n - 1,
+                _ => {
+                    return Err(DataError::UnknownLabel {
+                        path: path.to_path_buf(),
+                        line: lineno,
+                        label: raw.to_string(),
+                        known: (1..=labels.len()).map(|n| n.to_string()).collect(),
+                    })
+                }
+            }
+        } else {
+            labels
+                .iter()
+                .position(|l| l == raw)
+                .ok_or_else(|| DataError::UnknownLabel {
+                    path: path.to_path_buf(),
+                    line: lineno,
+                    label: raw.to_string(),
+                    known: labels.to_vec(),
+                })?
+        };
+        let text = text_cols
+            .iter()
+            .map(|&c| fields[c].trim().replace('\\', " "))
+            .filter(|s| !s.is_empty())
+            .collect::<Vec<_>>()
+            .join(joiner);
+        if text.is_empty() {
+            return Err(row_err(lineno, "empty text".into()));
+        }
+        out.push(Example { text, label });
+    }
+    if out.is_empty() {
+        return Err(DataError::Empty {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(out)
+}
+
+/// JSONL reader for classification data (see [`DataSource::Jsonl`]).
+pub fn read_jsonl(
+    path: &Path,
+    text_field: &str,
+    label_field: &str,
+    labels: &[String],
+) -> Result<Vec<Example>, DataError> {
+    let text = fs::read_to_string(path).map_err(io_err(path))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let lineno = i + 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let row_err = |problem: String| DataError::Row {
+            path: path.to_path_buf(),
+            line: lineno,
+            problem,
+        };
+        let v: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| row_err(format!("invalid JSON: {e}")))?;
+        let t = v
+            .get(text_field)
+            .and_then(|x| x.as_str())
+            .ok_or_else(|| row_err(format!("missing string field {text_field:?}")))?;
+        let l = match v.get(label_field) {
+            Some(serde_json::Value::String(s)) => s.clone(),
+            Some(other) => other.to_string(),
+            None => return Err(row_err(format!("missing field {label_field:?}"))),
+        };
+        let label = labels
+            .iter()
+            .position(|x| *x == l)
+            .ok_or_else(|| DataError::UnknownLabel {
+                path: path.to_path_buf(),
+                line: lineno,
+                label: l.clone(),
+                known: labels.to_vec(),
+            })?;
+        out.push(Example {
+            text: t.to_string(),
+            label,
+        });
+    }
+    if out.is_empty() {
+        return Err(DataError::Empty {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(out)
+}
+
+/// SplitMix64: a tiny, pinned generator so that splits and shards are identical everywhere.
+#[derive(Debug, Clone)]
+pub struct SplitMix64(u64);
+
+impl SplitMix64 {
+    pub fn new(seed: u64) -> Self {
+        SplitMix64(seed)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, n) (n > 0), by rejection (no modulo bias).
+    pub fn below(&mut self, n: u64) -> u64 {
+        let zone = u64::MAX - u64::MAX % n;
+        loop {
+            let x = self.next_u64();
+            if x < zone {
+                return x % n;
+            }
+        }
+    }
+    /// Uniform in (0, 1).
+    pub fn unit(&mut self) -> f64 {
+        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+    pub fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            let j = self.below(i as u64 + 1) as usize;
+            v.swap(i, j);
+        }
+    }
+}
+
+/// Train / dev / held-out partition of a task's examples.
+#[derive(Debug, Clone)]
+pub struct Split {
+    pub train: Vec<Example>,
+    pub dev: Vec<Example>,
+    pub heldout: Vec<Example>,
+}
+
+/// Fixed-seed shuffle, then the first `heldout` examples are held out, the next `dev` are dev.
+pub fn split(mut examples: Vec<Example>, seed: u64, heldout: usize, dev: usize) -> Split {
+    SplitMix64::new(seed ^ SPLIT_DOMAIN).shuffle(&mut examples);
+    let h = heldout.min(examples.len());
+    let d = dev.min(examples.len() - h);
+    let rest = examples.split_off(h + d);
+    let dev_v = examples.split_off(h);
+    Split {
+        train: rest,
+        dev: dev_v,
+        heldout: examples,
+    }
+}
+
+/// Domain separation for the split stream, so a split seed never replays a shard stream.
+const SPLIT_DOMAIN: u64 = 0x5EED_5011_7000_0001;
+/// Domain separation for the shard stream.
+const SHARD_DOMAIN: u64 = 0x5A4D_0000_0000_0002;
+
+/// Partition of examples into client shards.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Partition {
+    /// Shuffled, then dealt round-robin.
+    Iid,
+    /// Per label, client proportions drawn from Dirichlet(alpha) (FwdLLM's non-IID split);
+    /// small alpha = each client sees few labels.
+    Dirichlet { alpha: f64 },
+}
+
+/// Marsaglia–Tsang Gamma(shape, 1) sampler (with the shape<1 boost); hand-written because the
+/// only other need for `rand_distr` would be this one function.
+fn gamma(rng: &mut SplitMix64, shape: f64) -> f64 {
+    if shape < 1.0 {
+        let u = rng.unit();
+        return gamma(rng, shape + 1.0) * u.powf(1.0 / shape);
+    }
+    let d = shape - 1.0 / 3.0;
+    let c = 1.0 / (9.0 * d).sqrt();
+    loop {
+        // Standard normal via Box-Muller.
+        let (u1, u2) = (rng.unit(), rng.unit());
+        let x = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
+        let v = (1.0 + c * x).powi(3);
+        if v <= 0.0 {
+            continue;
+        }
+        let u = rng.unit();
+        if u.ln() < 0.5 * x * x + d - d * v + d * v.ln() {
+            return d * v;
+        }
+    }
+}
+
+/// Splits `examples` into `clients` shards (deterministic in `seed`).
+pub fn shard(
+    examples: &[Example],
+    clients: usize,
+    partition: Partition,
+    seed: u64,
+) -> Vec<Vec<Example>> {
+    let clients = clients.max(1);
+    let mut rng = SplitMix64::new(seed ^ SHARD_DOMAIN);
+    let mut shards = vec![Vec::new(); clients];
+    match partition {
+        Partition::Iid => {
+            let mut idx: Vec<usize> = (0..examples.len()).collect();
+            rng.shuffle(&mut idx);
+            for (i, &j) in idx.iter().enumerate() {
+                shards[i % clients].push(examples[j].clone());
+            }
+        }
+        Partition::Dirichlet { alpha } => {
+            let n_labels = examples.iter().map(|e| e.label + 1).max().unwrap_or(0);
+            for label in 0..n_labels {
+                let mut idx: Vec<usize> = (0..examples.len())
+                    .filter(|&i| examples[i].label == label)
+                    .collect();
+                rng.shuffle(&mut idx);
+                let w: Vec<f64> = (0..clients)
+                    .map(|_| gamma(&mut rng, alpha.max(1e-3)))
+                    .collect();
+                let total: f64 = w.iter().sum();
+                // Cumulative cut points; the last client takes the remainder.
+                let mut start = 0usize;
+                let mut acc = 0.0;
+                for (c, wc) in w.iter().enumerate() {
+                    acc += wc / total;
+                    let end = if c + 1 == clients {
+                        idx.len()
+                    } else {
+                        ((acc * idx.len() as f64).round() as usize).min(idx.len())
+                    };
+                    for &j in &idx[start..end.max(start)] {
+                        shards[c].push(examples[j].clone());
+                    }
+                    start = end.max(start);
+                }
+            }
+        }
+    }
+    shards
+}
+
+/// Writes shards as `<dir>/shard-<i>.jsonl` (`{"text":..., "label": "<label name>"}`), readable
+/// back through [`DataSource::Jsonl`] with the same task labels.
+pub fn write_shards(
+    dir: &Path,
+    shards: &[Vec<Example>],
+    labels: &[String],
+) -> Result<Vec<PathBuf>, DataError> {
+    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let mut paths = Vec::new();
+    for (i, s) in shards.iter().enumerate() {
+        let p = dir.join(format!("shard-{i:03}.jsonl"));
+        let mut f = std::io::BufWriter::new(fs::File::create(&p).map_err(io_err(&p))?);
+        for e in s {
+            let row = serde_json::json!({"text": e.text, "label": labels[e.label]});
+            writeln!(f, "{row}").map_err(io_err(&p))?;
+        }
+        f.flush().map_err(io_err(&p))?;
+        paths.push(p);
+    }
+    Ok(paths)
+}
