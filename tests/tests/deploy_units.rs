@@ -262,10 +262,21 @@ fn package_metadata_ships_binary_config_and_enabled_unit() {
         );
         let unit_dir = crate_dir.join(units["unit-scripts"].as_str().unwrap());
         assert!(unit_dir.join(format!("{}.service", d.package)).is_file());
-        // Without maintainer-scripts cargo-deb silently generates no enable/disable scripts.
+        // Without maintainer-scripts cargo-deb silently generates no enable/disable scripts;
+        // ours adds the stop-on-removal that start = false leaves out.
+        let scripts = crate_dir.join(
+            deb["maintainer-scripts"]
+                .as_str()
+                .expect("maintainer-scripts unset"),
+        );
+        let prerm = std::fs::read_to_string(scripts.join("prerm")).unwrap();
         assert!(
-            deb.contains_key("maintainer-scripts"),
-            "{}: maintainer-scripts unset",
+            prerm.contains(&format!("deb-systemd-invoke stop {}.service", d.package)),
+            "{prerm}"
+        );
+        assert!(
+            prerm.contains("#DEBHELPER#"),
+            "{}: prerm lacks the #DEBHELPER# token",
             d.package
         );
     }
@@ -353,6 +364,11 @@ fn built_amd64_package_installs_the_right_files() {
                 && !postinst.contains("deb-systemd-invoke start"),
             "{}: postinst starts the unit:\n{postinst}",
             d.package
+        );
+        let prerm = std::fs::read_to_string(control.join("prerm")).unwrap();
+        assert!(
+            prerm.contains(&format!("deb-systemd-invoke stop {}.service", d.package)),
+            "{prerm}"
         );
         let fields = std::fs::read_to_string(control.join("control")).unwrap();
         assert!(
