@@ -118,6 +118,41 @@ mod tests {
         );
     }
 
+    /// Same replay as `examples/golden_vectors.rs` (whose output was diffed identical on
+    /// x86-64 debug/release/native and aarch64 under qemu).
+    #[test]
+    fn golden_hash_of_smollm2_replay_and_perturbation() {
+        let big = LoraConfig {
+            rank: 4,
+            alpha: 8.0,
+            modules: LoraModule::ALL.to_vec(),
+            trainable: Trainable::AB,
+            init_seed: 7,
+            ..LoraConfig::default()
+        };
+        let mut w = LoraWeights::init(LoraLayout::new(&ModelShape::smollm2_135m(), &big).unwrap());
+        for round in 0..20u64 {
+            let pairs: Vec<SeedCoeff> = (0..8u32)
+                .map(|k| SeedCoeff {
+                    seed: derive_seed(11, round, k % 3, k),
+                    coeff: (k as f32 - 3.5) * 3e-4 / (round as f32 + 1.0),
+                })
+                .collect();
+            apply_commit(&mut w, &pairs);
+        }
+        let mut scratch = Vec::new();
+        perturbed_params(&w, 99, -1e-3, &mut scratch);
+        let pw = LoraWeights::from_params(w.layout().clone(), scratch).unwrap();
+        assert_eq!(
+            w.hash().to_string(),
+            "933fa37cdb57126a197d0a134db05cec168aced85cd76e217108fe9afd644e45"
+        );
+        assert_eq!(
+            pw.hash().to_string(),
+            "fbb1668db4c164b1218efd91b01a05afa4bb723c4a091f0fd5bd644d635aef23"
+        );
+    }
+
     #[test]
     fn replicas_replaying_the_same_commits_agree_bit_for_bit() {
         for t in [Trainable::B, Trainable::AB] {
