@@ -34,6 +34,10 @@
 //! the protocol (replicas replay `(seed, coeff)` commits), and a crate upgrade that changes a
 //! stream or a sampling method would silently fork every replica. Twelve lines of pinned
 //! integer code are easier to freeze than a dependency version.
+//!
+//! Golden values are pinned in this module's tests and in `lora`/`update` tests;
+//! `examples/golden_vectors.rs` prints them all single-threaded so a build for another
+//! target (e.g. aarch64 under qemu-user) can be diffed against x86-64.
 
 /// Weyl-sequence increment of SplitMix64 (odd; 2^64 / golden ratio).
 pub const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
