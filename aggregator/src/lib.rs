@@ -1,1 +1,25 @@
-//! fwdllm-aggregator library: round state machine, pacing, persistence, export.
+//! fwdllm-aggregator: federated forward-gradient rounds over MQTT.
+//!
+//! * [`coordinator`] — the round state machine (no I/O): selection, dedup, pacing, commit.
+//! * [`pacing`] — pooled estimate and its dimensionless z statistic.
+//! * [`step`] — learning-rate schedule and trust-region clamp folded into commit coefficients.
+//! * [`state`] — durable state (atomic writes) and resume.
+//! * [`server`] — the rumqttc driver (write-ahead persistence, manual acks, reconnect).
+//! * [`broker`] — embedded rumqttd on loopback.
+//! * [`config`] — TOML config and `validate`.
+//! * [`metrics`] — CSV/JSONL records and the PNG plot.
+//! * [`sim`] — simulated clients (real MQTT connections, synthetic quadratic loss).
+//! * [`monitor`] — live terminal view of a job on any broker.
+//! * [`export`] — GGUF LoRA export of the current weights.
+
+pub mod broker;
+pub mod config;
+pub mod coordinator;
+pub mod export;
+pub mod metrics;
+pub mod monitor;
+pub mod pacing;
+pub mod server;
+pub mod sim;
+pub mod state;
+pub mod step;

@@ -1,0 +1,118 @@
+//! Embedded MQTT broker: rumqttd in-process on loopback. rumqttd's config is a large struct
+//! meant for TOML files; this builds the few parts we need programmatically.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum BrokerError {
+    #[error("no free port on {host}: {source}")]
+    NoPort {
+        host: String,
+        source: std::io::Error,
+    },
+    #[error("embedded broker did not accept connections on {addr} within {secs} s")]
+    NotReady { addr: SocketAddr, secs: u64 },
+    #[error("broker address {0:?} is not a loopback IP address; the embedded broker only listens on loopback")]
+    NotLoopback(String),
+}
+
+/// A running embedded broker. rumqttd has no shutdown API: its threads end with the process.
+#[derive(Debug, Clone)]
+pub struct EmbeddedBroker {
+    addr: SocketAddr,
+}
+
+impl EmbeddedBroker {
+    /// Starts rumqttd on `host:port` (port 0 = a free port) and waits until it accepts
+    /// connections. `max_payload` bounds one MQTT packet (must hold a checkpoint).
+    pub fn start(host: &str, port: u16, max_payload: usize) -> Result<EmbeddedBroker, BrokerError> {
+        let ip: std::net::IpAddr = host
+            .parse()
+            .map_err(|_| BrokerError::NotLoopback(host.to_string()))?;
+        if !ip.is_loopback() {
+            return Err(BrokerError::NotLoopback(host.to_string()));
+        }
+        let port = if port == 0 { free_port(host)? } else { port };
+        let addr = SocketAddr::new(ip, port);
+        let connections = ConnectionSettings {
+            connection_timeout_ms: 60_000,
+            max_payload_size: max_payload,
+            max_inflight_count: 500,
+            auth: None,
+            external_auth: None,
+            dynamic_filters: true,
+        };
+        let server = ServerSettings {
+            name: "v4-loopback".into(),
+            listen: addr,
+            tls: None,
+            next_connection_delay_ms: 0,
+            connections,
+        };
+        let router = RouterConfig {
+            max_connections: 10_010,
+            max_outgoing_packet_count: 1_000,
+            // One segment must hold the largest message (a checkpoint).
+            max_segment_size: max_payload.max(1 << 20) * 2,
+            max_segment_count: 10,
+            ..RouterConfig::default()
+        };
+        let config = Config {
+            id: 0,
+            router,
+            v4: Some(HashMap::from([("1".to_string(), server)])),
+            ..Config::default()
+        };
+        std::thread::Builder::new()
+            .name("rumqttd".into())
+            .spawn(move || {
+                let mut broker = Broker::new(config);
+                if let Err(e) = broker.start() {
+                    log::error!("embedded broker stopped: {e}");
+                }
+            })
+            .expect("spawn broker thread");
+        // Readiness: poll until the listener accepts (bounded; a failure guard, not a delay).
+        let start = Instant::now();
+        let limit = Duration::from_secs(10);
+        while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+            if start.elapsed() > limit {
+                return Err(BrokerError::NotReady {
+                    addr,
+                    secs: limit.as_secs(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        log::info!("embedded broker listening on {addr}");
+        Ok(EmbeddedBroker { addr })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+    pub fn host(&self) -> String {
+        self.addr.ip().to_string()
+    }
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+}
+
+/// A port that was free a moment ago (bind :0, read, release).
+pub fn free_port(host: &str) -> Result<u16, BrokerError> {
+    let l = TcpListener::bind((host, 0)).map_err(|source| BrokerError::NoPort {
+        host: host.to_string(),
+        source,
+    })?;
+    let port = l.local_addr().map_err(|source| BrokerError::NoPort {
+        host: host.to_string(),
+        source,
+    })?;
+    Ok(port.port())
+}

@@ -1,0 +1,531 @@
+//! Aggregator TOML configuration: every key has a default (see `systemd/fwdllm-aggregator.toml`,
+//! which documents each one), and [`AggregatorConfig::validate`] reports every problem at once,
+//! each naming the key and the fix.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use fwdllm_shared::lora::{LoraConfig, LoraLayout, ModelShape};
+use fwdllm_shared::topics::validate_segment;
+use fwdllm_shared::wire::TaskParams;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AggregatorConfig {
+    pub job: JobConfig,
+    pub broker: BrokerConfig,
+    pub model: ModelConfig,
+    pub lora: LoraConfig,
+    pub round: RoundConfig,
+    pub pacing: PacingConfig,
+    pub step: StepConfig,
+    pub task: TaskConfig,
+    pub state: StateConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JobConfig {
+    /// Job name: part of every topic (`fwdllm/v1/{name}/...`).
+    pub name: String,
+    /// Base of every perturbation seed of the job.
+    pub seed_base: u64,
+    /// Stop after this many commits (0 = run until stopped).
+    pub max_commits: u64,
+}
+
+impl Default for JobConfig {
+    fn default() -> Self {
+        JobConfig {
+            name: "default".into(),
+            seed_base: 0x5eed_f00d,
+            max_commits: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// Run rumqttd inside the aggregator process (listening on `host:port`).
+    pub embedded: bool,
+    pub host: String,
+    /// 0 = pick a free port (embedded broker only).
+    pub port: u16,
+    pub client_id: String,
+    pub keep_alive_s: u64,
+    /// Largest MQTT packet accepted or sent (must hold a checkpoint).
+    pub max_packet_bytes: usize,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            embedded: false,
+            host: "127.0.0.1".into(),
+            port: 1883,
+            client_id: "fwdllm-aggregator".into(),
+            keep_alive_s: 30,
+            max_packet_bytes: 64 << 20,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Read the model shape from this GGUF file's header; empty = use `preset`.
+    pub gguf: PathBuf,
+    /// Named shape when `gguf` is empty: "smollm2-135m" or "tiny" (tests and simulations).
+    pub preset: String,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            gguf: PathBuf::new(),
+            preset: "smollm2-135m".into(),
+        }
+    }
+}
+
+/// A small llama-shaped model for simulations and tests (trainable B: 2 layers, q and v).
+pub fn tiny_shape() -> ModelShape {
+    ModelShape {
+        arch: "llama".into(),
+        n_layer: 2,
+        n_embd: 64,
+        n_head: 4,
+        n_head_kv: 2,
+        n_ff: 128,
+    }
+}
+
+impl ModelConfig {
+    pub fn shape(&self) -> Result<ModelShape, String> {
+        if !self.gguf.as_os_str().is_empty() {
+            return fwdllm_shared::gguf::model_shape_from_gguf(&self.gguf)
+                .map_err(|e| format!("reading {}: {e}", self.gguf.display()));
+        }
+        match self.preset.as_str() {
+            "smollm2-135m" => Ok(ModelShape::smollm2_135m()),
+            "tiny" => Ok(tiny_shape()),
+            other => Err(format!(
+                "unknown preset {other:?}; use \"smollm2-135m\" or \"tiny\", or set model.gguf"
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoundConfig {
+    /// Perturbations each selected client computes for the first request of a round.
+    pub perturbations_per_client: u32,
+    /// Finite-difference step ε.
+    pub eps: f32,
+    /// A round commits what it has (if quorum) or is abandoned after this long.
+    pub deadline_s: f64,
+    /// Clients whose updates a commit needs.
+    pub quorum: u32,
+    /// Open a round only when at least this many eligible clients are online.
+    pub min_clients: u32,
+    /// Fraction of eligible clients selected per round (1.0 = all).
+    pub fraction: f32,
+}
+
+impl Default for RoundConfig {
+    fn default() -> Self {
+        RoundConfig {
+            perturbations_per_client: 8,
+            eps: 1e-3,
+            deadline_s: 120.0,
+            quorum: 1,
+            min_clients: 1,
+            fraction: 1.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PacingConfig {
+    /// Commit once the pooled estimate's signal z-score reaches this (dimensionless; see `pacing`).
+    pub target_z: f64,
+    /// Never commit on the statistic with fewer pairs than this.
+    pub min_perturbations: u32,
+    /// Commit as soon as a round holds this many pairs, whatever the statistic.
+    pub max_perturbations: u32,
+    /// Perturbations per client asked by each "extend" request.
+    pub extend_perturbations: u32,
+    /// Extend requests per round before committing what there is.
+    pub max_extends: u32,
+}
+
+impl Default for PacingConfig {
+    fn default() -> Self {
+        PacingConfig {
+            target_z: 2.0,
+            min_perturbations: 8,
+            max_perturbations: 256,
+            extend_perturbations: 8,
+            max_extends: 3,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    Constant,
+    Linear,
+    Cosine,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StepConfig {
+    /// Peak learning rate.
+    pub lr: f64,
+    pub schedule: Schedule,
+    /// Commits over which linear/cosine decay to `min_lr_ratio * lr`; afterwards stays there.
+    pub total_commits: u64,
+    pub min_lr_ratio: f64,
+    /// Linear warm-up from 0 over this many commits.
+    pub warmup_commits: u64,
+    /// Trust region: ||Δθ|| ≤ trust_region · ||θ|| (θ = whole LoRA vector, A and B).
+    pub trust_region: f64,
+}
+
+impl Default for StepConfig {
+    fn default() -> Self {
+        StepConfig {
+            lr: 1e-3,
+            schedule: Schedule::Cosine,
+            total_commits: 500,
+            min_lr_ratio: 0.1,
+            warmup_commits: 0,
+            trust_region: 0.02,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TaskConfig {
+    pub batch_size: u32,
+    pub one_sided: bool,
+    pub max_tokens: u32,
+    /// Extra task parameters passed verbatim to agents.
+    pub extra: Vec<(String, String)>,
+}
+
+impl Default for TaskConfig {
+    fn default() -> Self {
+        let t = TaskParams::default();
+        TaskConfig {
+            batch_size: t.batch_size,
+            one_sided: t.one_sided,
+            max_tokens: t.max_tokens,
+            extra: t.extra,
+        }
+    }
+}
+
+impl TaskConfig {
+    pub fn params(&self) -> TaskParams {
+        TaskParams {
+            batch_size: self.batch_size,
+            one_sided: self.one_sided,
+            max_tokens: self.max_tokens,
+            extra: self.extra.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StateConfig {
+    /// Durable state, checkpoints, metrics files and plot live here.
+    pub dir: PathBuf,
+    /// Publish (and persist) a full checkpoint every this many commits.
+    pub checkpoint_every: u64,
+    /// Render metrics.png after every this many commits (0 = only at shutdown).
+    pub plot_every: u64,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig {
+            dir: PathBuf::from("/var/lib/fwdllm-aggregator"),
+            checkpoint_every: 10,
+            plot_every: 10,
+        }
+    }
+}
+
+/// One configuration problem: the key, what is wrong, and how to fix it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Problem {
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path} is not valid TOML for the aggregator: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config {path} has {} problem(s):\n{}", problems.len(), problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<Problem>,
+    },
+}
+
+impl AggregatorConfig {
+    /// Parses TOML text (unknown keys are errors, missing keys take defaults).
+    pub fn from_toml(text: &str) -> Result<AggregatorConfig, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<AggregatorConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let cfg = Self::from_toml(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        })?;
+        let problems = cfg.validate();
+        if problems.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                problems,
+            })
+        }
+    }
+
+    /// Every problem of this config at once (empty = valid).
+    pub fn validate(&self) -> Vec<Problem> {
+        let mut p = Vec::new();
+        let mut bad = |key: &str, message: String| {
+            p.push(Problem {
+                key: key.to_string(),
+                message,
+            })
+        };
+        if let Err(e) = validate_segment("job name", &self.job.name) {
+            bad("job.name", e.to_string());
+        }
+        if let Err(e) = validate_segment("client id", &self.broker.client_id) {
+            bad("broker.client_id", e.to_string());
+        }
+        if self.broker.host.is_empty() {
+            bad(
+                "broker.host",
+                "is empty; set the broker address, e.g. \"127.0.0.1\"".into(),
+            );
+        }
+        if self.broker.port == 0 && !self.broker.embedded {
+            bad("broker.port", "is 0, which only means 'pick a free port' for the embedded broker; set the external broker's port (1883) or broker.embedded = true".into());
+        }
+        if self.broker.keep_alive_s < 5 {
+            bad(
+                "broker.keep_alive_s",
+                format!("is {}; use at least 5 seconds", self.broker.keep_alive_s),
+            );
+        }
+        if self.broker.max_packet_bytes < 1 << 20 {
+            bad(
+                "broker.max_packet_bytes",
+                format!(
+                    "is {}; checkpoints need more — use at least 1048576 (1 MiB), default 67108864",
+                    self.broker.max_packet_bytes
+                ),
+            );
+        }
+        match self.model.shape() {
+            Err(e) => bad(
+                if self.model.gguf.as_os_str().is_empty() {
+                    "model.preset"
+                } else {
+                    "model.gguf"
+                },
+                e,
+            ),
+            Ok(shape) => {
+                if let Err(e) = LoraLayout::new(&shape, &self.lora) {
+                    bad("lora", e.to_string());
+                }
+            }
+        }
+        let r = &self.round;
+        if r.perturbations_per_client == 0 {
+            bad(
+                "round.perturbations_per_client",
+                "is 0; use a positive count, e.g. 8".into(),
+            );
+        }
+        if !(r.eps.is_finite() && r.eps > 0.0) {
+            bad(
+                "round.eps",
+                format!("is {}; use a small positive step, e.g. 0.001", r.eps),
+            );
+        }
+        if !(r.deadline_s.is_finite() && r.deadline_s > 0.0) {
+            bad(
+                "round.deadline_s",
+                format!(
+                    "is {}; use a positive number of seconds, e.g. 120",
+                    r.deadline_s
+                ),
+            );
+        }
+        if r.quorum == 0 {
+            bad(
+                "round.quorum",
+                "is 0; a commit needs at least 1 client".into(),
+            );
+        }
+        if r.min_clients < r.quorum {
+            bad("round.min_clients", format!("is {} but round.quorum is {}; a round could never reach quorum — set min_clients ≥ quorum", r.min_clients, r.quorum));
+        }
+        if !(r.fraction > 0.0 && r.fraction <= 1.0) {
+            bad(
+                "round.fraction",
+                format!("is {}; use a fraction in (0, 1]", r.fraction),
+            );
+        }
+        let pc = &self.pacing;
+        if !(pc.target_z.is_finite() && pc.target_z >= 0.0) {
+            bad("pacing.target_z", format!("is {}; use a non-negative z-score, e.g. 2.0 (0 commits on min_perturbations alone)", pc.target_z));
+        }
+        if pc.max_perturbations == 0 {
+            bad(
+                "pacing.max_perturbations",
+                "is 0; use a positive cap, e.g. 256".into(),
+            );
+        }
+        if pc.min_perturbations > pc.max_perturbations {
+            bad(
+                "pacing.min_perturbations",
+                format!(
+                    "is {} > pacing.max_perturbations {}; lower it or raise the cap",
+                    pc.min_perturbations, pc.max_perturbations
+                ),
+            );
+        }
+        if pc.extend_perturbations == 0 && pc.max_extends > 0 {
+            bad(
+                "pacing.extend_perturbations",
+                "is 0 while max_extends > 0; use a positive count or set max_extends = 0".into(),
+            );
+        }
+        let s = &self.step;
+        if !(s.lr.is_finite() && s.lr > 0.0) {
+            bad(
+                "step.lr",
+                format!("is {}; use a positive learning rate", s.lr),
+            );
+        }
+        if s.schedule != Schedule::Constant && s.total_commits == 0 {
+            bad(
+                "step.total_commits",
+                "is 0 with a decaying schedule; set the decay horizon in commits, e.g. 500".into(),
+            );
+        }
+        if !(0.0..=1.0).contains(&s.min_lr_ratio) {
+            bad(
+                "step.min_lr_ratio",
+                format!("is {}; use a ratio in [0, 1]", s.min_lr_ratio),
+            );
+        }
+        if !(s.trust_region.is_finite() && s.trust_region > 0.0) {
+            bad(
+                "step.trust_region",
+                format!(
+                    "is {}; use a positive bound on ||Δθ||/||θ||, e.g. 0.02",
+                    s.trust_region
+                ),
+            );
+        }
+        if self.task.batch_size == 0 {
+            bad("task.batch_size", "is 0; use a positive batch size".into());
+        }
+        if self.task.max_tokens == 0 {
+            bad(
+                "task.max_tokens",
+                "is 0; use a positive token budget".into(),
+            );
+        }
+        if self.state.dir.as_os_str().is_empty() {
+            bad("state.dir", "is empty; set a writable directory".into());
+        }
+        if self.state.checkpoint_every == 0 {
+            bad(
+                "state.checkpoint_every",
+                "is 0; publish a checkpoint every N ≥ 1 commits".into(),
+            );
+        }
+        p
+    }
+
+    /// The LoRA layout this config trains.
+    pub fn layout(&self) -> Result<LoraLayout, String> {
+        let shape = self.model.shape()?;
+        LoraLayout::new(&shape, &self.lora).map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        assert_eq!(AggregatorConfig::default().validate(), vec![]);
+    }
+
+    #[test]
+    fn all_problems_are_reported_at_once_with_keys() {
+        let text = r#"
+            [job]
+            name = "a/b"
+            [round]
+            quorum = 0
+            eps = -1.0
+            [step]
+            lr = 0.0
+            [lora]
+            rank = 0
+        "#;
+        let cfg = AggregatorConfig::from_toml(text).unwrap();
+        let keys: Vec<String> = cfg.validate().into_iter().map(|p| p.key).collect();
+        for k in ["job.name", "round.quorum", "round.eps", "step.lr", "lora"] {
+            assert!(keys.contains(&k.to_string()), "{k} missing from {keys:?}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let err = AggregatorConfig::from_toml("[round]\nquorom = 2\n").unwrap_err();
+        assert!(err.contains("quorom"), "{err}");
+    }
+}

@@ -1,0 +1,342 @@
+//! MQTT driver: connects the [`Coordinator`] to a broker with rumqttc.
+//!
+//! Connection: fixed client id, persistent session (clean_session = false) so QoS 1 updates
+//! published while the aggregator restarts are queued by the broker; manual acks, sent only after
+//! the state that consumed an update is on disk; last will "offline" on the aggregator topic;
+//! reconnect with capped exponential backoff plus jitter (rumqttc has none of its own).
+//!
+//! Incoming publishes are forwarded from the event-loop task to the coordinator task, which
+//! handles them in batches: one fsync'd state write per batch, then the batch's acks.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use fwdllm_shared::topics::TopicKind;
+use fwdllm_shared::wire::{self, AgentState, AgentStatus};
+use log::{debug, info, warn};
+use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, Publish, QoS};
+use thiserror::Error;
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::AggregatorConfig;
+use crate::coordinator::{AggEvent, Coordinator, Outgoing};
+use crate::metrics::MetricsSink;
+use crate::state::StateError;
+
+#[derive(Debug, Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("MQTT client: {0}")]
+    Client(#[from] rumqttc::ClientError),
+    #[error("metrics output: {0}")]
+    Metrics(#[from] std::io::Error),
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone, Default)]
+pub struct RunSummary {
+    pub version: u64,
+    pub rounds: u64,
+    pub updates: u64,
+    pub perturbations: u64,
+    pub duplicates: u64,
+    pub stale: u64,
+    pub rejected: u64,
+    /// Time spent handling incoming updates (decode, pool, persist), one task = one core.
+    pub ingest_busy_s: f64,
+    pub ingest_updates: u64,
+}
+
+impl RunSummary {
+    /// Updates handled per second of the coordinator task's busy time.
+    pub fn ingest_updates_per_s(&self) -> f64 {
+        if self.ingest_busy_s > 0.0 {
+            self.ingest_updates as f64 / self.ingest_busy_s
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Broker connection parameters.
+#[derive(Debug, Clone)]
+pub struct BrokerTarget {
+    pub host: String,
+    pub port: u16,
+}
+
+enum Incoming {
+    Connected { session_present: bool },
+    Publish(Publish),
+}
+
+pub fn mqtt_options(
+    cfg: &AggregatorConfig,
+    target: &BrokerTarget,
+    topics: &fwdllm_shared::topics::Topics,
+) -> MqttOptions {
+    let mut o = MqttOptions::new(
+        cfg.broker.client_id.clone(),
+        target.host.clone(),
+        target.port,
+    );
+    o.set_keep_alive(Duration::from_secs(cfg.broker.keep_alive_s));
+    o.set_clean_session(false);
+    o.set_manual_acks(true);
+    o.set_max_packet_size(cfg.broker.max_packet_bytes, cfg.broker.max_packet_bytes);
+    o.set_inflight(100);
+    let mut will = AgentStatus::new(cfg.broker.client_id.clone(), AgentState::Offline);
+    will.reason = Some("connection lost".into());
+    o.set_last_will(LastWill::new(
+        topics.aggregator(),
+        wire::encode_json(&will),
+        QoS::AtLeastOnce,
+        true,
+    ));
+    o
+}
+
+/// Event-loop task: forwards publishes and connection events; reconnects with backoff + jitter.
+async fn pump(mut el: EventLoop, tx: mpsc::UnboundedSender<Incoming>, stop: CancellationToken) {
+    let mut backoff = Duration::from_millis(100);
+    let jitter = AtomicU64::new(now_ms());
+    loop {
+        let ev = tokio::select! {
+            _ = stop.cancelled() => return,
+            ev = el.poll() => ev,
+        };
+        match ev {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                backoff = Duration::from_millis(100);
+                if tx
+                    .send(Incoming::Connected {
+                        session_present: ack.session_present,
+                    })
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                if tx.send(Incoming::Publish(p)).is_err() {
+                    return;
+                }
+            }
+            // Our own DISCONNECT went out: the run is over.
+            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
+            Ok(_) => {}
+            Err(e) => {
+                // Cheap jitter without a RNG dependency: xorshift on a time seed.
+                let mut x = jitter.load(Ordering::Relaxed) | 1;
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                jitter.store(x, Ordering::Relaxed);
+                let wait =
+                    backoff + Duration::from_millis(x % (backoff.as_millis() as u64 / 2 + 1));
+                warn!("aggregator MQTT connection: {e}; reconnecting in {wait:?}");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+async fn send_all(client: &AsyncClient, out: Vec<Outgoing>) -> Result<(), rumqttc::ClientError> {
+    for o in out {
+        let qos = if o.qos == 0 {
+            QoS::AtMostOnce
+        } else {
+            QoS::AtLeastOnce
+        };
+        client.publish(o.topic, qos, o.retain, o.payload).await?;
+    }
+    Ok(())
+}
+
+/// Hooks for embedding the aggregator (demo, tests, simulations).
+#[derive(Default)]
+pub struct Hooks {
+    /// Receives every [`AggEvent`].
+    pub events: Option<broadcast::Sender<AggEvent>>,
+    /// Called with each commit's version and weights; may return a held-out (accuracy, loss)
+    /// evaluation, recorded with the next commit's metrics.
+    #[allow(clippy::type_complexity)]
+    pub on_commit:
+        Option<Box<dyn FnMut(u64, &fwdllm_shared::lora::LoraWeights) -> Option<(f64, f64)> + Send>>,
+}
+
+/// Runs the aggregator until `shutdown` is cancelled or `job.max_commits` is reached.
+pub async fn run(
+    cfg: AggregatorConfig,
+    target: BrokerTarget,
+    shutdown: CancellationToken,
+    mut hooks: Hooks,
+) -> Result<RunSummary, ServerError> {
+    let mut coord = Coordinator::open(cfg.clone())?;
+    let topics = coord.topics().clone();
+    let mut sink = MetricsSink::open(&cfg.state.dir)?;
+    let opts = mqtt_options(&cfg, &target, &topics);
+    let (client, el) = AsyncClient::new(opts, 4096);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let stop = CancellationToken::new();
+    let pump_task = tokio::spawn(pump(el, tx, stop.clone()));
+    let mut summary = RunSummary::default();
+    let mut busy = Duration::ZERO;
+    let emit = |coord: &mut Coordinator, hooks: &Hooks| {
+        for e in coord.take_events() {
+            if let Some(tx) = &hooks.events {
+                let _ = tx.send(e);
+            }
+        }
+    };
+    let mut commits_since_plot = 0u64;
+    let result: Result<(), ServerError> = async {
+        loop {
+            if coord.finished() {
+                break;
+            }
+            let wake = coord
+                .next_deadline_ms()
+                .map(|d| d.saturating_sub(now_ms()).clamp(1, 1000))
+                .unwrap_or(1000);
+            let first = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                m = rx.recv() => match m { Some(m) => Some(m), None => break },
+                _ = tokio::time::sleep(Duration::from_millis(wake)) => None,
+            };
+            let started = Instant::now();
+            let mut acks = Vec::new();
+            let mut n_updates = 0u64;
+            let mut batch: Vec<Incoming> = first.into_iter().collect();
+            while batch.len() < 512 {
+                match rx.try_recv() {
+                    Ok(m) => batch.push(m),
+                    Err(_) => break,
+                }
+            }
+            let now = now_ms();
+            for m in batch {
+                match m {
+                    Incoming::Connected { session_present } => {
+                        info!(
+                            "aggregator connected to {}:{} (session present: {session_present})",
+                            target.host, target.port
+                        );
+                        client
+                            .subscribe(topics.updates_filter(), QoS::AtLeastOnce)
+                            .await?;
+                        client
+                            .subscribe(topics.status_filter(), QoS::AtLeastOnce)
+                            .await?;
+                        coord.republish_retained(now);
+                    }
+                    Incoming::Publish(p) => {
+                        let topic = p.topic.clone();
+                        match topics.parse(&topic) {
+                            Some(TopicKind::Update(id)) => {
+                                n_updates += 1;
+                                let o = coord.on_update(&id, &p.payload, now);
+                                debug!("update from {id}: {o:?}");
+                            }
+                            Some(TopicKind::Status(id)) => coord.on_status(&id, &p.payload, now),
+                            _ => debug!("ignoring publish on {topic}"),
+                        }
+                        acks.push(p);
+                    }
+                }
+            }
+            coord.tick(now);
+            // Write-ahead: state on disk before anything derived from it leaves the process.
+            coord.persist()?;
+            for p in &acks {
+                if p.qos != QoS::AtMostOnce {
+                    client.ack(p).await?;
+                }
+            }
+            if n_updates > 0 {
+                busy += started.elapsed();
+                summary.ingest_updates += n_updates;
+            }
+            let records = coord.take_records();
+            let committed = records.iter().any(|r| r.phase == "committed");
+            if committed {
+                if let Some(f) = hooks.on_commit.as_mut() {
+                    if let Some((acc, loss)) = f(coord.version(), coord.weights()) {
+                        coord.set_eval(acc, loss);
+                    }
+                }
+            }
+            for r in &records {
+                sink.record(r)?;
+                if r.phase == "committed" {
+                    commits_since_plot += 1;
+                }
+            }
+            if cfg.state.plot_every > 0 && commits_since_plot >= cfg.state.plot_every {
+                commits_since_plot = 0;
+                sink.plot();
+            }
+            send_all(&client, coord.take_outgoing()).await?;
+            emit(&mut coord, &hooks);
+        }
+        Ok(())
+    }
+    .await;
+    // Final state, plot and a graceful "offline".
+    coord.persist()?;
+    sink.plot();
+    let mut st = AgentStatus::new(cfg.broker.client_id.clone(), AgentState::Offline);
+    st.model_version = coord.version();
+    st.reason = Some(
+        if coord.finished() {
+            "finished"
+        } else {
+            "stopped"
+        }
+        .into(),
+    );
+    let _ = client
+        .publish(
+            topics.aggregator(),
+            QoS::AtLeastOnce,
+            true,
+            wire::encode_json(&st),
+        )
+        .await;
+    let _ = send_all(&client, coord.take_outgoing()).await;
+    emit(&mut coord, &hooks);
+    let _ = client.disconnect().await;
+    // Let the event loop flush the disconnect before stopping it.
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while !pump_task.is_finished() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    stop.cancel();
+    let _ = pump_task.await;
+    let c = coord.counters();
+    summary.version = coord.version();
+    summary.rounds = coord.round();
+    summary.updates = c.updates;
+    summary.perturbations = c.perturbations;
+    summary.duplicates = c.duplicates;
+    summary.stale = c.stale;
+    summary.rejected = c.rejected;
+    summary.ingest_busy_s = busy.as_secs_f64();
+    result?;
+    Ok(summary)
+}

@@ -1,0 +1,345 @@
+//! Simulated clients: many lightweight clients in one process, each a real MQTT connection
+//! (rumqttc), holding a real replica of the weights (replaying commits and checkpoints exactly
+//! as an agent does) and answering rounds with a cheap synthetic loss instead of the model:
+//! `L(θ) = ½‖θ_B − θ*‖²` over the trainable parameters, `g = (θ − θ*)·v + noise`.
+//! Drives the real aggregator through the real broker to exercise round logic, pacing, dedup
+//! and ingest at 100–1,000 clients.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fwdllm_shared::lora::{LoraLayout, LoraWeights};
+use fwdllm_shared::perturb::{derive_seed, direction, gaussian_approx, mix64};
+use fwdllm_shared::topics::{TopicKind, Topics};
+use fwdllm_shared::update::apply_commit;
+use fwdllm_shared::wire::{
+    self, client_index, AgentState, AgentStatus, Checkpoint, ClientUpdate, RoundAnnounce,
+    RoundCommit, SeedScalar,
+};
+use log::{debug, warn};
+use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Parameters shared by all simulated clients.
+#[derive(Debug, Clone)]
+pub struct SimParams {
+    pub job: String,
+    pub host: String,
+    pub port: u16,
+    pub layout: LoraLayout,
+    /// Standard deviation-ish amplitude of the noise added to each g (uniform ±noise).
+    pub noise: f32,
+    /// Seed of the optimum θ*.
+    pub target_seed: u64,
+    pub max_packet_bytes: usize,
+}
+
+/// Counters of all simulated clients together.
+#[derive(Debug, Default)]
+pub struct SimStats {
+    pub updates_sent: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub bytes_received: AtomicU64,
+    pub commits_applied: AtomicU64,
+    pub hash_mismatches: AtomicU64,
+}
+
+/// The synthetic objective every simulated client shares.
+#[derive(Debug, Clone)]
+pub struct Quadratic {
+    pub target: Vec<f32>,
+}
+
+impl Quadratic {
+    pub fn new(layout: &LoraLayout, target_seed: u64) -> Quadratic {
+        let mut target = vec![0f32; layout.trainable_len()];
+        gaussian_approx(target_seed, &mut target);
+        for t in &mut target {
+            *t *= 0.05;
+        }
+        Quadratic { target }
+    }
+
+    /// ½‖θ_trainable − θ*‖².
+    pub fn loss(&self, w: &LoraWeights) -> f64 {
+        w.trainable_values()
+            .zip(&self.target)
+            .map(|(x, t)| {
+                let d = f64::from(x - t);
+                0.5 * d * d
+            })
+            .sum()
+    }
+
+    /// Directional derivative along v(seed) plus deterministic uniform noise in ±noise.
+    pub fn slope(&self, w: &LoraWeights, seed: u64, noise: f32, scratch: &mut Vec<f32>) -> f32 {
+        scratch.resize(self.target.len(), 0.0);
+        direction(seed, scratch);
+        let g: f64 = w
+            .trainable_values()
+            .zip(&self.target)
+            .zip(scratch.iter())
+            .map(|((x, t), v)| f64::from(x - t) * f64::from(*v))
+            .sum();
+        let u = (mix64(seed ^ 0x006e_6f69_7365) >> 11) as f64 / (1u64 << 53) as f64;
+        (g + f64::from(noise) * (2.0 * u - 1.0)) as f32
+    }
+}
+
+/// A weights replica that follows commits and checkpoints (what every agent must do).
+pub struct Replica {
+    pub weights: LoraWeights,
+    pub version: u64,
+    pending: BTreeMap<u64, RoundCommit>,
+}
+
+impl Replica {
+    pub fn new(layout: LoraLayout) -> Replica {
+        Replica {
+            weights: LoraWeights::init(layout),
+            version: 0,
+            pending: BTreeMap::new(),
+        }
+    }
+
+    /// Applies a commit (buffering it if it is ahead); returns false on a hash mismatch.
+    pub fn on_commit(&mut self, c: RoundCommit) -> bool {
+        if c.new_version <= self.version {
+            return true;
+        }
+        self.pending.insert(c.base_version, c);
+        while let Some(c) = self.pending.remove(&self.version) {
+            apply_commit(&mut self.weights, &c.pairs);
+            self.version = c.new_version;
+            if self.weights.hash() != c.weights_hash {
+                return false;
+            }
+        }
+        true
+    }
+
+    pub fn on_checkpoint(&mut self, cp: &Checkpoint) -> bool {
+        if cp.model_version <= self.version {
+            return true;
+        }
+        match cp.to_weights() {
+            Ok(w) => {
+                self.weights = w;
+                self.version = cp.model_version;
+                self.pending.retain(|&base, _| base >= cp.model_version);
+                let mut ok = true;
+                while let Some(c) = self.pending.remove(&self.version) {
+                    apply_commit(&mut self.weights, &c.pairs);
+                    self.version = c.new_version;
+                    ok &= self.weights.hash() == c.weights_hash;
+                }
+                ok
+            }
+            Err(e) => {
+                warn!("bad checkpoint: {e}");
+                false
+            }
+        }
+    }
+}
+
+/// Starts `n` simulated clients named `{prefix}-{i:04}`; they run until `stop` is cancelled.
+pub fn spawn_clients(
+    params: &SimParams,
+    prefix: &str,
+    n: usize,
+    stats: Arc<SimStats>,
+    stop: CancellationToken,
+) -> Vec<JoinHandle<()>> {
+    let objective = Arc::new(Quadratic::new(&params.layout, params.target_seed));
+    (0..n)
+        .map(|i| {
+            let id = format!("{prefix}-{i:04}");
+            tokio::spawn(run_client(
+                params.clone(),
+                id,
+                objective.clone(),
+                stats.clone(),
+                stop.clone(),
+            ))
+        })
+        .collect()
+}
+
+async fn run_client(
+    p: SimParams,
+    id: String,
+    objective: Arc<Quadratic>,
+    stats: Arc<SimStats>,
+    stop: CancellationToken,
+) {
+    let topics = Topics::new(&p.job).expect("valid job name");
+    let mut opts = MqttOptions::new(id.clone(), p.host.clone(), p.port);
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_clean_session(true);
+    opts.set_max_packet_size(p.max_packet_bytes, p.max_packet_bytes);
+    let will = AgentStatus::new(id.clone(), AgentState::Offline);
+    opts.set_last_will(LastWill::new(
+        topics.status(&id),
+        wire::encode_json(&will),
+        QoS::AtLeastOnce,
+        true,
+    ));
+    let (client, mut el) = AsyncClient::new(opts, 64);
+    let mut replica = Replica::new(p.layout.clone());
+    let mut announce: Option<RoundAnnounce> = None;
+    let mut answered: Vec<(u64, u32)> = Vec::new();
+    let mut next_k: BTreeMap<u64, u32> = BTreeMap::new();
+    let mut scratch = Vec::new();
+    let status = |replica: &Replica, state: AgentState| {
+        let mut s = AgentStatus::new(id.clone(), state);
+        s.model_version = replica.version;
+        s.weights_hash = Some(replica.weights.hash());
+        wire::encode_json(&s)
+    };
+    loop {
+        let ev = tokio::select! {
+            _ = stop.cancelled() => break,
+            ev = el.poll() => ev,
+        };
+        let publish = match ev {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                for f in topics.agent_filters() {
+                    let _ = client.subscribe(f, QoS::AtLeastOnce).await;
+                }
+                let _ = client
+                    .publish(
+                        topics.status(&id),
+                        QoS::AtLeastOnce,
+                        true,
+                        status(&replica, AgentState::Online),
+                    )
+                    .await;
+                continue;
+            }
+            Ok(Event::Incoming(Packet::Publish(publish))) => publish,
+            Ok(_) => continue,
+            Err(e) => {
+                debug!("sim {id}: {e}");
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
+                }
+            }
+        };
+        stats
+            .bytes_received
+            .fetch_add(publish.payload.len() as u64, Ordering::Relaxed);
+        if publish.payload.is_empty() {
+            continue; // a cleared retained message
+        }
+        let topic = publish.topic.clone();
+        let before = replica.version;
+        match topics.parse(&topic) {
+            Some(TopicKind::Round) => match wire::decode::<RoundAnnounce>(&publish.payload) {
+                Ok(a) => announce = Some(a),
+                Err(e) => warn!("sim {id}: bad announce: {e}"),
+            },
+            Some(TopicKind::Commit) | Some(TopicKind::CommitLog(_)) => {
+                if let Ok(c) = wire::decode::<RoundCommit>(&publish.payload) {
+                    if !replica.on_commit(c) {
+                        stats.hash_mismatches.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            Some(TopicKind::Checkpoint) => {
+                if let Ok(cp) = wire::decode::<Checkpoint>(&publish.payload) {
+                    if !replica.on_checkpoint(&cp) {
+                        stats.hash_mismatches.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            _ => {}
+        }
+        if replica.version != before {
+            stats
+                .commits_applied
+                .fetch_add(replica.version - before, Ordering::Relaxed);
+            let _ = client
+                .publish(
+                    topics.status(&id),
+                    QoS::AtLeastOnce,
+                    true,
+                    status(&replica, AgentState::Online),
+                )
+                .await;
+        }
+        // Answer the current request once we are at its version.
+        let Some(a) = announce.as_ref() else { continue };
+        if a.model_version != replica.version
+            || answered.contains(&(a.round, a.extend))
+            || !a.selection.includes(&id, a.round)
+        {
+            continue;
+        }
+        answered.push((a.round, a.extend));
+        if answered.len() > 64 {
+            answered.remove(0);
+        }
+        let k0 = *next_k.get(&a.round).unwrap_or(&0);
+        let idx = client_index(&id);
+        let pairs: Vec<SeedScalar> = (k0..k0 + a.perturbations_per_client)
+            .map(|k| {
+                let seed = derive_seed(a.seed_base, a.round, idx, k);
+                SeedScalar {
+                    seed,
+                    g: objective.slope(&replica.weights, seed, p.noise, &mut scratch),
+                }
+            })
+            .collect();
+        next_k.insert(a.round, k0 + a.perturbations_per_client);
+        if next_k.len() > 8 {
+            let first = *next_k.keys().next().expect("non-empty");
+            next_k.remove(&first);
+        }
+        let u = ClientUpdate {
+            client_id: id.clone(),
+            round: a.round,
+            base_version: a.model_version,
+            seq: a.extend,
+            samples: pairs.len() as u32,
+            pairs,
+            loss_mean: objective.loss(&replica.weights) as f32,
+            loss_m2: 0.0,
+        };
+        let bytes = wire::encode(&u);
+        stats
+            .bytes_sent
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        stats.updates_sent.fetch_add(1, Ordering::Relaxed);
+        if client
+            .publish(topics.update(&id), QoS::AtLeastOnce, false, bytes)
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    let _ = client
+        .publish(
+            topics.status(&id),
+            QoS::AtLeastOnce,
+            true,
+            status(&replica, AgentState::Offline),
+        )
+        .await;
+    let _ = client.disconnect().await;
+    // Flush the offline status and the DISCONNECT (bounded).
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        loop {
+            match el.poll().await {
+                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => break,
+                _ => {}
+            }
+        }
+    })
+    .await;
+}

@@ -1,0 +1,297 @@
+//! Durable aggregator state: what must survive a crash so that the aggregator resumes the round
+//! it was in with no lost or double-applied contribution.
+//!
+//! Two files in `state.dir`, each replaced atomically (write `*.tmp`, fsync, rename, fsync dir):
+//! * `checkpoint.bin` — the latest full checkpoint (a wire [`Checkpoint`], hash-verified on load);
+//! * `state.bin` — postcard [`DurableState`]: version, round counter, the commit log since the
+//!   checkpoint, the open round (its pooled pairs and the (client, seq) keys already counted),
+//!   counters.
+//!
+//! Weights on load = checkpoint + replay of the logged commits newer than it, each verified
+//! against its recorded hash. The checkpoint file is written before the state file, so a crash
+//! between the two leaves a checkpoint newer than the log start; replay skips what it covers.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use fwdllm_shared::lora::{LoraConfig, LoraWeights, ModelShape, WeightsHash};
+use fwdllm_shared::update::apply_commit;
+use fwdllm_shared::wire::{self, Checkpoint, RoundAnnounce, RoundCommit, SeedScalar};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// Bumped on incompatible changes of [`DurableState`].
+pub const STATE_FORMAT: u32 = 1;
+
+#[derive(Debug, Error)]
+pub enum StateError {
+    #[error("state I/O on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("state file {path} is corrupt ({message}); restore it from a backup or start with an empty state.dir")]
+    Corrupt { path: PathBuf, message: String },
+    #[error("state in {dir} belongs to a different job or layout ({message}); point state.dir at a fresh directory or restore the matching config")]
+    Mismatch { dir: PathBuf, message: String },
+    #[error("replaying logged commit to version {version}: hash {actual} != recorded {expected}; state is corrupt")]
+    Replay {
+        version: u64,
+        expected: WeightsHash,
+        actual: WeightsHash,
+    },
+}
+
+/// Welford-style pooled loss statistics (combined with Chan's parallel formula).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct LossStats {
+    pub n: u64,
+    pub mean: f64,
+    pub m2: f64,
+}
+
+impl LossStats {
+    pub fn merge(&mut self, n: u64, mean: f64, m2: f64) {
+        if n == 0 || !mean.is_finite() || !m2.is_finite() {
+            return;
+        }
+        let total = self.n + n;
+        let delta = mean - self.mean;
+        self.mean += delta * n as f64 / total as f64;
+        self.m2 += m2 + delta * delta * self.n as f64 * n as f64 / total as f64;
+        self.n = total;
+    }
+}
+
+/// The round being collected.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OpenRound {
+    pub round: u64,
+    pub base_version: u64,
+    pub started_unix_ms: u64,
+    pub deadline_unix_ms: u64,
+    /// Current request number (0 = first, n = n-th extend).
+    pub extend: u32,
+    pub selected: Vec<String>,
+    /// (client, seq) already counted.
+    pub answered: Vec<(String, u32)>,
+    /// Pooled pairs in arrival order (the commit applies them in this order).
+    pub pairs: Vec<SeedScalar>,
+    pub loss: LossStats,
+    /// The announcement currently retained on the round topic.
+    pub announce: RoundAnnounce,
+}
+
+impl OpenRound {
+    pub fn has_answered(&self, client: &str, seq: u32) -> bool {
+        self.answered.iter().any(|(c, s)| c == client && *s == seq)
+    }
+
+    pub fn responded(&self) -> usize {
+        let mut ids: Vec<&str> = self.answered.iter().map(|(c, _)| c.as_str()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids.len()
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Counters {
+    pub updates: u64,
+    pub perturbations: u64,
+    pub duplicates: u64,
+    pub stale: u64,
+    pub rejected: u64,
+    pub abandoned_rounds: u64,
+    pub duplicate_seeds: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DurableState {
+    pub format: u32,
+    pub job: String,
+    pub shape: ModelShape,
+    pub lora: LoraConfig,
+    pub seed_base: u64,
+    /// Commits applied so far (= model version).
+    pub version: u64,
+    /// Last round id opened (round ids are never reused).
+    pub round: u64,
+    pub checkpoint_version: u64,
+    /// Commits with `new_version > checkpoint_version`, in order.
+    pub log: Vec<RoundCommit>,
+    pub last_commit: Option<RoundCommit>,
+    pub open: Option<OpenRound>,
+    pub counters: Counters,
+}
+
+pub const STATE_FILE: &str = "state.bin";
+pub const CHECKPOINT_FILE: &str = "checkpoint.bin";
+
+/// Replaces `path` atomically with `bytes`: temp file, fsync, rename, fsync of the directory.
+pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
+    let io = |source| StateError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = File::create(&tmp).map_err(io)?;
+        f.write_all(bytes).map_err(io)?;
+        f.sync_all().map_err(io)?;
+    }
+    fs::rename(&tmp, path).map_err(io)?;
+    if let Some(dir) = path.parent() {
+        // Makes the rename itself durable.
+        File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+    }
+    Ok(())
+}
+
+/// On-disk store of one aggregator.
+#[derive(Debug, Clone)]
+pub struct Store {
+    dir: PathBuf,
+}
+
+impl Store {
+    pub fn new(dir: &Path) -> Result<Store, StateError> {
+        fs::create_dir_all(dir).map_err(|source| StateError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        Ok(Store {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn exists(&self) -> bool {
+        self.dir.join(STATE_FILE).exists()
+    }
+
+    pub fn save_state(&self, s: &DurableState) -> Result<(), StateError> {
+        let bytes = postcard::to_stdvec(s).map_err(|e| StateError::Corrupt {
+            path: self.dir.join(STATE_FILE),
+            message: e.to_string(),
+        })?;
+        atomic_write(&self.dir.join(STATE_FILE), &bytes)
+    }
+
+    pub fn save_checkpoint(&self, c: &Checkpoint) -> Result<(), StateError> {
+        atomic_write(&self.dir.join(CHECKPOINT_FILE), &wire::encode(c))
+    }
+
+    pub fn load_checkpoint(&self) -> Result<Checkpoint, StateError> {
+        let path = self.dir.join(CHECKPOINT_FILE);
+        let bytes = fs::read(&path).map_err(|source| StateError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        wire::decode::<Checkpoint>(&bytes).map_err(|e| StateError::Corrupt {
+            path,
+            message: e.to_string(),
+        })
+    }
+
+    /// Loads state + checkpoint and rebuilds the current weights (verifying every hash).
+    pub fn load(&self) -> Result<(DurableState, LoraWeights, Checkpoint), StateError> {
+        let path = self.dir.join(STATE_FILE);
+        let bytes = fs::read(&path).map_err(|source| StateError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let state: DurableState =
+            postcard::from_bytes(&bytes).map_err(|e| StateError::Corrupt {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+        if state.format != STATE_FORMAT {
+            return Err(StateError::Corrupt {
+                path,
+                message: format!("format {} (this build reads {STATE_FORMAT})", state.format),
+            });
+        }
+        let cp = self.load_checkpoint()?;
+        let mut weights = cp.to_weights().map_err(|e| StateError::Corrupt {
+            path: self.dir.join(CHECKPOINT_FILE),
+            message: e.to_string(),
+        })?;
+        let mut version = cp.model_version;
+        for c in &state.log {
+            if c.new_version <= version {
+                continue; // covered by a checkpoint written just before a crash
+            }
+            if c.base_version != version {
+                return Err(StateError::Corrupt {
+                    path: self.dir.join(STATE_FILE),
+                    message: format!(
+                        "commit log jumps from version {version} to a commit based on {}",
+                        c.base_version
+                    ),
+                });
+            }
+            apply_commit(&mut weights, &c.pairs);
+            let actual = weights.hash();
+            if actual != c.weights_hash {
+                return Err(StateError::Replay {
+                    version: c.new_version,
+                    expected: c.weights_hash,
+                    actual,
+                });
+            }
+            version = c.new_version;
+        }
+        if version != state.version {
+            return Err(StateError::Corrupt {
+                path,
+                message: format!(
+                    "state says version {} but checkpoint + log reach {version}",
+                    state.version
+                ),
+            });
+        }
+        Ok((state, weights, cp))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loss_stats_merge_matches_direct_computation() {
+        let xs = [1.0, 2.0, 4.0, 7.0, 11.0];
+        let mut a = LossStats::default();
+        // Two groups: [1,2] and [4,7,11].
+        a.merge(2, 1.5, 0.5);
+        a.merge(
+            3,
+            22.0 / 3.0,
+            (4.0f64 - 22.0 / 3.0).powi(2)
+                + (7.0f64 - 22.0 / 3.0).powi(2)
+                + (11.0f64 - 22.0 / 3.0).powi(2),
+        );
+        let mean = xs.iter().sum::<f64>() / 5.0;
+        let m2: f64 = xs.iter().map(|x| (x - mean).powi(2)).sum();
+        assert!((a.mean - mean).abs() < 1e-12);
+        assert!((a.m2 - m2).abs() < 1e-9);
+        assert_eq!(a.n, 5);
+    }
+
+    #[test]
+    fn atomic_write_replaces_content() {
+        let dir = std::env::temp_dir().join(format!("fwdllm-agg-aw-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("x.bin");
+        atomic_write(&p, b"one").unwrap();
+        atomic_write(&p, b"two").unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"two");
+        assert!(!p.with_extension("tmp").exists());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
