@@ -41,7 +41,9 @@
 //! exactly the announced version and hash; each (round, extend) is answered at most once.
 
 pub mod backoff;
+pub mod cli;
 pub mod device;
+pub mod engine_source;
 pub mod gradient;
 pub mod replica;
 pub mod state;
@@ -68,6 +70,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{AgentConfig, ConfigProblem};
 pub use backoff::Backoff;
 pub use device::{DeviceMonitor, DeviceSample};
+pub use engine_source::{EngineSource, EngineSourceError};
 pub use gradient::{
     GradientBatch, GradientError, GradientRequest, GradientSource, LossStats, SyntheticSource,
 };
