@@ -22,7 +22,7 @@ pub struct EpsRow {
     pub g: Vec<f64>,
     /// Median over directions of |g| / (noise / 2ε).
     pub median_snr: f64,
-    /// Max over directions of |g(ε) − g(ε/10)| / |g(ε/10)| (None for the smallest ε).
+    /// ‖g(ε) − g(ε/10)‖ / ‖g(ε/10)‖ over the directions (None for the smallest ε).
     pub rel_change_to_next: Option<f64>,
 }
 
@@ -97,11 +97,15 @@ pub fn calibrate(
     }
     for i in 0..rows.len().saturating_sub(1) {
         let (cur, next) = (&rows[i].g, &rows[i + 1].g);
-        let rel = cur
+        // Relative change of the whole g vector (a near-zero component alone says nothing).
+        let diff = cur
             .iter()
             .zip(next)
-            .map(|(a, b)| (a - b).abs() / b.abs().max(1e-12))
-            .fold(0.0, f64::max);
+            .map(|(a, b)| (a - b) * (a - b))
+            .sum::<f64>()
+            .sqrt();
+        let base = next.iter().map(|b| b * b).sum::<f64>().sqrt().max(1e-12);
+        let rel = diff / base;
         rows[i].rel_change_to_next = Some(rel);
     }
     let (chosen_eps, chosen_snr) = rows

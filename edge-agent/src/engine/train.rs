@@ -129,12 +129,15 @@ impl TrainConfig {
             .map(|&x| (x as f64) * (x as f64))
             .sum::<f64>()
             .sqrt();
-        if self.max_update_norm > 0.0 && norm > self.max_update_norm as f64 {
-            let s = (self.max_update_norm as f64 / norm) as f32;
+        // The clamp decays with the learning-rate schedule (lr / self.lr), otherwise a clamp
+        // that is always active would turn the schedule off.
+        let clamp = self.max_update_norm as f64 * (lr / self.lr.max(f32::MIN_POSITIVE)) as f64;
+        if clamp > 0.0 && norm > clamp {
+            let s = (clamp / norm) as f32;
             for p in &mut pairs {
                 p.coeff *= s;
             }
-            return (pairs, self.max_update_norm as f64);
+            return (pairs, clamp);
         }
         (pairs, norm)
     }

@@ -1,0 +1,199 @@
+//! Data pipeline tests (no model needed): readers, errors naming file and line, split and
+//! shard determinism.
+
+use std::path::PathBuf;
+
+use fwdllm_agent::data::{self, DataError, DataSource, Partition, TaskConfig};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn labels() -> Vec<String> {
+    vec!["a".into(), "b".into()]
+}
+
+#[test]
+fn jsonl_with_unknown_label_names_file_line_and_labels() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("d.jsonl");
+    std::fs::write(
+        &p,
+        "{\"text\":\"x\",\"label\":\"a\"}\n{\"text\":\"y\",\"label\":\"weather\"}\n",
+    )
+    .unwrap();
+    let err = data::read_jsonl(&p, "text", "label", &labels()).unwrap_err();
+    match &err {
+        DataError::UnknownLabel { line, label, .. } => {
+            assert_eq!(*line, 2);
+            assert_eq!(label, "weather");
+        }
+        e => panic!("unexpected {e}"),
+    }
+    let msg = err.to_string();
+    assert!(
+        msg.contains("d.jsonl:2") && msg.contains("weather") && msg.contains("\"a\""),
+        "{msg}"
+    );
+}
+
+#[test]
+fn jsonl_bad_json_and_missing_field_name_the_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("d.jsonl");
+    std::fs::write(&p, "{\"text\":\"x\",\"label\":\"a\"}\n{oops\n").unwrap();
+    let msg = data::read_jsonl(&p, "text", "label", &labels())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("d.jsonl:2") && msg.contains("invalid JSON"),
+        "{msg}"
+    );
+    std::fs::write(&p, "{\"label\":\"a\"}\n").unwrap();
+    let msg = data::read_jsonl(&p, "text", "label", &labels())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("d.jsonl:1") && msg.contains("\"text\""),
+        "{msg}"
+    );
+}
+
+#[test]
+fn csv_quotes_escapes_and_bad_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("d.csv");
+    std::fs::write(
+        &p,
+        "label,title,body\nb,\"Hello, \"\"world\"\"\",text\na,t2,b2\n",
+    )
+    .unwrap();
+    let ex = data::read_csv(
+        &p,
+        "label",
+        &["title".into(), "body".into()],
+        false,
+        ". ",
+        &labels(),
+    )
+    .unwrap();
+    assert_eq!(ex[0].text, "Hello, \"world\". text");
+    assert_eq!(ex[0].label, 1);
+    std::fs::write(&p, "label,title,body\na,t,b\nc,t,b\n").unwrap();
+    let msg = data::read_csv(&p, "label", &["title".into()], false, ". ", &labels())
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("d.csv:3") && msg.contains("\"c\""), "{msg}");
+    std::fs::write(&p, "label,title\na,\"unterminated\n").unwrap();
+    let msg = data::read_csv(&p, "label", &["title".into()], false, ". ", &labels())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("d.csv:2") && msg.contains("unterminated"),
+        "{msg}"
+    );
+    let msg = data::read_csv(&p, "label", &["nope".into()], false, ". ", &labels())
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("nope"), "{msg}");
+}
+
+#[test]
+fn shipped_tasks_read_the_real_data() {
+    let bbc = TaskConfig::from_file(&root().join("edge-agent/tasks/bbc.toml")).unwrap();
+    let ex = bbc.load_examples(&root()).unwrap();
+    assert_eq!(ex.len(), 2225);
+    assert_eq!(ex.iter().filter(|e| e.label == 3).count(), 511); // sports
+    let ag = TaskConfig::from_file(&root().join("edge-agent/tasks/ag_news.toml")).unwrap();
+    let DataSource::Csv { path, .. } = &ag.source else {
+        panic!("ag_news is csv")
+    };
+    let path = root().join(path);
+    assert!(path.is_file(), "{} missing", path.display());
+    let ex = ag.load_examples(&root()).unwrap();
+    assert_eq!(ex.len(), 7600);
+    // Balanced test split: 1900 per class.
+    for l in 0..4 {
+        assert_eq!(ex.iter().filter(|e| e.label == l).count(), 1900);
+    }
+}
+
+#[test]
+fn task_config_errors_name_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("t.toml");
+    std::fs::write(
+        &p,
+        "name='x'\nprompt='no placeholder'\nlabels=['a','b']\nwords=[' a',' b']\n[source]\nformat='jsonl'\npath='x.jsonl'\n",
+    )
+    .unwrap();
+    let msg = TaskConfig::from_file(&p).unwrap_err().to_string();
+    assert!(msg.contains("{text}"), "{msg}");
+    std::fs::write(
+        &p,
+        "name='x'\nprompt='{text}'\nlabels=['a','b']\nwords=[' a']\n[source]\nformat='jsonl'\npath='x.jsonl'\n",
+    )
+    .unwrap();
+    let msg = TaskConfig::from_file(&p).unwrap_err().to_string();
+    assert!(msg.contains("words"), "{msg}");
+}
+
+fn examples(n: usize, labels: usize) -> Vec<data::Example> {
+    (0..n)
+        .map(|i| data::Example {
+            text: format!("t{i}"),
+            label: i % labels,
+        })
+        .collect()
+}
+
+#[test]
+fn split_is_deterministic_and_disjoint() {
+    let a = data::split(examples(100, 4), 7, 20, 10);
+    let b = data::split(examples(100, 4), 7, 20, 10);
+    assert_eq!(a.heldout, b.heldout);
+    assert_eq!(a.train, b.train);
+    assert_eq!((a.heldout.len(), a.dev.len(), a.train.len()), (20, 10, 70));
+    let c = data::split(examples(100, 4), 8, 20, 10);
+    assert_ne!(a.heldout, c.heldout);
+    let mut all: Vec<_> = a
+        .heldout
+        .iter()
+        .chain(&a.dev)
+        .chain(&a.train)
+        .map(|e| e.text.clone())
+        .collect();
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), 100);
+}
+
+#[test]
+fn shards_cover_everything_and_dirichlet_skews_labels() {
+    let ex = examples(1000, 5);
+    let iid = data::shard(&ex, 4, Partition::Iid, 1);
+    assert_eq!(iid.iter().map(|s| s.len()).sum::<usize>(), 1000);
+    assert!(iid.iter().all(|s| s.len() == 250));
+    let non = data::shard(&ex, 4, Partition::Dirichlet { alpha: 0.1 }, 1);
+    assert_eq!(non.iter().map(|s| s.len()).sum::<usize>(), 1000);
+    assert_eq!(
+        non,
+        data::shard(&ex, 4, Partition::Dirichlet { alpha: 0.1 }, 1)
+    );
+    // With alpha 0.1 some client holds most of some label.
+    let max_share = (0..5)
+        .map(|l| {
+            non.iter()
+                .map(|s| s.iter().filter(|e| e.label == l).count())
+                .max()
+                .unwrap() as f64
+                / 200.0
+        })
+        .fold(0.0, f64::max);
+    assert!(max_share > 0.6, "max per-label share {max_share}");
+    let dir = tempfile::tempdir().unwrap();
+    let labels: Vec<String> = (0..5).map(|i| format!("l{i}")).collect();
+    let paths = data::write_shards(dir.path(), &non, &labels).unwrap();
+    let back = data::read_jsonl(&paths[0], "text", "label", &labels).unwrap_or_default();
+    assert_eq!(back, non[0]);
+}

@@ -1,0 +1,255 @@
+//! Engine tests on the real SmolLM2-135M model (set-up cache) with short inputs.
+//! The F32 copy is created through the same cached `prepare` path the CLI uses.
+
+use std::path::PathBuf;
+
+use fwdllm_agent::data::{self, Example, TaskConfig};
+use fwdllm_agent::engine::{Engine, EngineConfig, EngineError, Precision, TrainConfig};
+use fwdllm_shared::lora::{LoraLayout, LoraWeights};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn config(precision: Precision) -> EngineConfig {
+    let root = root();
+    let model = root.join(".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        model.is_file(),
+        "{} missing: run `make setup` first",
+        model.display()
+    );
+    EngineConfig {
+        model,
+        cache_dir: root.join(".cache/prepared"),
+        precision,
+        // Tests run in parallel; one thread each keeps the 2-core machine sane.
+        threads: 1,
+        n_ctx: 1024,
+        n_batch: 1024,
+        seqs_per_decode: 8,
+        ..EngineConfig::default()
+    }
+}
+
+/// BBC task with short inputs (24 tokens of article).
+fn task() -> (TaskConfig, data::Split) {
+    let mut t = TaskConfig::from_file(&root().join("edge-agent/tasks/bbc.toml")).unwrap();
+    t.max_text_tokens = 24;
+    let ex = t.load_examples(&root()).unwrap();
+    let s = data::split(ex, t.split_seed, t.heldout, t.dev);
+    (t, s)
+}
+
+fn engine(precision: Precision) -> (Engine, TaskConfig, data::Split) {
+    let (t, s) = task();
+    let mut e = Engine::load(&config(precision)).unwrap();
+    e.set_task(&t).unwrap();
+    (e, t, s)
+}
+
+fn weights(e: &Engine, seed: u64, coeff: f32) -> LoraWeights {
+    let layout = LoraLayout::new(&e.model_shape(), &TrainConfig::default().lora).unwrap();
+    let mut w = LoraWeights::init(layout);
+    if coeff != 0.0 {
+        fwdllm_shared::update::add_direction(&mut w, seed, coeff);
+    }
+    w
+}
+
+fn texts(s: &data::Split, n: usize) -> Vec<&str> {
+    s.heldout.iter().take(n).map(|e| e.text.as_str()).collect()
+}
+
+fn bits(v: &[Vec<f32>]) -> Vec<Vec<u32>> {
+    v.iter()
+        .map(|r| r.iter().map(|x| x.to_bits()).collect())
+        .collect()
+}
+
+#[test]
+fn zero_adapter_gives_the_same_logits_as_no_adapter() {
+    let (mut e, _, s) = engine(Precision::F32);
+    let task = e.task().unwrap().clone();
+    let t = texts(&s, 3);
+    e.clear_adapter();
+    let base = e.last_logits(&task, &t).unwrap();
+    let zero = weights(&e, 0, 0.0);
+    e.set_adapter(&zero).unwrap();
+    let with_zero = e.last_logits(&task, &t).unwrap();
+    assert_eq!(bits(&base), bits(&with_zero));
+}
+
+#[test]
+fn in_memory_adapter_equals_the_same_adapter_from_a_file() {
+    let (mut e, _, s) = engine(Precision::F32);
+    let task = e.task().unwrap().clone();
+    let t = texts(&s, 3);
+    let base = e.last_logits(&task, &t).unwrap();
+    let w = weights(&e, 11, 0.05);
+    e.set_adapter(&w).unwrap();
+    let mem = e.last_logits(&task, &t).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.gguf");
+    std::fs::write(&path, fwdllm_shared::gguf::write_lora_adapter(&w)).unwrap();
+    e.set_adapter_file(&path).unwrap();
+    let file = e.last_logits(&task, &t).unwrap();
+    assert_eq!(bits(&mem), bits(&file));
+    assert_ne!(
+        bits(&base),
+        bits(&mem),
+        "the adapter must change the logits"
+    );
+}
+
+#[test]
+fn exported_adapter_loads_in_a_fresh_quantized_context_and_changes_predictions() {
+    // Export from one engine, load into a fresh context of the quantised model (the serving
+    // case). A large step along one direction is enough to move predictions.
+    let (e, _, s) = engine(Precision::F32);
+    let w = weights(&e, 5, 0.5);
+    drop(e);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("export.gguf");
+    std::fs::write(&path, fwdllm_shared::gguf::write_lora_adapter(&w)).unwrap();
+
+    let (mut q, _, _) = engine(Precision::Quantized);
+    let task = q.task().unwrap().clone();
+    let batch: Vec<Example> = s.heldout.iter().take(16).cloned().collect();
+    q.clear_adapter();
+    let before = q.loss(&task, &batch).unwrap();
+    q.set_adapter_file(&path).unwrap();
+    let after = q.loss(&task, &batch).unwrap();
+    let changed = before
+        .predictions
+        .iter()
+        .zip(&after.predictions)
+        .filter(|(a, b)| a != b)
+        .count();
+    println!(
+        "predictions changed on {changed}/16; loss {:.4} -> {:.4}",
+        before.mean, after.mean
+    );
+    assert!(changed > 0, "adapter did not change any prediction");
+}
+
+#[test]
+fn gradient_at_calibrated_eps_agrees_with_eps_over_10() {
+    let (mut e, _, s) = engine(Precision::F32);
+    let cfg = TrainConfig::default();
+    let w = weights(&e, 0, 0.0);
+    let batch: Vec<Example> = s.train.iter().take(4).cloned().collect();
+    let seeds = [1u64, 2, 3];
+    let g1 = e
+        .forward_gradients(&w, &batch, &seeds, cfg.eps, false)
+        .unwrap();
+    let g2 = e
+        .forward_gradients(&w, &batch, &seeds, cfg.eps / 10.0, false)
+        .unwrap();
+    println!("g(eps={}) {g1:?}\ng(eps/10) {g2:?}", cfg.eps);
+    let diff = g1
+        .iter()
+        .zip(&g2)
+        .map(|(a, b)| (a - b) * (a - b))
+        .sum::<f32>()
+        .sqrt();
+    let norm = g2.iter().map(|b| b * b).sum::<f32>().sqrt();
+    assert!(norm > 1e-3, "g is ~0: no signal");
+    assert!(
+        diff <= 0.05 * norm,
+        "g at eps and eps/10 differ by {diff} (|g| {norm}), more than 5%"
+    );
+}
+
+#[test]
+fn dequantised_copy_agrees_with_the_quantised_model() {
+    let n = 32;
+    let (mut f, _, s) = engine(Precision::F32);
+    let batch: Vec<Example> = s.heldout.iter().take(n).cloned().collect();
+    let task = f.task().unwrap().clone();
+    let pf = f.loss(&task, &batch).unwrap().predictions;
+    drop(f);
+    let (mut q, _, _) = engine(Precision::Quantized);
+    let task = q.task().unwrap().clone();
+    let pq = q.loss(&task, &batch).unwrap().predictions;
+    let agree = pf.iter().zip(&pq).filter(|(a, b)| a == b).count();
+    println!("F32 copy vs Q4_1: label argmax agreement {agree}/{n}");
+    // Same function up to 8-bit activation rounding: near-total agreement expected.
+    assert!(agree * 100 >= n * 80, "agreement {agree}/{n} below 80%");
+}
+
+#[test]
+fn repeated_evaluation_is_bit_identical() {
+    let (mut e, _, s) = engine(Precision::F32);
+    let task = e.task().unwrap().clone();
+    let batch: Vec<Example> = s.heldout.iter().take(6).cloned().collect();
+    let w = weights(&e, 3, 0.05);
+    e.set_adapter(&w).unwrap();
+    let a = e.loss(&task, &batch).unwrap();
+    // Swap to another adapter and back: state must not leak between evaluations.
+    e.set_adapter(&weights(&e, 4, 0.05)).unwrap();
+    e.loss(&task, &batch).unwrap();
+    e.set_adapter(&w).unwrap();
+    let b = e.loss(&task, &batch).unwrap();
+    assert_eq!(a.mean.to_bits(), b.mean.to_bits());
+    let ga = e
+        .forward_gradients(&w, &batch, &[9, 10], 1e-2, true)
+        .unwrap();
+    let gb = e
+        .forward_gradients(&w, &batch, &[9, 10], 1e-2, true)
+        .unwrap();
+    assert_eq!(
+        ga.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+        gb.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn malformed_model_path_is_a_clear_error() {
+    let mut c = config(Precision::F32);
+    c.model = root().join(".cache/models/does-not-exist.gguf");
+    match Engine::load(&c) {
+        Err(EngineError::ModelNotFound(p)) => assert!(p.ends_with("does-not-exist.gguf")),
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("loaded a missing model"),
+    }
+    // A file that is not a GGUF model.
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.gguf");
+    std::fs::write(&junk, b"not a model").unwrap();
+    let mut c = config(Precision::Quantized);
+    c.model = junk;
+    let err = Engine::load(&c)
+        .err()
+        .expect("junk must not load")
+        .to_string();
+    assert!(err.contains("junk.gguf"), "{err}");
+}
+
+#[test]
+fn rank_zero_and_unknown_module_are_clear_errors() {
+    let (mut e, _, s) = engine(Precision::Quantized);
+    let mut tc = TrainConfig::default();
+    tc.lora.rank = 0;
+    let dir = tempfile::tempdir().unwrap();
+    let err = fwdllm_agent::engine::train::train_local(&mut e, &s, &tc, dir.path(), false)
+        .err()
+        .expect("rank 0 must fail")
+        .to_string();
+    assert!(err.contains("rank"), "{err}");
+
+    let err = toml::from_str::<TrainConfig>("[lora]\nmodules = [\"attn_x\"]\n")
+        .err()
+        .expect("unknown module must fail")
+        .to_string();
+    assert!(err.contains("attn_x") && err.contains("attn_q"), "{err}");
+}
+
+#[test]
+fn unknown_label_word_token_collision_is_a_clear_error() {
+    let (e, t, _) = engine(Precision::Quantized);
+    let mut bad = t.clone();
+    bad.words[1] = bad.words[0].clone();
+    let err = e.prepare_task(&bad).err().expect("collision").to_string();
+    assert!(err.contains("same token"), "{err}");
+}
