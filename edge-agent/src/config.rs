@@ -428,7 +428,7 @@ impl AgentConfig {
                 "use at least 1 (default 1)",
             );
         }
-        if !(self.gradient.synthetic_target_scale.is_finite()) {
+        if !self.gradient.synthetic_target_scale.is_finite() {
             bad(
                 "gradient.synthetic_target_scale",
                 "is not finite".into(),

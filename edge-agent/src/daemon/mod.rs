@@ -337,7 +337,8 @@ enum NetEvent {
 }
 
 /// Drives rumqttc's event loop: forwards messages, reconnects after errors with backoff (rumqttc
-/// itself would retry on the very next poll, in a tight loop), ends after our DISCONNECT.
+/// itself would retry on the very next poll, in a tight loop), ends after our DISCONNECT or
+/// when `stop` is cancelled.
 async fn network_loop(
     mut eventloop: EventLoop,
     mut backoff: Backoff,
@@ -374,22 +375,16 @@ async fn network_loop(
                         backoff.attempts()
                     );
                 }
-                if tx
-                    .send(NetEvent::Disconnected(e.to_string()))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
+                // A closed receiver means the work loop is shutting down; keep polling so the
+                // final "offline" status and DISCONNECT still go out.
+                let _ = tx.send(NetEvent::Disconnected(e.to_string())).await;
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(delay) => continue,
                 }
             }
         };
-        if tx.send(forward).await.is_err() {
-            return;
-        }
+        let _ = tx.send(forward).await;
     }
 }
 
@@ -402,10 +397,7 @@ struct Running {
     pairs: Vec<SeedScalar>,
     samples: u32,
     loss: LossStats,
-    chunk: JoinHandle<(
-        Box<dyn GradientSource + Send>,
-        Result<GradientBatch, GradientError>,
-    )>,
+    chunk: JoinHandle<ChunkOutput>,
     chunk_len: usize,
     chunk_started: Instant,
     /// A newer round was announced: finish the chunk in flight, then drop the work.
@@ -604,13 +596,13 @@ impl Daemon {
 
     async fn on_checkpoint(&mut self, cp: Checkpoint) {
         match self.replica.on_checkpoint(&cp) {
-            Ok(true) => {
+            Ok(Some(replayed)) => {
                 info!(
                     "adopted checkpoint at version {} (replica now at version {})",
                     cp.model_version,
                     self.replica.version()
                 );
-                self.replica_changed(0, 1);
+                self.replica_changed(replayed as u64, 1);
                 if self.checkpoint_subscribed && !self.needs_checkpoint() {
                     // Later checkpoints are only needed on the next divergence; don't download them.
                     if let Err(e) = self.client.unsubscribe(self.topics.checkpoint()).await {
@@ -619,7 +611,7 @@ impl Daemon {
                     self.checkpoint_subscribed = false;
                 }
             }
-            Ok(false) => debug!(
+            Ok(None) => debug!(
                 "checkpoint at version {} not needed (replica at {})",
                 cp.model_version,
                 self.replica.version()
@@ -1018,23 +1010,19 @@ impl Daemon {
     }
 }
 
-type ChunkResult = Result<
-    (
-        Box<dyn GradientSource + Send>,
-        Result<GradientBatch, GradientError>,
-    ),
-    tokio::task::JoinError,
->;
+/// A chunk hands the source back with its result (the source moves to the blocking thread).
+type ChunkOutput = (
+    Box<dyn GradientSource + Send>,
+    Result<GradientBatch, GradientError>,
+);
+type ChunkResult = Result<ChunkOutput, tokio::task::JoinError>;
 
 fn spawn_chunk(
     mut source: Box<dyn GradientSource + Send>,
     weights: Arc<LoraWeights>,
     seeds: Vec<u64>,
     a: &RoundAnnounce,
-) -> JoinHandle<(
-    Box<dyn GradientSource + Send>,
-    Result<GradientBatch, GradientError>,
-)> {
+) -> JoinHandle<ChunkOutput> {
     let (eps, task, round) = (a.eps, a.task.clone(), a.round);
     tokio::task::spawn_blocking(move || {
         let result = source.forward_gradients(&GradientRequest {

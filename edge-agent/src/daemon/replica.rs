@@ -128,15 +128,16 @@ impl Replica {
     }
 
     /// Takes a checkpoint when it helps: when the replica has no weights, has diverged, or is
-    /// behind the checkpoint. Returns Ok(true) when it was adopted (then buffered commits are
-    /// replayed on top), Ok(false) when it was not needed.
+    /// behind the checkpoint. Returns `Ok(Some(n))` when it was adopted and `n` buffered commits
+    /// were then replayed on top, `Ok(None)` when it was not needed. A checkpoint whose parameters
+    /// do not match its hash is rejected and changes nothing.
     pub fn on_checkpoint(
         &mut self,
         cp: &Checkpoint,
-    ) -> Result<bool, fwdllm_shared::wire::CheckpointError> {
+    ) -> Result<Option<usize>, fwdllm_shared::wire::CheckpointError> {
         let useful = self.weights.is_none() || self.diverged || cp.model_version > self.version;
         if !useful {
-            return Ok(false);
+            return Ok(None);
         }
         let weights = cp.to_weights()?;
         if let Some(old) = &self.weights {
@@ -152,8 +153,7 @@ impl Replica {
         self.weights = Some(weights);
         self.version = cp.model_version;
         self.diverged = false;
-        self.advance();
-        Ok(true)
+        Ok(Some(self.advance()))
     }
 
     /// Brings the replica to `version` with hash `hash` from buffered commits, or says what is
@@ -269,13 +269,12 @@ mod tests {
             r.on_commit(c.clone());
         }
         let cp = Checkpoint::from_weights(4, &states[4]);
-        assert!(r.on_checkpoint(&cp).unwrap());
+        assert_eq!(r.on_checkpoint(&cp).unwrap(), Some(2));
         assert_eq!(r.version(), 6);
         assert_eq!(r.sync_to(6, &states[6].hash()), Sync::Ready);
         // An older checkpoint is not needed any more.
-        assert!(!r
-            .on_checkpoint(&Checkpoint::from_weights(4, &states[4]))
-            .unwrap());
+        let old = Checkpoint::from_weights(4, &states[4]);
+        assert_eq!(r.on_checkpoint(&old).unwrap(), None);
     }
 
     #[test]
@@ -290,9 +289,8 @@ mod tests {
             r.sync_to(2, &states[2].hash()),
             Sync::NeedCheckpoint(_)
         ));
-        assert!(r
-            .on_checkpoint(&Checkpoint::from_weights(2, &states[2]))
-            .unwrap());
+        let cp = Checkpoint::from_weights(2, &states[2]);
+        assert_eq!(r.on_checkpoint(&cp).unwrap(), Some(0));
         assert_eq!(r.sync_to(2, &states[2].hash()), Sync::Ready);
     }
 
