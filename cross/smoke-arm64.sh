@@ -48,10 +48,11 @@ log "--version: $version"
 # 2. validate the packaged example with this machine's paths (env overrides, as an
 #    operator's drop-in would set them).
 mkdir -p "$tmp/state"
-printf '{"text": "Stocks rallied as the central bank held rates.", "label": 2}\n' > "$tmp/shard.jsonl"
+printf '{"text": "Shares rose as the central bank held interest rates.", "label": "business"}\n' > "$tmp/shard.jsonl"
 export FWDLLM_AGENT__AGENT__STATE_DIR="$tmp/state"
 export FWDLLM_AGENT__ENGINE__MODEL="$model"
 export FWDLLM_AGENT__ENGINE__SHARD="$tmp/shard.jsonl"
+export FWDLLM_AGENT__ENGINE__TASK="$tmp/root/etc/fwdllm/task.toml" # the packaged default
 export FWDLLM_AGENT__ENGINE__THREADS=2
 "$qemu" "$bin" validate --config "$config" >&2 || fail "validate rejected the packaged example config"
 log "validate: ok"

@@ -219,13 +219,21 @@ fn package_metadata_ships_binary_config_and_enabled_unit() {
             })
             .collect();
         for (src, _, _) in &assets {
-            if !src.starts_with("target/release/") {
-                assert!(
-                    crate_dir.join(src).is_file(),
-                    "{}: asset {src} does not exist",
-                    d.package
-                );
+            if src.starts_with("target/release/") {
+                continue;
             }
+            let present = match src.rsplit_once("/*") {
+                // A glob such as "tasks/*.toml" must match at least one file.
+                Some((dir, suffix)) => std::fs::read_dir(crate_dir.join(dir))
+                    .map(|entries| {
+                        entries.filter_map(Result::ok).any(|e| {
+                            e.file_name().to_string_lossy().ends_with(suffix) && e.path().is_file()
+                        })
+                    })
+                    .unwrap_or(false),
+                None => crate_dir.join(src).is_file(),
+            };
+            assert!(present, "{}: asset {src} does not exist", d.package);
         }
         let find = |dest: &str| {
             assets
