@@ -94,3 +94,5 @@ wait "$agent" || fail "agent exited $? on SIGTERM"
 status=$(mosquitto_sub -h 127.0.0.1 -p "$port" -t "$status_topic" -C 1 -W 10 2>/dev/null) || fail "no status after shutdown"
 log "retained status after SIGTERM: $status"
 grep -q '"offline"' <<<"$status" || fail "status after SIGTERM is not offline"
+log "agent log (last lines):"
+tail -n 12 "$tmp/agent.log" >&2
