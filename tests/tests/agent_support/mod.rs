@@ -316,6 +316,12 @@ pub struct Reference {
     pub version: u64,
 }
 
+impl Default for Reference {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Reference {
     pub fn new() -> Reference {
         Reference {
@@ -405,7 +411,12 @@ impl Running {
             Ok(Err(_)) => panic!("agent info channel closed while waiting for {what}"),
             Err(_) => None,
         };
-        got.unwrap_or_else(|| panic!("timed out waiting for agent: {what}; last {:?}", *self.info.borrow()))
+        got.unwrap_or_else(|| {
+            panic!(
+                "timed out waiting for agent: {what}; last {:?}",
+                *self.info.borrow()
+            )
+        })
     }
 }
 
