@@ -61,6 +61,12 @@ pub enum UpdateOutcome {
 /// Observable events (for tests, the demo's progress bars and the monitor).
 #[derive(Debug, Clone, PartialEq)]
 pub enum AggEvent {
+    /// The aggregator (re)started from its durable state at this version.
+    Resumed {
+        version: u64,
+        hash: WeightsHash,
+        round: u64,
+    },
     RoundOpened {
         round: u64,
         version: u64,

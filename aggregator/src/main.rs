@@ -1,7 +1,6 @@
 //! `fwdllm-aggregator`: run / validate / export / sim.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
@@ -142,78 +141,18 @@ fn main() -> anyhow::Result<()> {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
-            rt.block_on(run_sim(clients, commits, perturbations, out))
+            rt.block_on(async move {
+                let report = sim::bench(clients, commits, perturbations).await?;
+                println!("{}", serde_json::to_string_pretty(&report)?);
+                if let Some(out) = out {
+                    if let Some(d) = out.parent() {
+                        std::fs::create_dir_all(d)?;
+                    }
+                    std::fs::write(&out, serde_json::to_string_pretty(&report)? + "\n")?;
+                    println!("wrote {}", out.display());
+                }
+                anyhow::Ok(())
+            })
         }
     }
-}
-
-async fn run_sim(
-    clients: usize,
-    commits: u64,
-    perturbations: u32,
-    out: Option<PathBuf>,
-) -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let mut cfg = AggregatorConfig::default();
-    cfg.job.name = "sim".into();
-    cfg.job.max_commits = commits;
-    cfg.model.preset = "tiny".into();
-    cfg.state.dir = dir.path().to_path_buf();
-    cfg.state.plot_every = 0;
-    cfg.round.min_clients = clients as u32;
-    cfg.round.quorum = (clients as u32 / 2).max(1);
-    cfg.round.perturbations_per_client = perturbations;
-    cfg.round.deadline_s = 60.0;
-    cfg.pacing.max_perturbations = (clients as u32 * perturbations).max(1);
-    cfg.pacing.min_perturbations = cfg.pacing.max_perturbations;
-    cfg.pacing.max_extends = 0;
-    cfg.step.lr = 0.5;
-    let broker = EmbeddedBroker::start("127.0.0.1", 0, cfg.broker.max_packet_bytes)?;
-    let target = BrokerTarget {
-        host: broker.host(),
-        port: broker.port(),
-    };
-    let params = sim::SimParams {
-        job: cfg.job.name.clone(),
-        host: broker.host(),
-        port: broker.port(),
-        layout: cfg.layout().map_err(anyhow::Error::msg)?,
-        noise: 0.01,
-        target_seed: 7,
-        max_packet_bytes: cfg.broker.max_packet_bytes,
-    };
-    let stats = Arc::new(sim::SimStats::default());
-    let stop = CancellationToken::new();
-    let handles = sim::spawn_clients(&params, "sim", clients, stats.clone(), stop.clone());
-    let started = std::time::Instant::now();
-    let summary = server::run(cfg, target, CancellationToken::new(), Hooks::default()).await?;
-    let wall = started.elapsed().as_secs_f64();
-    stop.cancel();
-    for h in handles {
-        let _ = h.await;
-    }
-    use std::sync::atomic::Ordering::Relaxed;
-    let report = serde_json::json!({
-        "clients": clients,
-        "commits": summary.version,
-        "updates": summary.ingest_updates,
-        "perturbations": summary.perturbations,
-        "wall_s": wall,
-        "ingest_busy_s": summary.ingest_busy_s,
-        "ingest_updates_per_s": summary.ingest_updates_per_s(),
-        "end_to_end_updates_per_s": summary.ingest_updates as f64 / wall,
-        "duplicates": summary.duplicates,
-        "stale": summary.stale,
-        "client_hash_mismatches": stats.hash_mismatches.load(Relaxed),
-        "client_bytes_sent": stats.bytes_sent.load(Relaxed),
-    });
-    println!("{}", serde_json::to_string_pretty(&report)?);
-    if let Some(out) = out {
-        if let Some(d) = out.parent() {
-            std::fs::create_dir_all(d)?;
-        }
-        std::fs::write(&out, serde_json::to_string_pretty(&report)? + "\n")?;
-        println!("wrote {}", out.display());
-    }
-    Ok(())
 }

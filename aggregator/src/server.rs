@@ -192,7 +192,17 @@ pub async fn run(
     let (client, el) = AsyncClient::new(opts, 4096);
     let (tx, mut rx) = mpsc::unbounded_channel();
     let stop = CancellationToken::new();
+    // Dropping this future (task abort = "kill") must also end the event loop, or a zombie
+    // connection would fight a restarted aggregator over the client id.
+    let _stop_on_drop = stop.clone().drop_guard();
     let pump_task = tokio::spawn(pump(el, tx, stop.clone()));
+    if let Some(tx) = &hooks.events {
+        let _ = tx.send(AggEvent::Resumed {
+            version: coord.version(),
+            hash: coord.weights().hash(),
+            round: coord.round(),
+        });
+    }
     let mut summary = RunSummary::default();
     let mut busy = Duration::ZERO;
     let emit = |coord: &mut Coordinator, hooks: &Hooks| {

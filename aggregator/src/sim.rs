@@ -343,3 +343,72 @@ async fn run_client(
     })
     .await;
 }
+
+/// Runs `clients` simulated clients against the real aggregator on an embedded broker for
+/// `commits` commits (every client answers every round; the round commits when all answered)
+/// and reports what it measured, including the aggregator's ingest rate: updates handled per
+/// second of its coordinator task's busy time (decode, pool, fsync'd state, acks — one core).
+pub async fn bench(
+    clients: usize,
+    commits: u64,
+    perturbations: u32,
+) -> anyhow::Result<serde_json::Value> {
+    use crate::broker::EmbeddedBroker;
+    use crate::config::AggregatorConfig;
+    use crate::server::{self, BrokerTarget, Hooks};
+    use std::sync::atomic::Ordering::Relaxed;
+
+    let dir = tempfile::tempdir()?;
+    let mut cfg = AggregatorConfig::default();
+    cfg.job.name = "sim".into();
+    cfg.job.max_commits = commits;
+    cfg.model.preset = "tiny".into();
+    cfg.state.dir = dir.path().to_path_buf();
+    cfg.state.plot_every = 0;
+    cfg.round.min_clients = clients as u32;
+    cfg.round.quorum = (clients as u32 / 2).max(1);
+    cfg.round.perturbations_per_client = perturbations;
+    cfg.round.deadline_s = 120.0;
+    cfg.pacing.max_perturbations = (clients as u32 * perturbations).max(1);
+    cfg.pacing.min_perturbations = cfg.pacing.max_perturbations;
+    cfg.pacing.max_extends = 0;
+    cfg.step.lr = 0.5;
+    let broker = EmbeddedBroker::start("127.0.0.1", 0, cfg.broker.max_packet_bytes)?;
+    let target = BrokerTarget {
+        host: broker.host(),
+        port: broker.port(),
+    };
+    let params = SimParams {
+        job: cfg.job.name.clone(),
+        host: broker.host(),
+        port: broker.port(),
+        layout: cfg.layout().map_err(anyhow::Error::msg)?,
+        noise: 0.01,
+        target_seed: 7,
+        max_packet_bytes: cfg.broker.max_packet_bytes,
+    };
+    let stats = Arc::new(SimStats::default());
+    let stop = CancellationToken::new();
+    let handles = spawn_clients(&params, "sim", clients, stats.clone(), stop.clone());
+    let started = std::time::Instant::now();
+    let summary = server::run(cfg, target, CancellationToken::new(), Hooks::default()).await?;
+    let wall = started.elapsed().as_secs_f64();
+    stop.cancel();
+    for h in handles {
+        let _ = h.await;
+    }
+    Ok(serde_json::json!({
+        "clients": clients,
+        "commits": summary.version,
+        "updates": summary.ingest_updates,
+        "perturbations": summary.perturbations,
+        "wall_s": wall,
+        "ingest_busy_s": summary.ingest_busy_s,
+        "ingest_updates_per_s": summary.ingest_updates_per_s(),
+        "end_to_end_updates_per_s": summary.ingest_updates as f64 / wall,
+        "duplicates": summary.duplicates,
+        "stale": summary.stale,
+        "client_hash_mismatches": stats.hash_mismatches.load(Relaxed),
+        "client_bytes_sent": stats.bytes_sent.load(Relaxed),
+    }))
+}

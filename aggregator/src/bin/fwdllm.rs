@@ -1,1 +1,594 @@
-fn main() {}
+//! `fwdllm`: the newcomer's entry point.
+//!
+//! * `demo` — embedded broker + aggregator + N agents (llama.cpp engine on BBC News shards) in
+//!   one process, bounded time, progress bar per round, final table, plot and exported adapter.
+//! * `monitor` — live view of a job on any broker.
+//! * `export` — GGUF LoRA from an aggregator state directory.
+//! * `bench-federation` — the same federation on AG News, plus the simulated-client ingest
+//!   measurement, written as flat JSON.
+//!
+//! Evaluation: the demo process holds the held-out split and runs its own engine instance on
+//! the aggregator's exact weights (zero-shot before round 1, final after the last commit, and
+//! through the exported GGUF file). Agents never see held-out data, and training is not stalled
+//! by evaluation passes on a training agent.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand, ValueEnum};
+use fwdllm_agent::config::{AgentConfig, SourceKind};
+use fwdllm_agent::daemon::{Agent, AgentInfo, EngineSource};
+use fwdllm_agent::data::{self, Example, Partition, TaskConfig};
+use fwdllm_agent::engine::TrainConfig;
+use fwdllm_agent::engine::{Engine, EngineConfig};
+use fwdllm_aggregator::broker::EmbeddedBroker;
+use fwdllm_aggregator::config::{AggregatorConfig, Schedule};
+use fwdllm_aggregator::coordinator::{AggEvent, UpdateOutcome};
+use fwdllm_aggregator::server::{self, BrokerTarget, Hooks};
+use fwdllm_aggregator::{export, metrics, monitor, sim};
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "fwdllm",
+    version,
+    about = "fwdllm: federated forward-gradient LoRA fine-tuning over MQTT"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Split {
+    Iid,
+    Dirichlet,
+}
+
+#[derive(clap::Args, Clone)]
+struct FedArgs {
+    /// Number of agents (each with its own engine and data shard).
+    #[arg(long, default_value_t = 4)]
+    agents: usize,
+    /// Training time budget in minutes (evaluation and set-up come on top).
+    #[arg(long, default_value_t = 10.0)]
+    minutes: f64,
+    /// How the training split is dealt to agents.
+    #[arg(long, value_enum, default_value_t = Split::Iid)]
+    split: Split,
+    /// Dirichlet concentration for --split dirichlet (small = each agent sees few labels).
+    #[arg(long, default_value_t = 0.5)]
+    alpha: f64,
+    /// Model file (GGUF).
+    #[arg(long, default_value = ".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf")]
+    model: PathBuf,
+    /// Perturbations per agent per round.
+    #[arg(long, default_value_t = 1)]
+    perturbations: u32,
+    /// Held-out examples evaluated (0 = the task's whole held-out split).
+    #[arg(long, default_value_t = 0)]
+    heldout: usize,
+    /// Output directory (state, metrics, plot, adapter).
+    #[arg(long)]
+    out_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Embedded broker + aggregator + N agents on BBC News; prints zero-shot vs trained accuracy.
+    Demo {
+        #[command(flatten)]
+        fed: FedArgs,
+        #[arg(long, default_value = "edge-agent/tasks/bbc.toml")]
+        task: PathBuf,
+    },
+    /// Live view of a job on any broker.
+    Monitor {
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        #[arg(long, default_value_t = 1883)]
+        port: u16,
+        #[arg(long, default_value = "default")]
+        job: String,
+        /// Print snapshots instead of redrawing the screen.
+        #[arg(long)]
+        plain: bool,
+    },
+    /// Write the adapter held in an aggregator state directory as a GGUF LoRA.
+    Export {
+        #[arg(long)]
+        state_dir: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Federation on AG News + simulated-client ingest; writes flat JSON.
+    BenchFederation {
+        #[command(flatten)]
+        fed: FedArgs,
+        #[arg(long, default_value = "edge-agent/tasks/ag_news.toml")]
+        task: PathBuf,
+        #[arg(long, default_value = "target/bench/federation.json")]
+        out: PathBuf,
+        /// Simulated clients for the ingest measurement.
+        #[arg(long, default_value_t = 200)]
+        sim_clients: usize,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    env_logger::Builder::from_env(
+        env_logger::Env::default()
+            .default_filter_or("warn,fwdllm_aggregator=warn,rumqttd=off,tracing=off"),
+    )
+    .init();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cli.cmd {
+        Cmd::Demo { fed, task } => {
+            let r = rt.block_on(federate(&fed, &task, "demo"))?;
+            r.print_table();
+            Ok(())
+        }
+        Cmd::Monitor {
+            host,
+            port,
+            job,
+            plain,
+        } => rt.block_on(async move {
+            let stop = CancellationToken::new();
+            let s2 = stop.clone();
+            tokio::spawn(async move {
+                let _ = tokio::signal::ctrl_c().await;
+                s2.cancel();
+            });
+            monitor::run(&host, port, &job, plain, stop)
+                .await
+                .map_err(anyhow::Error::msg)
+        }),
+        Cmd::Export { state_dir, out } => {
+            let (version, w) = export::load_weights(&state_dir)
+                .with_context(|| format!("loading {}", state_dir.display()))?;
+            let n = export::export_gguf(&w, &out)?;
+            println!(
+                "wrote {} ({n} bytes, version {version}, hash {})",
+                out.display(),
+                w.hash()
+            );
+            Ok(())
+        }
+        Cmd::BenchFederation {
+            fed,
+            task,
+            out,
+            sim_clients,
+        } => rt.block_on(async move {
+            let ingest = sim::bench(sim_clients, 10, 4).await?;
+            println!("simulated clients: {ingest}");
+            let r = federate(&fed, &task, "bench").await?;
+            r.print_table();
+            let mut j = serde_json::json!({
+                "task": r.task,
+                "agents": r.agents,
+                "split": r.split,
+                "zero_shot_accuracy": r.zero_shot,
+                "final_accuracy": r.final_acc,
+                "exported_adapter_accuracy": r.exported_acc,
+                "heldout_examples": r.heldout_n,
+                "commits": r.commits,
+                "rounds": r.rounds,
+                "perturbations": r.perturbations,
+                "wall_s": r.wall_s,
+                "train_wall_s": r.train_wall_s,
+                "upload_bytes_per_agent": r.upload_per_agent,
+                "download_bytes_per_agent": r.download_per_agent,
+                "dense_fedavg_bytes": r.dense_fedavg_bytes,
+                "dense_fedavg_bytes_per_round": r.dense_per_round,
+                "lora_trainable_params": r.trainable,
+                "replica_hashes_equal": r.replicas_equal,
+                "sim_clients": sim_clients,
+            });
+            let obj = j.as_object_mut().expect("object");
+            for (k, v) in ingest.as_object().expect("object") {
+                let key = if k == "ingest_updates_per_s" {
+                    k.clone()
+                } else {
+                    format!("sim_{k}")
+                };
+                obj.insert(key, v.clone());
+            }
+            if let Some(d) = out.parent() {
+                std::fs::create_dir_all(d)?;
+            }
+            std::fs::write(&out, serde_json::to_string_pretty(&j)? + "\n")?;
+            println!("{}", serde_json::to_string_pretty(&j)?);
+            println!("wrote {}", out.display());
+            anyhow::Ok(())
+        }),
+    }
+}
+
+struct FedResult {
+    task: String,
+    agents: usize,
+    split: String,
+    zero_shot: f64,
+    final_acc: f64,
+    exported_acc: f64,
+    heldout_n: usize,
+    commits: u64,
+    rounds: u64,
+    perturbations: u64,
+    wall_s: f64,
+    train_wall_s: f64,
+    upload_per_agent: f64,
+    download_per_agent: f64,
+    dense_fedavg_bytes: u64,
+    dense_per_round: u64,
+    trainable: usize,
+    replicas_equal: bool,
+    out_dir: PathBuf,
+    per_agent: Vec<AgentInfo>,
+}
+
+impl FedResult {
+    fn print_table(&self) {
+        println!();
+        println!(
+            "fwdllm federation — {} agents, task {}, split {}",
+            self.agents, self.task, self.split
+        );
+        println!("{:-<64}", "");
+        println!(
+            "{:<40} {:>22}",
+            "held-out accuracy, zero-shot",
+            format!("{:.3}", self.zero_shot)
+        );
+        println!(
+            "{:<40} {:>22}",
+            "held-out accuracy, trained",
+            format!("{:.3}", self.final_acc)
+        );
+        println!(
+            "{:<40} {:>22}",
+            "  same, via exported GGUF adapter",
+            format!("{:.3}", self.exported_acc)
+        );
+        println!("{:<40} {:>22}", "held-out examples", self.heldout_n);
+        println!(
+            "{:<40} {:>22}",
+            "commits / rounds",
+            format!("{} / {}", self.commits, self.rounds)
+        );
+        println!("{:<40} {:>22}", "perturbations used", self.perturbations);
+        println!(
+            "{:<40} {:>22}",
+            "wall time (training / total) s",
+            format!("{:.0} / {:.0}", self.train_wall_s, self.wall_s)
+        );
+        println!(
+            "{:<40} {:>22}",
+            "bytes up per agent (mean)",
+            format!("{:.0}", self.upload_per_agent)
+        );
+        println!(
+            "{:<40} {:>22}",
+            "bytes down per agent (mean)",
+            format!("{:.0}", self.download_per_agent)
+        );
+        println!(
+            "{:<40} {:>22}",
+            "dense LoRA FedAvg bytes up per agent", self.dense_fedavg_bytes
+        );
+        println!(
+            "{:<40} {:>22}",
+            "replica hashes equal aggregator's", self.replicas_equal
+        );
+        for a in &self.per_agent {
+            println!(
+                "  {:<12} updates {:>5} perturbations {:>6} up {:>9} B down {:>10} B",
+                a.client_id, a.updates_sent, a.perturbations_done, a.bytes_sent, a.bytes_received
+            );
+        }
+        println!(
+            "outputs in {}: adapter.gguf, metrics.csv, metrics.jsonl, metrics.png",
+            self.out_dir.display()
+        );
+    }
+}
+
+fn engine_config(model: &Path, threads: u32) -> EngineConfig {
+    EngineConfig {
+        model: model.to_path_buf(),
+        threads,
+        ..EngineConfig::default()
+    }
+}
+
+fn evaluate(
+    engine: &mut Engine,
+    w: Option<&fwdllm_shared::lora::LoraWeights>,
+    ex: &[Example],
+) -> anyhow::Result<(f64, f64)> {
+    let r = engine.evaluate(w, ex)?;
+    Ok((r.accuracy, r.loss))
+}
+
+async fn federate(fed: &FedArgs, task_path: &Path, name: &str) -> anyhow::Result<FedResult> {
+    let t0 = Instant::now();
+    if fed.agents == 0 {
+        bail!("--agents must be at least 1");
+    }
+    let task = TaskConfig::from_file(task_path)
+        .with_context(|| format!("task {}", task_path.display()))?;
+    let root = std::env::current_dir()?;
+    let examples = task.load_examples(&root).with_context(|| {
+        format!(
+            "data of task {} (run `make setup` for the BBC cache)",
+            task.name
+        )
+    })?;
+    let split = data::split(examples, task.split_seed, task.heldout, task.dev);
+    let mut heldout = split.heldout;
+    if fed.heldout > 0 {
+        heldout.truncate(fed.heldout);
+    }
+    let partition = match fed.split {
+        Split::Iid => Partition::Iid,
+        Split::Dirichlet => Partition::Dirichlet { alpha: fed.alpha },
+    };
+    let shards = data::shard(&split.train, fed.agents, partition, task.split_seed);
+    let out_dir = fed
+        .out_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("target/{name}")));
+    let state_dir = out_dir.join("aggregator");
+    if state_dir.exists() {
+        std::fs::remove_dir_all(&state_dir)
+            .with_context(|| format!("clearing {}", state_dir.display()))?;
+    }
+    std::fs::create_dir_all(&out_dir)?;
+    let train = TrainConfig::default();
+
+    // Evaluation engine (held-out split lives only here).
+    println!("loading the evaluation engine and measuring zero-shot accuracy on {} held-out examples ...", heldout.len());
+    let mut eval_engine = Engine::load(&engine_config(&fed.model, 2))?;
+    eval_engine.set_task(&task)?;
+    let (zero_shot, _) = evaluate(&mut eval_engine, None, &heldout)?;
+    println!("zero-shot held-out accuracy: {zero_shot:.3}");
+
+    // Broker + aggregator.
+    let broker = EmbeddedBroker::start("127.0.0.1", 0, 64 << 20)?;
+    let n = fed.agents as u32;
+    let mut cfg = AggregatorConfig::default();
+    cfg.job.name = format!("{name}-{}", task.name);
+    cfg.model.gguf = fed.model.clone();
+    cfg.lora = train.lora.clone();
+    cfg.state.dir = state_dir.clone();
+    cfg.state.checkpoint_every = 20;
+    cfg.state.plot_every = 20;
+    cfg.round.perturbations_per_client = fed.perturbations;
+    cfg.round.eps = train.eps;
+    cfg.round.min_clients = n;
+    cfg.round.quorum = n.div_ceil(2);
+    cfg.round.deadline_s = 60.0;
+    cfg.task.batch_size = train.batch_size as u32;
+    cfg.task.one_sided = train.one_sided;
+    // K = agents x perturbations pairs per commit, like the engine's tuned local training
+    // (K directions per step); the z gate rarely passes at this K (z ≈ ρK/√(2d)), so the
+    // round commits once every selected agent answered.
+    cfg.pacing.max_perturbations = n * fed.perturbations;
+    cfg.pacing.min_perturbations = n * fed.perturbations;
+    cfg.pacing.max_extends = 0;
+    cfg.step.lr = f64::from(train.lr);
+    cfg.step.schedule = Schedule::Cosine;
+    cfg.step.total_commits = 600;
+    cfg.step.min_lr_ratio = 0.2;
+    // ≈ the engine's absolute clamp (max_update_norm) at the initial ‖θ‖ of this layout.
+    let layout = cfg.layout().map_err(anyhow::Error::msg)?;
+    let theta0 = fwdllm_aggregator::step::params_norm(
+        fwdllm_shared::lora::LoraWeights::init(layout.clone()).params(),
+    );
+    cfg.step.trust_region = f64::from(train.max_update_norm) / theta0.max(1e-6);
+    let problems = cfg.validate();
+    if !problems.is_empty() {
+        bail!("internal aggregator config invalid: {problems:?}");
+    }
+    let (ev_tx, mut ev_rx) = broadcast::channel(65_536);
+    let agg_stop = CancellationToken::new();
+    let target = BrokerTarget {
+        host: broker.host(),
+        port: broker.port(),
+    };
+    let agg_task = tokio::spawn(server::run(
+        cfg.clone(),
+        target,
+        agg_stop.clone(),
+        Hooks {
+            events: Some(ev_tx),
+            on_commit: None,
+        },
+    ));
+
+    // Agents: each its own engine (1 thread: N engines share the cores) and shard.
+    let threads = (std::thread::available_parallelism()
+        .map(|x| x.get())
+        .unwrap_or(2)
+        / fed.agents)
+        .max(1) as u32;
+    let mut agents = Vec::new();
+    for (i, shard) in shards.into_iter().enumerate() {
+        let id = format!("agent-{i}");
+        let mut engine = Engine::load(&engine_config(&fed.model, threads))?;
+        engine.set_task(&task)?;
+        let source = EngineSource::new(engine, shard, i as u64 + 1)?;
+        let mut ac = AgentConfig::default();
+        ac.agent.client_id = id.clone();
+        ac.agent.job = cfg.job.name.clone();
+        ac.agent.state_dir = out_dir.join("agents").join(&id).display().to_string();
+        let _ = std::fs::remove_dir_all(&ac.agent.state_dir);
+        ac.agent.systemd_notify = false;
+        ac.mqtt.host = broker.host();
+        ac.mqtt.port = broker.port();
+        ac.mqtt.max_packet_bytes = 64 << 20;
+        ac.limits.min_free_memory_mb = 0;
+        ac.limits.max_temperature_c = 0.0;
+        ac.limits.max_load_per_core = 0.0;
+        ac.gradient.source = SourceKind::Synthetic; // the source is passed in directly
+        let agent = Agent::new(ac, Box::new(source)).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let info = agent.watch();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(agent.run(stop.clone()));
+        agents.push((info, stop, task));
+    }
+
+    // Progress: one bar per round, until the time budget is spent.
+    let t_train = Instant::now();
+    let budget = Duration::from_secs_f64(fed.minutes * 60.0);
+    let style = ProgressStyle::with_template("{prefix:>10} [{bar:30}] {pos}/{len} {msg}")
+        .expect("template")
+        .progress_chars("=> ");
+    let mut bar: Option<ProgressBar> = None;
+    let mut last_hash = None;
+    let mut commits = 0u64;
+    let deadline = tokio::time::Instant::now() + budget;
+    loop {
+        let ev = tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => break,
+            e = ev_rx.recv() => match e { Ok(e) => e, Err(broadcast::error::RecvError::Lagged(_)) => continue, Err(_) => break },
+        };
+        match ev {
+            AggEvent::RoundOpened {
+                round,
+                version,
+                selected,
+            } => {
+                let b =
+                    ProgressBar::new(u64::from(n * fed.perturbations)).with_style(style.clone());
+                b.set_prefix(format!("round {round}"));
+                b.set_message(format!("v{version}, {selected} agents"));
+                bar = Some(b);
+            }
+            AggEvent::Update {
+                outcome: UpdateOutcome::Accepted { pairs },
+                ..
+            } => {
+                if let Some(b) = &bar {
+                    b.inc(pairs as u64);
+                }
+            }
+            AggEvent::Committed {
+                version,
+                hash,
+                perturbations,
+                ..
+            } => {
+                commits = version;
+                last_hash = Some(hash);
+                if let Some(b) = bar.take() {
+                    b.finish_with_message(format!(
+                        "-> v{version} ({perturbations} pairs, {:.0}s elapsed)",
+                        t_train.elapsed().as_secs_f64()
+                    ));
+                }
+            }
+            AggEvent::Abandoned { round } => {
+                if let Some(b) = bar.take() {
+                    b.abandon_with_message(format!(
+                        "round {round} abandoned (deadline without quorum)"
+                    ));
+                }
+            }
+            _ => {}
+        }
+    }
+    if let Some(b) = bar.take() {
+        b.abandon_with_message("time budget spent; round left open");
+    }
+    let train_wall_s = t_train.elapsed().as_secs_f64();
+    agg_stop.cancel();
+    let summary = agg_task.await??;
+    // Replicas: every agent at the final version with the aggregator's hash.
+    let final_version = summary.version;
+    let mut per_agent = Vec::new();
+    let mut replicas_equal = true;
+    for (info, stop, task) in agents.iter_mut() {
+        let got = tokio::time::timeout(
+            Duration::from_secs(30),
+            info.wait_for(|i| i.model_version >= final_version),
+        )
+        .await;
+        let i = info.borrow().clone();
+        replicas_equal &= got.is_ok()
+            && i.model_version == final_version
+            && (final_version == 0 || i.weights_hash == last_hash);
+        stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(30), task).await;
+        per_agent.push(info.borrow().clone());
+    }
+    let (version, weights) = export::load_weights(&state_dir)?;
+    let adapter = out_dir.join("adapter.gguf");
+    export::export_gguf(&weights, &adapter)?;
+    println!(
+        "evaluating version {version} on {} held-out examples ...",
+        heldout.len()
+    );
+    let (final_acc, _) = evaluate(&mut eval_engine, Some(&weights), &heldout)?;
+    // The exported file, loaded by llama.cpp as a LoRA adapter, must give the same predictions.
+    eval_engine.set_adapter_file(&adapter)?;
+    let eval_task = eval_engine.task().cloned().context("evaluation task")?;
+    let exported_acc = match eval_engine.loss(&eval_task, &heldout) {
+        Ok(l) => {
+            let correct = l
+                .predictions
+                .iter()
+                .zip(&heldout)
+                .filter(|(p, e)| **p == e.label)
+                .count();
+            correct as f64 / heldout.len().max(1) as f64
+        }
+        Err(e) => {
+            log::warn!("evaluating the exported adapter: {e}");
+            f64::NAN
+        }
+    };
+    for f in [metrics::PLOT_FILE, metrics::CSV_FILE, metrics::JSONL_FILE] {
+        let _ = std::fs::copy(state_dir.join(f), out_dir.join(f));
+    }
+    let trainable = layout.trainable_len();
+    let k = per_agent.len().max(1) as f64;
+    let dense_per_round = (trainable * 4) as u64;
+    Ok(FedResult {
+        task: task.name.clone(),
+        agents: fed.agents,
+        split: match fed.split {
+            Split::Iid => "iid".into(),
+            Split::Dirichlet => format!("dirichlet({})", fed.alpha),
+        },
+        zero_shot,
+        final_acc,
+        exported_acc,
+        heldout_n: heldout.len(),
+        commits: commits.max(summary.version),
+        rounds: summary.rounds,
+        perturbations: summary.perturbations,
+        wall_s: t0.elapsed().as_secs_f64(),
+        train_wall_s,
+        upload_per_agent: per_agent.iter().map(|a| a.bytes_sent as f64).sum::<f64>() / k,
+        download_per_agent: per_agent
+            .iter()
+            .map(|a| a.bytes_received as f64)
+            .sum::<f64>()
+            / k,
+        dense_fedavg_bytes: dense_per_round * summary.version,
+        dense_per_round,
+        trainable,
+        replicas_equal,
+        out_dir,
+        per_agent,
+    })
+}
