@@ -84,123 +84,152 @@ impl TaskArgs {
     }
 }
 
-/// Engine subcommands; flattened into the top-level CLI.
+/// Engine subcommands; flattened into the top-level CLI. Payloads are boxed so the
+/// top-level command enum stays small.
 #[derive(Debug, clap::Subcommand)]
 pub enum EngineCommand {
     /// Convert the model once to the training precision (cached, verified by a stamp).
-    Prepare {
-        #[command(flatten)]
-        engine: EngineArgs,
-    },
+    Prepare(Box<PrepareArgs>),
     /// Held-out accuracy and loss of the base model, or of an adapter.
-    Eval {
-        #[command(flatten)]
-        engine: EngineArgs,
-        #[command(flatten)]
-        task: TaskArgs,
-        /// GGUF LoRA adapter to evaluate (base model if absent).
-        #[arg(long)]
-        adapter: Option<PathBuf>,
-        /// Evaluate at most this many held-out examples.
-        #[arg(long)]
-        limit: Option<usize>,
-    },
+    Eval(Box<EvalArgs>),
     /// Measure noise in ΔL, g across ε and the SNR; pick ε; write the table.
-    Calibrate {
-        #[command(flatten)]
-        engine: EngineArgs,
-        #[command(flatten)]
-        task: TaskArgs,
-        #[arg(long, default_value_t = 5)]
-        directions: u32,
-        #[arg(long, default_value = "target/bench/calibrate.json")]
-        out: PathBuf,
-    },
+    Calibrate(Box<CalibrateArgs>),
     /// Local forward-gradient training (FwdLLM's centralised reference).
-    TrainLocal {
-        #[command(flatten)]
-        engine: EngineArgs,
-        #[command(flatten)]
-        task: TaskArgs,
-        /// Training config TOML (TrainConfig keys); flags below override it.
-        #[arg(long)]
-        config: Option<PathBuf>,
-        #[arg(long)]
-        lr: Option<f32>,
-        #[arg(long)]
-        max_update_norm: Option<f32>,
-        #[arg(long)]
-        lr_half_life: Option<f32>,
-        #[arg(long)]
-        eps: Option<f32>,
-        #[arg(long)]
-        directions: Option<u32>,
-        #[arg(long)]
-        max_wall_s: Option<f64>,
-        #[arg(long)]
-        max_steps: Option<u32>,
-        #[arg(long)]
-        central: bool,
-        /// Layer range start..end (half-open), e.g. 26..30.
-        #[arg(long)]
-        layers: Option<String>,
-        #[arg(long)]
-        rank: Option<u32>,
-        /// Comma-separated modules (attn_q,attn_v,...).
-        #[arg(long, value_delimiter = ',')]
-        modules: Option<Vec<String>>,
-        #[arg(long)]
-        seed: Option<u64>,
-        /// Output directory (metrics.json, steps.csv, adapter.gguf).
-        #[arg(long, default_value = "target/train-local")]
-        out: PathBuf,
-        /// Also evaluate the trained adapter on the quantised model.
-        #[arg(long)]
-        check_quantized: bool,
-        #[arg(long)]
-        no_progress: bool,
-    },
+    TrainLocal(Box<TrainLocalArgs>),
     /// Engine benchmark: throughput, adapter swap cost, RSS, noise, SNR, training figures.
-    BenchEngine {
-        #[command(flatten)]
-        engine: EngineArgs,
-        #[command(flatten)]
-        task: TaskArgs,
-        #[arg(long, default_value = "target/bench/engine.json")]
-        out: PathBuf,
-        /// Adapter swaps for the RSS drift measurement.
-        #[arg(long, default_value_t = 10_000)]
-        swaps: u32,
-        /// Training metrics to quote (written by train-local).
-        #[arg(long, default_value = "target/train-local/metrics.json")]
-        train_metrics: PathBuf,
-    },
+    BenchEngine(Box<BenchEngineArgs>),
     /// Score prompt templates / label words zero-shot on the dev split.
-    PromptSearch {
-        #[command(flatten)]
-        engine: EngineArgs,
-        #[command(flatten)]
-        task: TaskArgs,
-        /// Candidate prompts (use {text}); default: a built-in small set.
-        #[arg(long = "candidate")]
-        candidates: Vec<String>,
-        #[arg(long, default_value_t = 100)]
-        limit: usize,
-    },
+    PromptSearch(Box<PromptSearchArgs>),
     /// Split a task's training examples into client shards (JSONL files).
-    Shard {
-        #[command(flatten)]
-        task: TaskArgs,
-        #[arg(long, default_value_t = 4)]
-        clients: usize,
-        /// Dirichlet α for a non-IID split by label (IID if absent).
-        #[arg(long)]
-        alpha: Option<f64>,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        #[arg(long, default_value = "target/shards")]
-        out: PathBuf,
-    },
+    Shard(Box<ShardArgs>),
+}
+
+/// Convert the model once to the training precision (cached, verified by a stamp).
+#[derive(Debug, clap::Args)]
+pub struct PrepareArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+/// Held-out accuracy and loss of the base model, or of an adapter.
+#[derive(Debug, clap::Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    #[command(flatten)]
+    pub task: TaskArgs,
+    /// GGUF LoRA adapter to evaluate (base model if absent).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Evaluate at most this many held-out examples.
+    #[arg(long)]
+    pub limit: Option<usize>,
+}
+
+/// Measure noise in ΔL, g across ε and the SNR; pick ε; write the table.
+#[derive(Debug, clap::Args)]
+pub struct CalibrateArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    #[command(flatten)]
+    pub task: TaskArgs,
+    #[arg(long, default_value_t = 5)]
+    pub directions: u32,
+    #[arg(long, default_value = "target/bench/calibrate.json")]
+    pub out: PathBuf,
+}
+
+/// Local forward-gradient training (FwdLLM's centralised reference).
+#[derive(Debug, clap::Args)]
+pub struct TrainLocalArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    #[command(flatten)]
+    pub task: TaskArgs,
+    /// Training config TOML (TrainConfig keys); flags below override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long)]
+    pub lr: Option<f32>,
+    #[arg(long)]
+    pub max_update_norm: Option<f32>,
+    #[arg(long)]
+    pub lr_half_life: Option<f32>,
+    #[arg(long)]
+    pub eps: Option<f32>,
+    #[arg(long)]
+    pub directions: Option<u32>,
+    #[arg(long)]
+    pub max_wall_s: Option<f64>,
+    #[arg(long)]
+    pub max_steps: Option<u32>,
+    #[arg(long)]
+    pub central: bool,
+    /// Layer range start..end (half-open), e.g. 26..30.
+    #[arg(long)]
+    pub layers: Option<String>,
+    #[arg(long)]
+    pub rank: Option<u32>,
+    /// Comma-separated modules (attn_q,attn_v,...).
+    #[arg(long, value_delimiter = ',')]
+    pub modules: Option<Vec<String>>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Output directory (metrics.json, steps.csv, adapter.gguf).
+    #[arg(long, default_value = "target/train-local")]
+    pub out: PathBuf,
+    /// Also evaluate the trained adapter on the quantised model.
+    #[arg(long)]
+    pub check_quantized: bool,
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+/// Engine benchmark: throughput, adapter swap cost, RSS, noise, SNR, training figures.
+#[derive(Debug, clap::Args)]
+pub struct BenchEngineArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    #[command(flatten)]
+    pub task: TaskArgs,
+    #[arg(long, default_value = "target/bench/engine.json")]
+    pub out: PathBuf,
+    /// Adapter swaps for the RSS drift measurement.
+    #[arg(long, default_value_t = 10_000)]
+    pub swaps: u32,
+    /// Training metrics to quote (written by train-local).
+    #[arg(long, default_value = "target/train-local/metrics.json")]
+    pub train_metrics: PathBuf,
+}
+
+/// Score prompt templates / label words zero-shot on the dev split.
+#[derive(Debug, clap::Args)]
+pub struct PromptSearchArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    #[command(flatten)]
+    pub task: TaskArgs,
+    /// Candidate prompts (use {text}); default: a built-in small set.
+    #[arg(long = "candidate")]
+    pub candidates: Vec<String>,
+    #[arg(long, default_value_t = 100)]
+    pub limit: usize,
+}
+
+/// Split a task's training examples into client shards (JSONL files).
+#[derive(Debug, clap::Args)]
+pub struct ShardArgs {
+    #[command(flatten)]
+    pub task: TaskArgs,
+    #[arg(long, default_value_t = 4)]
+    pub clients: usize,
+    /// Dirichlet α for a non-IID split by label (IID if absent).
+    #[arg(long)]
+    pub alpha: Option<f64>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value = "target/shards")]
+    pub out: PathBuf,
 }
 
 fn init_logging() {
@@ -214,7 +243,8 @@ impl EngineCommand {
     pub fn run(self) -> anyhow::Result<()> {
         init_logging();
         match self {
-            EngineCommand::Prepare { engine } => {
+            EngineCommand::Prepare(args) => {
+                let PrepareArgs { engine } = *args;
                 let cfg = engine.config();
                 let t = std::time::Instant::now();
                 let path = engine::prepare::prepare(
@@ -226,12 +256,13 @@ impl EngineCommand {
                 println!("{} ({:.1} s)", path.display(), t.elapsed().as_secs_f64());
                 Ok(())
             }
-            EngineCommand::Eval {
-                engine,
-                task,
-                adapter,
-                limit,
-            } => {
+            EngineCommand::Eval(args) => {
+                let EvalArgs {
+                    engine,
+                    task,
+                    adapter,
+                    limit,
+                } = *args;
                 let (tcfg, split) = task.load()?;
                 let mut e = Engine::load(&engine.config())?;
                 e.set_task(&tcfg)?;
@@ -265,12 +296,13 @@ impl EngineCommand {
                 );
                 Ok(())
             }
-            EngineCommand::Calibrate {
-                engine,
-                task,
-                directions,
-                out,
-            } => {
+            EngineCommand::Calibrate(args) => {
+                let CalibrateArgs {
+                    engine,
+                    task,
+                    directions,
+                    out,
+                } = *args;
                 let (tcfg, split) = task.load()?;
                 let mut e = Engine::load(&engine.config())?;
                 e.set_task(&tcfg)?;
@@ -285,26 +317,27 @@ impl EngineCommand {
                 println!("wrote {}", out.display());
                 Ok(())
             }
-            EngineCommand::TrainLocal {
-                engine,
-                task,
-                config,
-                lr,
-                max_update_norm,
-                lr_half_life,
-                eps,
-                directions,
-                max_wall_s,
-                max_steps,
-                central,
-                layers,
-                rank,
-                modules,
-                seed,
-                out,
-                check_quantized,
-                no_progress,
-            } => {
+            EngineCommand::TrainLocal(args) => {
+                let TrainLocalArgs {
+                    engine,
+                    task,
+                    config,
+                    lr,
+                    max_update_norm,
+                    lr_half_life,
+                    eps,
+                    directions,
+                    max_wall_s,
+                    max_steps,
+                    central,
+                    layers,
+                    rank,
+                    modules,
+                    seed,
+                    out,
+                    check_quantized,
+                    no_progress,
+                } = *args;
                 let mut tc = match &config {
                     Some(p) => toml::from_str(
                         &std::fs::read_to_string(p).with_context(|| p.display().to_string())?,
@@ -406,13 +439,14 @@ impl EngineCommand {
                 );
                 Ok(())
             }
-            EngineCommand::BenchEngine {
-                engine,
-                task,
-                out,
-                swaps,
-                train_metrics,
-            } => {
+            EngineCommand::BenchEngine(args) => {
+                let BenchEngineArgs {
+                    engine,
+                    task,
+                    out,
+                    swaps,
+                    train_metrics,
+                } = *args;
                 let (tcfg, split) = task.load()?;
                 let report =
                     engine::bench::run(&engine.config(), &tcfg, &split, swaps, &train_metrics)?;
@@ -424,12 +458,13 @@ impl EngineCommand {
                 println!("wrote {}", out.display());
                 Ok(())
             }
-            EngineCommand::PromptSearch {
-                engine,
-                task,
-                candidates,
-                limit,
-            } => {
+            EngineCommand::PromptSearch(args) => {
+                let PromptSearchArgs {
+                    engine,
+                    task,
+                    candidates,
+                    limit,
+                } = *args;
                 let (tcfg, split) = task.load()?;
                 let mut e = Engine::load(&engine.config())?;
                 let dev = &split.dev[..limit.min(split.dev.len())];
@@ -450,13 +485,14 @@ impl EngineCommand {
                 }
                 Ok(())
             }
-            EngineCommand::Shard {
-                task,
-                clients,
-                alpha,
-                seed,
-                out,
-            } => {
+            EngineCommand::Shard(args) => {
+                let ShardArgs {
+                    task,
+                    clients,
+                    alpha,
+                    seed,
+                    out,
+                } = *args;
                 let (tcfg, split) = task.load()?;
                 let partition = match alpha {
                     Some(a) if a > 0.0 => Partition::Dirichlet { alpha: a },

@@ -220,8 +220,7 @@ fn malformed_model_path_is_a_clear_error() {
     let mut c = config(Precision::Quantized);
     c.model = junk;
     let err = Engine::load(&c)
-        .err()
-        .expect("junk must not load")
+        .expect_err("junk must not load")
         .to_string();
     assert!(err.contains("junk.gguf"), "{err}");
 }
@@ -233,14 +232,12 @@ fn rank_zero_and_unknown_module_are_clear_errors() {
     tc.lora.rank = 0;
     let dir = tempfile::tempdir().unwrap();
     let err = fwdllm_agent::engine::train::train_local(&mut e, &s, &tc, dir.path(), false)
-        .err()
-        .expect("rank 0 must fail")
+        .expect_err("rank 0 must fail")
         .to_string();
     assert!(err.contains("rank"), "{err}");
 
     let err = toml::from_str::<TrainConfig>("[lora]\nmodules = [\"attn_x\"]\n")
-        .err()
-        .expect("unknown module must fail")
+        .expect_err("unknown module must fail")
         .to_string();
     assert!(err.contains("attn_x") && err.contains("attn_q"), "{err}");
 }
@@ -250,6 +247,6 @@ fn unknown_label_word_token_collision_is_a_clear_error() {
     let (e, t, _) = engine(Precision::Quantized);
     let mut bad = t.clone();
     bad.words[1] = bad.words[0].clone();
-    let err = e.prepare_task(&bad).err().expect("collision").to_string();
+    let err = e.prepare_task(&bad).expect_err("collision").to_string();
     assert!(err.contains("same token"), "{err}");
 }

@@ -202,7 +202,7 @@ pub fn run(
     );
 
     // Noise floor and SNR at the default ε (short calibration).
-    let cal = calibrate::calibrate(&mut e, &batch, &tc.lora, 5)?;
+    let cal = calibrate::calibrate_at(&mut e, &batch, &tc.lora, 3, &[tc.eps, tc.eps / 10.0])?;
     calibrate::print_table(&cal);
     let snr_default = cal
         .rows

@@ -64,6 +64,17 @@ pub fn calibrate(
     lora: &LoraConfig,
     directions: u32,
 ) -> Result<Calibration, EngineError> {
+    calibrate_at(engine, batch, lora, directions, &EPS_SWEEP)
+}
+
+/// [`calibrate`] over a chosen list of ε (the bench uses only the default ε and ε/10).
+pub fn calibrate_at(
+    engine: &mut Engine,
+    batch: &[Example],
+    lora: &LoraConfig,
+    directions: u32,
+    sweep: &[f32],
+) -> Result<Calibration, EngineError> {
     let layout = LoraLayout::new(&engine.model_shape(), lora)?;
     let weights = LoraWeights::init(layout.clone());
     let task = engine.task().cloned().ok_or(EngineError::NoTask)?;
@@ -83,7 +94,7 @@ pub fn calibrate(
     let noise_floor =
         (noise_d.iter().map(|d| d * d).sum::<f64>() / noise_d.len().max(1) as f64).sqrt();
     let mut rows: Vec<EpsRow> = Vec::new();
-    for &eps in &EPS_SWEEP {
+    for &eps in sweep {
         let d = delta(engine, eps)?;
         let g: Vec<f64> = d.iter().map(|d| d / (2.0 * eps as f64)).collect();
         let noise_g = noise_floor.max(f64::MIN_POSITIVE) / (2.0 * eps as f64);
@@ -116,7 +127,11 @@ pub fn calibrate(
             Some(b) if b.1 >= x.1 => Some(b),
             _ => Some(x),
         })
-        .unwrap_or((1e-2, rows[1].median_snr));
+        .unwrap_or_else(|| {
+            rows.first()
+                .map(|r| (r.eps, r.median_snr))
+                .unwrap_or((f32::NAN, f64::NAN))
+        });
     Ok(Calibration {
         precision: engine.config().precision.as_str().into(),
         threads: engine.config().effective_threads(),

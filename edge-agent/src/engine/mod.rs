@@ -194,6 +194,16 @@ pub struct Engine {
     current: Option<fwdllm_shared::WeightsHash>,
 }
 
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("model_path", &self.model_path)
+            .field("shape", &self.shape)
+            .field("precision", &self.config.precision)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Engine {
     /// Loads the model at `config.precision` (converting it once via [`prepare::prepare`]).
     pub fn load(config: &EngineConfig) -> Result<Engine, EngineError> {

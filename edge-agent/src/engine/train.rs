@@ -307,6 +307,7 @@ pub fn train_local(
                 accuracy: dev.accuracy,
                 loss: dev.loss,
             });
+            write_evals(out_dir, &evals)?;
             if dev.accuracy > best_dev.accuracy
                 || (dev.accuracy == best_dev.accuracy && dev.loss < best_dev.loss)
             {
@@ -344,6 +345,7 @@ pub fn train_local(
                 accuracy: h.accuracy,
                 loss: h.loss,
             });
+            write_evals(out_dir, &evals)?;
             log::info!(
                 "step {step} held-out acc {:.3} loss {:.4}",
                 h.accuracy,
@@ -409,6 +411,17 @@ pub fn train_local(
     };
     write_report(&out_dir.join("metrics.json"), &report)?;
     Ok((report, best))
+}
+
+/// Writes the evaluation history so far (`<out_dir>/evals.json`), so an interrupted run
+/// still leaves its curve behind.
+fn write_evals(out_dir: &Path, evals: &[EvalPoint]) -> Result<(), EngineError> {
+    let p = out_dir.join("evals.json");
+    std::fs::write(
+        &p,
+        serde_json::to_vec_pretty(evals).expect("evals serialise"),
+    )
+    .map_err(|e| EngineError::io(&p, e))
 }
 
 /// Writes a report as pretty JSON.
