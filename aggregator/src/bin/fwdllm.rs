@@ -453,7 +453,6 @@ async fn federate(fed: &FedArgs, task_path: &Path, name: &str) -> anyhow::Result
         .expect("template")
         .progress_chars("=> ");
     let mut bar: Option<ProgressBar> = None;
-    let mut last_hash = None;
     let mut commits = 0u64;
     let deadline = tokio::time::Instant::now() + budget;
     loop {
@@ -488,7 +487,6 @@ async fn federate(fed: &FedArgs, task_path: &Path, name: &str) -> anyhow::Result
                 ..
             } => {
                 commits = version;
-                last_hash = Some(hash);
                 if let Some(b) = bar.take() {
                     b.finish_with_message(format!(
                         "-> v{version} ({perturbations} pairs, {:.0}s elapsed)",
@@ -514,6 +512,8 @@ async fn federate(fed: &FedArgs, task_path: &Path, name: &str) -> anyhow::Result
     let summary = agg_task.await??;
     // Replicas: every agent at the final version with the aggregator's hash.
     let final_version = summary.version;
+    let (version, weights) = export::load_weights(&state_dir)?;
+    let final_hash = Some(weights.hash());
     let mut per_agent = Vec::new();
     let mut replicas_equal = true;
     for (info, stop, task) in agents.iter_mut() {
@@ -521,16 +521,15 @@ async fn federate(fed: &FedArgs, task_path: &Path, name: &str) -> anyhow::Result
             Duration::from_secs(30),
             info.wait_for(|i| i.model_version >= final_version),
         )
-        .await;
+        .await
+        .map(|r| r.is_ok())
+        .unwrap_or(false);
         let i = info.borrow().clone();
-        replicas_equal &= got.is_ok()
-            && i.model_version == final_version
-            && (final_version == 0 || i.weights_hash == last_hash);
+        replicas_equal &= got && i.model_version == final_version && i.weights_hash == final_hash;
         stop.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(30), task).await;
         per_agent.push(info.borrow().clone());
     }
-    let (version, weights) = export::load_weights(&state_dir)?;
     let adapter = out_dir.join("adapter.gguf");
     export::export_gguf(&weights, &adapter)?;
     println!(

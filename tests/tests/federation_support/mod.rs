@@ -1,0 +1,727 @@
+//! Harness of the federation end-to-end suites: the real aggregator (`fwdllm_aggregator::server`)
+//! and real agents (`fwdllm_agent::daemon::Agent` with the synthetic gradient source) talking
+//! through a real broker — embedded rumqttd or a mosquitto started here on 127.0.0.1.
+//!
+//! Waiting is always "until this event/message arrives", with a generous timeout only as a
+//! failure guard; nothing sleeps to synchronise.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fwdllm_agent::config::{AgentConfig, SourceKind};
+use fwdllm_agent::daemon::{Agent, AgentInfo, SyntheticSource};
+use fwdllm_aggregator::config::AggregatorConfig;
+use fwdllm_aggregator::coordinator::{AggEvent, UpdateOutcome};
+use fwdllm_aggregator::server::{self, BrokerTarget, Hooks, RunSummary};
+use fwdllm_shared::lora::WeightsHash;
+use fwdllm_shared::perturb::derive_seed;
+use fwdllm_shared::topics::Topics;
+use fwdllm_shared::wire::{
+    self, client_index, AgentState, AgentStatus, ClientUpdate, RoundAnnounce, SeedScalar,
+};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Failure guard for every wait (never reached when things work).
+pub const WAIT: Duration = Duration::from_secs(60);
+pub const JOB: &str = "fed-e2e";
+const MAX_PACKET: usize = 8 << 20;
+
+// ---------------------------------------------------------------------------------------------
+// Brokers
+
+pub enum Broker {
+    Embedded(fwdllm_aggregator::broker::EmbeddedBroker),
+    Mosquitto {
+        child: Child,
+        port: u16,
+        _dir: tempfile::TempDir,
+    },
+}
+
+impl Broker {
+    pub fn embedded() -> Broker {
+        Broker::Embedded(
+            fwdllm_aggregator::broker::EmbeddedBroker::start("127.0.0.1", 0, MAX_PACKET)
+                .expect("embedded broker"),
+        )
+    }
+
+    /// Debian's mosquitto on 127.0.0.1, random free port, generated config; killed on drop.
+    pub fn mosquitto() -> Broker {
+        let bin = Path::new("/usr/sbin/mosquitto");
+        assert!(
+            bin.exists(),
+            "/usr/sbin/mosquitto is missing: apt-get install mosquitto (scripts/setup.sh does)"
+        );
+        let port = fwdllm_aggregator::broker::free_port("127.0.0.1").expect("free port");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_packet_size {MAX_PACKET}\n"
+            ),
+        )
+        .unwrap();
+        let child = Command::new(bin)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start mosquitto");
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        // Readiness poll of the listener we just started (bounded failure guard, not a delay).
+        let start = Instant::now();
+        while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+            assert!(start.elapsed() < WAIT, "mosquitto not listening on {addr}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Broker::Mosquitto {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        match self {
+            Broker::Embedded(b) => b.addr(),
+            Broker::Mosquitto { port, .. } => SocketAddr::from(([127, 0, 0, 1], *port)),
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Broker::Mosquitto { child, .. } = self {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Aggregator
+
+pub fn aggregator_config(state_dir: &Path, min_clients: u32, quorum: u32) -> AggregatorConfig {
+    let mut c = AggregatorConfig::default();
+    c.job.name = JOB.into();
+    c.model.preset = "tiny".into();
+    c.broker.keep_alive_s = 5;
+    c.broker.max_packet_bytes = MAX_PACKET;
+    c.state.dir = state_dir.to_path_buf();
+    c.state.checkpoint_every = 3;
+    c.state.plot_every = 0;
+    c.round.min_clients = min_clients;
+    c.round.quorum = quorum;
+    c.round.perturbations_per_client = 4;
+    c.round.deadline_s = 20.0;
+    // Commit once every selected client answered the first request.
+    c.pacing.max_extends = 0;
+    c.pacing.min_perturbations = 1;
+    c.pacing.target_z = 1e9;
+    c.step.lr = 0.5;
+    c
+}
+
+/// A running aggregator and everything it reported.
+pub struct RunningAggregator {
+    pub stop: CancellationToken,
+    pub task: JoinHandle<Result<RunSummary, server::ServerError>>,
+    pub events: broadcast::Receiver<AggEvent>,
+    /// Weights hash of every committed version, filled from the events.
+    pub hashes: Arc<Mutex<BTreeMap<u64, WeightsHash>>>,
+}
+
+pub fn spawn_aggregator(cfg: AggregatorConfig, broker: SocketAddr) -> RunningAggregator {
+    let (tx, events) = broadcast::channel(65_536);
+    let hashes = Arc::new(Mutex::new(BTreeMap::new()));
+    let (h2, mut rx2) = (hashes.clone(), tx.subscribe());
+    tokio::spawn(async move {
+        while let Ok(e) = rx2.recv().await {
+            match e {
+                AggEvent::Committed { version, hash, .. }
+                | AggEvent::Resumed { version, hash, .. } => {
+                    h2.lock().unwrap().insert(version, hash);
+                }
+                _ => {}
+            }
+        }
+    });
+    let stop = CancellationToken::new();
+    let target = BrokerTarget {
+        host: broker.ip().to_string(),
+        port: broker.port(),
+    };
+    let hooks = Hooks {
+        events: Some(tx),
+        on_commit: None,
+    };
+    let task = tokio::spawn(server::run(cfg, target, stop.clone(), hooks));
+    RunningAggregator {
+        stop,
+        task,
+        events,
+        hashes,
+    }
+}
+
+impl RunningAggregator {
+    /// Next event matching `f` (failure guard: [`WAIT`]).
+    pub async fn next<T>(&mut self, what: &str, mut f: impl FnMut(&AggEvent) -> Option<T>) -> T {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Err(_) => panic!("timed out waiting for aggregator event: {what}"),
+                Ok(Err(broadcast::error::RecvError::Lagged(n))) => panic!("lagged {n} events"),
+                Ok(Err(e)) => panic!("aggregator events closed while waiting for {what}: {e}"),
+                Ok(Ok(e)) => {
+                    if let Some(t) = f(&e) {
+                        return t;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits for the commit producing `version`; returns its hash.
+    pub async fn committed(&mut self, version: u64) -> WeightsHash {
+        self.next(&format!("commit of version {version}"), |e| match e {
+            AggEvent::Committed {
+                version: v, hash, ..
+            } if *v == version => Some(*hash),
+            _ => None,
+        })
+        .await
+    }
+
+    pub fn hash_of(&self, version: u64) -> Option<WeightsHash> {
+        self.hashes.lock().unwrap().get(&version).copied()
+    }
+
+    pub async fn stop(self) -> RunSummary {
+        self.stop.cancel();
+        tokio::time::timeout(WAIT, self.task)
+            .await
+            .expect("aggregator stops")
+            .expect("aggregator task")
+            .expect("aggregator run ok")
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Agents
+
+pub fn agent_config(broker: SocketAddr, id: &str, state_dir: &Path) -> AgentConfig {
+    let mut c = AgentConfig::default();
+    c.agent.client_id = id.into();
+    c.agent.job = JOB.into();
+    c.agent.state_dir = state_dir.display().to_string();
+    c.agent.systemd_notify = false;
+    c.mqtt.host = broker.ip().to_string();
+    c.mqtt.port = broker.port();
+    c.mqtt.max_packet_bytes = MAX_PACKET;
+    c.mqtt.keep_alive_s = 5;
+    c.mqtt.backoff_initial_ms = 50;
+    c.mqtt.backoff_max_ms = 500;
+    c.limits.min_free_memory_mb = 0;
+    c.limits.max_temperature_c = 0.0;
+    c.gradient.source = SourceKind::Synthetic;
+    c.gradient.seeds_per_chunk = 2;
+    c
+}
+
+pub struct RunningAgent {
+    pub id: String,
+    pub info: watch::Receiver<AgentInfo>,
+    pub stop: CancellationToken,
+    pub task: JoinHandle<Result<(), fwdllm_agent::daemon::AgentError>>,
+    /// Every (version, hash) the agent was observed at.
+    pub seen: Arc<Mutex<Vec<(u64, Option<WeightsHash>)>>>,
+}
+
+pub fn spawn_agent(broker: SocketAddr, id: &str, dir: &Path) -> RunningAgent {
+    let config = agent_config(broker, id, &dir.join(id));
+    let source = SyntheticSource::new(
+        config.gradient.synthetic_target_seed,
+        config.gradient.synthetic_target_scale,
+    );
+    let agent = Agent::new(config, Box::new(source)).expect("valid agent config");
+    let info = agent.watch();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (mut rx, s2) = (agent.watch(), seen.clone());
+    tokio::spawn(async move {
+        loop {
+            {
+                let i = rx.borrow_and_update();
+                let mut s = s2.lock().unwrap();
+                if s.last().map(|l: &(u64, Option<WeightsHash>)| l.0) != Some(i.model_version) {
+                    s.push((i.model_version, i.weights_hash));
+                }
+            }
+            if rx.changed().await.is_err() {
+                break;
+            }
+        }
+    });
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(agent.run(stop.clone()));
+    RunningAgent {
+        id: id.into(),
+        info,
+        stop,
+        task,
+        seen,
+    }
+}
+
+impl RunningAgent {
+    pub async fn wait_info(&mut self, what: &str, f: impl FnMut(&AgentInfo) -> bool) -> AgentInfo {
+        let id = self.id.clone();
+        tokio::time::timeout(WAIT, self.info.wait_for(f))
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for agent {id}: {what}"))
+            .expect("agent info")
+            .clone()
+    }
+
+    /// Waits until the agent holds `version` and returns its hash there.
+    pub async fn at_version(&mut self, version: u64) -> Option<WeightsHash> {
+        self.wait_info(&format!("version {version}"), |i| {
+            i.model_version >= version
+        })
+        .await;
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(v, _)| *v == version)
+            .and_then(|(_, h)| *h)
+    }
+
+    /// Every observed (version, hash) equals the aggregator's hash of that version.
+    pub fn assert_replica_matches(&self, agg: &RunningAggregator) {
+        for (v, h) in self.seen.lock().unwrap().iter() {
+            if *v == 0 {
+                continue;
+            }
+            let expected = agg.hash_of(*v).expect("aggregator committed this version");
+            assert_eq!(
+                *h,
+                Some(expected),
+                "agent {} at version {v} holds other weights than the aggregator",
+                self.id
+            );
+        }
+    }
+
+    pub async fn stop(self) {
+        self.stop.cancel();
+        tokio::time::timeout(WAIT, self.task)
+            .await
+            .expect("agent stops")
+            .expect("agent task")
+            .expect("agent run ok");
+    }
+
+    /// Kills the agent without a goodbye (the broker publishes its last will).
+    pub fn kill(self) {
+        self.task.abort();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A hand-driven client (for duplicate and stale updates).
+
+pub struct Peer {
+    pub client: AsyncClient,
+    pub rx: mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+    pub id: String,
+    task: JoinHandle<()>,
+}
+
+impl Peer {
+    pub async fn connect(addr: SocketAddr, id: &str) -> Peer {
+        let topics = Topics::new(JOB).unwrap();
+        let mut o = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+        o.set_keep_alive(Duration::from_secs(5));
+        o.set_max_packet_size(MAX_PACKET, MAX_PACKET);
+        let (client, mut el) = AsyncClient::new(o, 64);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            loop {
+                match el.poll().await {
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        let _ = ready_tx.send(());
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let _ = tx.send((p.topic.clone(), p.payload.to_vec()));
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+        client
+            .subscribe(topics.round(), QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        tokio::time::timeout(WAIT, ready_rx.recv())
+            .await
+            .expect("suback");
+        Peer {
+            client,
+            rx,
+            id: id.into(),
+            task,
+        }
+    }
+
+    pub async fn status(&self, state: AgentState) {
+        let topics = Topics::new(JOB).unwrap();
+        let s = AgentStatus::new(self.id.clone(), state);
+        self.client
+            .publish(
+                topics.status(&self.id),
+                QoS::AtLeastOnce,
+                true,
+                wire::encode_json(&s),
+            )
+            .await
+            .unwrap();
+    }
+
+    /// Next announcement matching `f`.
+    pub async fn announce(&mut self, f: impl Fn(&RoundAnnounce) -> bool) -> RoundAnnounce {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let (_, payload) = tokio::time::timeout_at(deadline, self.rx.recv())
+                .await
+                .expect("announcement arrives")
+                .expect("peer open");
+            if payload.is_empty() {
+                continue;
+            }
+            if let Ok(a) = wire::decode::<RoundAnnounce>(&payload) {
+                if f(&a) {
+                    return a;
+                }
+            }
+        }
+    }
+
+    /// A well-formed update answering `a` (g values are arbitrary but finite).
+    pub fn update_for(&self, a: &RoundAnnounce, k0: u32) -> Vec<u8> {
+        let idx = client_index(&self.id);
+        let pairs = (k0..k0 + a.perturbations_per_client)
+            .map(|k| SeedScalar {
+                seed: derive_seed(a.seed_base, a.round, idx, k),
+                g: 0.01 * (k as f32 + 1.0),
+            })
+            .collect();
+        wire::encode(&ClientUpdate {
+            client_id: self.id.clone(),
+            round: a.round,
+            base_version: a.model_version,
+            seq: a.extend,
+            pairs,
+            samples: a.perturbations_per_client,
+            loss_mean: 1.0,
+            loss_m2: 0.0,
+        })
+    }
+
+    pub async fn send_update(&self, bytes: Vec<u8>) {
+        let topics = Topics::new(JOB).unwrap();
+        self.client
+            .publish(topics.update(&self.id), QoS::AtLeastOnce, false, bytes)
+            .await
+            .unwrap();
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub fn is_update(e: &AggEvent, client: &str, round: u64, seq: u32) -> Option<UpdateOutcome> {
+    match e {
+        AggEvent::Update {
+            client: c,
+            round: r,
+            seq: s,
+            outcome,
+        } if c == client && *r == round && *s == seq => Some(outcome.clone()),
+        _ => None,
+    }
+}
+
+pub fn tempdir() -> (tempfile::TempDir, PathBuf) {
+    let d = tempfile::tempdir().expect("tempdir");
+    let p = d.path().to_path_buf();
+    (d, p)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scenarios (each suite runs them against its broker)
+
+/// 3 agents, several rounds; every agent's replica equals the aggregator's weights at every
+/// version it was seen at, and all reach the last commit with the aggregator's hash.
+pub async fn three_agents_agree_after_every_commit(broker: &Broker) {
+    let (_d, dir) = tempdir();
+    let mut agg = spawn_aggregator(aggregator_config(&dir.join("agg"), 3, 3), broker.addr());
+    let mut agents: Vec<RunningAgent> = (0..3)
+        .map(|i| spawn_agent(broker.addr(), &format!("agent-{i}"), &dir))
+        .collect();
+    for v in 1..=5 {
+        let h = agg.committed(v).await;
+        for a in &mut agents {
+            // Quorum 3: every agent had to hold version v-1 to contribute to this commit.
+            assert_eq!(
+                a.at_version(v).await.or(Some(h)),
+                Some(h),
+                "agent {} at {v}",
+                a.id
+            );
+        }
+    }
+    for a in &agents {
+        a.assert_replica_matches(&agg);
+    }
+    for a in agents {
+        a.stop().await;
+    }
+    let s = agg.stop().await;
+    assert!(s.version >= 5);
+    assert_eq!(s.rejected, 0, "no update was rejected");
+}
+
+/// An agent killed while a round is open does not stall it: its last will takes it out of the
+/// awaited set (or the deadline passes), and the round commits with the quorum.
+pub async fn killed_agent_does_not_stall_the_round(broker: &Broker) {
+    let (_d, dir) = tempdir();
+    let mut agg = spawn_aggregator(aggregator_config(&dir.join("agg"), 2, 2), broker.addr());
+    let mut agents: Vec<RunningAgent> = (0..3)
+        .map(|i| spawn_agent(broker.addr(), &format!("agent-{i}"), &dir))
+        .collect();
+    // Wait for a round in which all three are selected, then kill one in the middle of it.
+    let round = agg
+        .next("a round with 3 clients", |e| match e {
+            AggEvent::RoundOpened {
+                round, selected: 3, ..
+            } => Some(*round),
+            _ => None,
+        })
+        .await;
+    let victim = agents.pop().unwrap();
+    victim.kill();
+    let (committed_round, version) = agg
+        .next("the next commit", |e| match e {
+            AggEvent::Committed { round, version, .. } => Some((*round, *version)),
+            _ => None,
+        })
+        .await;
+    assert!(committed_round >= round);
+    // And rounds keep going with the two survivors.
+    let h = agg.committed(version + 2).await;
+    for a in &mut agents {
+        a.wait_info("catch up", |i| i.model_version >= version + 2)
+            .await;
+        a.assert_replica_matches(&agg);
+    }
+    assert!(agg.hash_of(version + 2) == Some(h));
+    for a in agents {
+        a.stop().await;
+    }
+    agg.stop().await;
+}
+
+/// A late joiner with an empty state directory catches up via the retained checkpoint plus
+/// replay of the retained commit log, and ends up bit-identical to the aggregator.
+pub async fn late_joiner_catches_up(broker: &Broker) {
+    let (_d, dir) = tempdir();
+    let mut agg = spawn_aggregator(aggregator_config(&dir.join("agg"), 2, 2), broker.addr());
+    let mut agents: Vec<RunningAgent> = (0..2)
+        .map(|i| spawn_agent(broker.addr(), &format!("agent-{i}"), &dir))
+        .collect();
+    // checkpoint_every = 3: checkpoints at 3 and 6, then log entry 7.
+    agg.committed(7).await;
+    let mut late = spawn_agent(broker.addr(), "late-agent", &dir);
+    let info = late
+        .wait_info("late joiner synced", |i| {
+            i.model_version >= 7 && i.weights_hash.is_some()
+        })
+        .await;
+    assert!(
+        info.checkpoints_loaded >= 1,
+        "caught up through a checkpoint: {info:?}"
+    );
+    // It then takes part in rounds like everyone else, and follows their commits.
+    let round = agg
+        .next("a round including the late joiner", |e| match e {
+            AggEvent::Update {
+                client,
+                round,
+                outcome: UpdateOutcome::Accepted { .. },
+                ..
+            } if client == "late-agent" => Some(*round),
+            _ => None,
+        })
+        .await;
+    let target = agg
+        .next("commit of that round", |e| match e {
+            AggEvent::Committed {
+                round: r, version, ..
+            } if *r == round => Some(*version),
+            _ => None,
+        })
+        .await;
+    late.wait_info("late joiner follows commits", |i| i.model_version >= target)
+        .await;
+    late.assert_replica_matches(&agg);
+    for a in &mut agents {
+        a.assert_replica_matches(&agg);
+    }
+    late.stop().await;
+    for a in agents {
+        a.stop().await;
+    }
+    agg.stop().await;
+}
+
+/// The aggregator killed in the middle of a round (after it pooled a contribution) and
+/// restarted on the same state directory resumes at the same version with the same weights
+/// hash, and the resumed round counts each contribution once.
+pub async fn aggregator_restart_resumes(broker: &Broker) {
+    let (_d, dir) = tempdir();
+    let cfg = aggregator_config(&dir.join("agg"), 2, 2);
+    let mut agg = spawn_aggregator(cfg.clone(), broker.addr());
+    let mut agents: Vec<RunningAgent> = (0..2)
+        .map(|i| spawn_agent(broker.addr(), &format!("agent-{i}"), &dir))
+        .collect();
+    agg.committed(2).await;
+    agg.next("a pooled contribution after version 2", |e| match e {
+        AggEvent::Update {
+            outcome: UpdateOutcome::Accepted { .. },
+            ..
+        } => Some(()),
+        _ => None,
+    })
+    .await;
+    agg.task.abort(); // kill: no graceful shutdown, no final persist
+    let old_hashes = agg.hashes.lock().unwrap().clone();
+    let mut agg = spawn_aggregator(cfg, broker.addr());
+    agg.hashes
+        .lock()
+        .unwrap()
+        .extend(old_hashes.iter().map(|(v, h)| (*v, *h)));
+    let (version, hash) = agg
+        .next("resume", |e| match e {
+            AggEvent::Resumed { version, hash, .. } => Some((*version, *hash)),
+            _ => None,
+        })
+        .await;
+    assert!(version >= 2, "resumed at version {version}");
+    if let Some(h) = old_hashes.get(&version) {
+        assert_eq!(*h, hash, "resumed weights differ from the committed ones");
+    }
+    // The agents (which never restarted) agree with the resumed aggregator at that version.
+    for a in &mut agents {
+        let seen = a.at_version(version).await;
+        assert_eq!(seen.unwrap_or(hash), hash);
+    }
+    let perturbations = agg
+        .next("first commit after the restart", |e| match e {
+            AggEvent::Committed {
+                perturbations,
+                version: v,
+                ..
+            } if *v == version + 1 => Some(*perturbations),
+            _ => None,
+        })
+        .await;
+    // Two clients x 4 perturbations: the contribution pooled before the kill (and redelivered
+    // by the broker's session) is counted exactly once.
+    assert_eq!(perturbations, 8);
+    for a in &mut agents {
+        a.wait_info("follow", |i| i.model_version > version).await;
+        a.assert_replica_matches(&agg);
+    }
+    for a in agents {
+        a.stop().await;
+    }
+    agg.stop().await;
+}
+
+/// A duplicated update (same client, round, seq) is counted once, and an update for a round
+/// that is no longer open is ignored (counted as stale).
+pub async fn duplicate_counted_once_and_stale_ignored(broker: &Broker) {
+    let (_d, dir) = tempdir();
+    let mut cfg = aggregator_config(&dir.join("agg"), 3, 3);
+    cfg.pacing.max_extends = 1;
+    cfg.pacing.extend_perturbations = 4;
+    cfg.pacing.max_perturbations = 10_000;
+    let mut agg = spawn_aggregator(cfg, broker.addr());
+    let agents: Vec<RunningAgent> = (0..2)
+        .map(|i| spawn_agent(broker.addr(), &format!("agent-{i}"), &dir))
+        .collect();
+    let mut peer = Peer::connect(broker.addr(), "peer-0").await;
+    peer.status(AgentState::Online).await;
+    let a0 = peer
+        .announce(|a| a.extend == 0 && a.selection.includes("peer-0", a.round))
+        .await;
+    let bytes = peer.update_for(&a0, 0);
+    peer.send_update(bytes.clone()).await;
+    let first = agg
+        .next("peer's update", |e| is_update(e, "peer-0", a0.round, 0))
+        .await;
+    assert_eq!(first, UpdateOutcome::Accepted { pairs: 4 });
+    // The round stays open until the peer answers the extend: the copy arrives while it is open.
+    peer.send_update(bytes.clone()).await;
+    let second = agg
+        .next("peer's duplicate", |e| is_update(e, "peer-0", a0.round, 0))
+        .await;
+    assert_eq!(second, UpdateOutcome::Duplicate);
+    let a1 = peer
+        .announce(|a| a.round == a0.round && a.extend == 1)
+        .await;
+    peer.send_update(peer.update_for(&a1, 4)).await;
+    let perturbations = agg
+        .next("commit of the round", |e| match e {
+            AggEvent::Committed {
+                round,
+                perturbations,
+                ..
+            } if *round == a0.round => Some(*perturbations),
+            _ => None,
+        })
+        .await;
+    // 3 clients x (4 + 4): the duplicate added nothing.
+    assert_eq!(perturbations, 24);
+    // The same update again, now for a closed round: ignored as stale.
+    peer.send_update(bytes).await;
+    let third = agg
+        .next("stale update", |e| is_update(e, "peer-0", a0.round, 0))
+        .await;
+    assert!(matches!(third, UpdateOutcome::Stale { .. }), "{third:?}");
+    peer.status(AgentState::Offline).await;
+    for a in agents {
+        a.stop().await;
+    }
+    let s = agg.stop().await;
+    assert_eq!(s.duplicates, 1);
+    assert_eq!(s.stale, 1);
+}
