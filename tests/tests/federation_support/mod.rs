@@ -241,13 +241,16 @@ pub fn agent_config(broker: SocketAddr, id: &str, state_dir: &Path) -> AgentConf
     c
 }
 
+/// Every (version, hash) an agent was observed at.
+pub type Seen = Arc<Mutex<Vec<(u64, Option<WeightsHash>)>>>;
+
 pub struct RunningAgent {
     pub id: String,
     pub info: watch::Receiver<AgentInfo>,
     pub stop: CancellationToken,
     pub task: JoinHandle<Result<(), fwdllm_agent::daemon::AgentError>>,
     /// Every (version, hash) the agent was observed at.
-    pub seen: Arc<Mutex<Vec<(u64, Option<WeightsHash>)>>>,
+    pub seen: Seen,
 }
 
 pub fn spawn_agent(broker: SocketAddr, id: &str, dir: &Path) -> RunningAgent {
