@@ -482,7 +482,6 @@ async fn federate(fed: &FedArgs, task_path: &Path, name: &str) -> anyhow::Result
             }
             AggEvent::Committed {
                 version,
-                hash,
                 perturbations,
                 ..
             } => {
