@@ -9,7 +9,7 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	$(CARGO) run --release -p fwdllm-agent --bin fwdllm-agent -- --version
+	$(CARGO) run --release -p fwdllm-aggregator --features engine --bin fwdllm -- demo
 
 lint: setup
 	$(CARGO) fmt --all -- --check
@@ -21,6 +21,10 @@ test: lint
 bench: setup
 	@mkdir -p target/bench
 	$(CARGO) run --release -p fwdllm-shared --example wire_bench -- --out target/bench/wire.json
+	$(CARGO) run --release -p fwdllm-shared --example perturb_bench -- --out target/bench/perturb.json
+	$(CARGO) run --release -p fwdllm-agent -- train-local --check-quantized --out target/train-local
+	$(CARGO) run --release -p fwdllm-agent -- bench-engine --out target/bench/engine.json
+	$(CARGO) run --release -p fwdllm-aggregator --features engine --bin fwdllm -- bench-federation --out target/bench/federation.json
 
 deb: setup
 	bash cross/build.sh amd64

@@ -58,10 +58,7 @@ enum Cmd {
 }
 
 fn main() -> anyhow::Result<()> {
-    env_logger::Builder::from_env(
-        env_logger::Env::default().default_filter_or("info,rumqttd=warn,tracing=off"),
-    )
-    .init();
+    fwdllm_shared::service::init_logging(log::LevelFilter::Info);
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Validate { config } => {

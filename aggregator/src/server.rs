@@ -213,6 +213,10 @@ pub async fn run(
         }
     };
     let mut commits_since_plot = 0u64;
+    // systemd: READY after the first broker connection; the watchdog is pinged from this loop
+    // (which wakes at least once a second), so a hung round loop gets the service restarted.
+    let watchdog = fwdllm_shared::service::Watchdog::from_env();
+    let mut ready_sent = false;
     let result: Result<(), ServerError> = async {
         loop {
             if coord.finished() {
@@ -252,6 +256,10 @@ pub async fn run(
                             .subscribe(topics.status_filter(), QoS::AtLeastOnce)
                             .await?;
                         coord.republish_retained(now);
+                        if !ready_sent {
+                            fwdllm_shared::service::notify_ready();
+                            ready_sent = true;
+                        }
                     }
                     Incoming::Publish(p) => {
                         let topic = p.topic.clone();
@@ -301,10 +309,14 @@ pub async fn run(
             }
             send_all(&client, coord.take_outgoing()).await?;
             emit(&mut coord, &hooks);
+            if let Some(w) = &watchdog {
+                w.ping();
+            }
         }
         Ok(())
     }
     .await;
+    fwdllm_shared::service::notify_stopping();
     // Final state, plot and a graceful "offline".
     coord.persist()?;
     sink.plot();

@@ -3,7 +3,11 @@
 use clap::Parser;
 
 #[derive(Debug, Parser)]
-#[command(name = "fwdllm-agent", version, about = "fwdllm edge agent: forward-gradient LoRA fine-tuning on llama.cpp, federated over MQTT")]
+#[command(
+    name = "fwdllm-agent",
+    version,
+    about = "fwdllm edge agent: forward-gradient LoRA fine-tuning on llama.cpp, federated over MQTT"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
