@@ -22,7 +22,6 @@ async fn mosquitto_late_joiner_catches_up() {
 
 // Known gap: against mosquitto the restarted aggregator stops before reporting its resume
 // (passes on the embedded broker); under investigation.
-#[ignore = "restarted aggregator exits early against mosquitto; see report"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn mosquitto_aggregator_restart_resumes() {
     aggregator_restart_resumes(&Broker::mosquitto()).await;

@@ -58,6 +58,11 @@ impl Broker {
             bin.exists(),
             "/usr/sbin/mosquitto is missing: apt-get install mosquitto (scripts/setup.sh does)"
         );
+        // Tests in one binary run in parallel: without this lock two of them can be handed the
+        // same free port, one mosquitto fails to bind, and its test talks to the other's broker
+        // (client-id takeovers reset connections). Held until our broker is listening.
+        static STARTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _starting = STARTING.lock().unwrap_or_else(|e| e.into_inner());
         let port = fwdllm_aggregator::broker::free_port("127.0.0.1").expect("free port");
         let dir = tempfile::tempdir().expect("tempdir");
         let conf = dir.path().join("mosquitto.conf");
