@@ -21,6 +21,8 @@ pub mod update;
 
 #[cfg(feature = "service")]
 pub mod service;
+#[cfg(feature = "tokenizer")]
+pub mod tokenizer;
 pub mod topics;
 pub mod wire;
 
