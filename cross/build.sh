@@ -6,7 +6,8 @@
 #
 # Packages land in cross/out/<arch>/. Missing toolchain pieces are installed (apt as
 # root or with passwordless sudo; cargo-deb into .cache/cargo-deb). Environment:
-#   CARGO_TARGET_DIR        where cargo builds (default: target/)
+#   CARGO_TARGET_DIR        where cargo builds (default: target/deb)
+#   RUSTFLAGS               default: -C target-cpu=x86-64-v3 (amd64), none (arm64)
 #   FWDLLM_CROSS_ROUTE      arm64 toolchain: "rustup" (default when rustup can add the
 #                           target) or "debian" (Debian rustc-web + libstd-rust-web-dev:arm64,
 #                           run from /usr/bin with its own CARGO_HOME, never shadowing rustup)
@@ -24,7 +25,14 @@ case "$arch" in
 esac
 out="${FWDLLM_DEB_OUT:-$root/cross/out/$arch}"
 read -r -a packages <<<"${FWDLLM_PACKAGES:-fwdllm-agent fwdllm-aggregator}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$root/target}"
+# Packages target a portable CPU baseline, not the build host (.cargo/config.toml uses
+# target-cpu=native for local builds); RUSTFLAGS replaces those flags. A target directory of
+# their own keeps the two flag sets from rebuilding each other's llama.cpp.
+case "$arch" in
+  amd64) export RUSTFLAGS="${RUSTFLAGS:--C target-cpu=x86-64-v3}" ;;
+  arm64) export RUSTFLAGS="${RUSTFLAGS:-}" ;;
+esac
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$root/target/deb}"
 cargo_deb_version=3.8.0
 
 log() { echo "cross/build.sh: $*" >&2; }

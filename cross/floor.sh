@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prints the oldest glibc / libstdc++ a binary can run with: the highest versioned symbol
 # it imports from each (GLIBC_x, GLIBCXX_x, CXXABI_x, GCC_x), plus its NEEDED libraries.
-#   cross/floor.sh target/aarch64-unknown-linux-gnu/release/fwdllm-agent
+#   cross/floor.sh target/deb/aarch64-unknown-linux-gnu/release/fwdllm-agent
 set -euo pipefail
 bin="${1:?usage: cross/floor.sh BINARY}"
 objdump=objdump

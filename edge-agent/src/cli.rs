@@ -163,6 +163,16 @@ pub struct TrainLocalArgs {
     pub max_wall_s: Option<f64>,
     #[arg(long)]
     pub max_steps: Option<u32>,
+    /// Discriminative sampling: candidates per direction, keep the one best aligned with the
+    /// previous update (1 = off).
+    #[arg(long)]
+    pub discriminative_candidates: Option<u32>,
+    /// Evaluate the dev split (divergence check, best adapter) every this many steps.
+    #[arg(long)]
+    pub dev_every: Option<u32>,
+    /// Evaluate the held-out split (report only) every this many steps.
+    #[arg(long)]
+    pub heldout_every: Option<u32>,
     #[arg(long)]
     pub central: bool,
     /// Layer range start..end (half-open), e.g. 26..30.
@@ -329,6 +339,9 @@ impl EngineCommand {
                     directions,
                     max_wall_s,
                     max_steps,
+                    dev_every,
+                    heldout_every,
+                    discriminative_candidates,
                     central,
                     layers,
                     rank,
@@ -365,6 +378,15 @@ impl EngineCommand {
                 }
                 if let Some(v) = max_steps {
                     tc.max_steps = v;
+                }
+                if let Some(v) = discriminative_candidates {
+                    tc.discriminative_candidates = v;
+                }
+                if let Some(v) = dev_every {
+                    tc.dev_every = v;
+                }
+                if let Some(v) = heldout_every {
+                    tc.heldout_every = v;
                 }
                 if central {
                     tc.one_sided = false;

@@ -197,3 +197,31 @@ fn shards_cover_everything_and_dirichlet_skews_labels() {
     let back = data::read_jsonl(&paths[0], "text", "label", &labels).unwrap_or_default();
     assert_eq!(back, non[0]);
 }
+
+#[test]
+fn sft_jsonl_reads_prompt_response_and_names_bad_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("sft.jsonl");
+    std::fs::write(
+        &p,
+        "{\"prompt\":\"Q: 2+2?\\nA:\",\"response\":\" 4\",\"id\":7}\n\n{\"prompt\":\"Hi\",\"response\":\" there\"}\n",
+    )
+    .unwrap();
+    let ex = data::read_sft_jsonl(&p).unwrap();
+    assert_eq!(ex.len(), 2);
+    assert_eq!(ex[0].prompt, "Q: 2+2?\nA:");
+    assert_eq!(ex[0].response, " 4");
+
+    std::fs::write(
+        &p,
+        "{\"prompt\":\"a\",\"response\":\"b\"}\n{\"prompt\":\"a\"}\n",
+    )
+    .unwrap();
+    let err = data::read_sft_jsonl(&p).unwrap_err();
+    assert!(matches!(err, DataError::Row { line: 2, .. }), "{err}");
+    assert!(err.to_string().contains("\"response\""), "{err}");
+
+    std::fs::write(&p, "{\"prompt\":\"a\",\"response\":\"\"}\n").unwrap();
+    let err = data::read_sft_jsonl(&p).unwrap_err();
+    assert!(err.to_string().contains("empty \"response\""), "{err}");
+}

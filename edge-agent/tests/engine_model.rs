@@ -250,3 +250,44 @@ fn unknown_label_word_token_collision_is_a_clear_error() {
     let err = e.prepare_task(&bad).expect_err("collision").to_string();
     assert!(err.contains("same token"), "{err}");
 }
+
+#[test]
+fn sft_loss_scores_the_response_and_its_forward_gradient_descends() {
+    let (mut e, _, _) = engine(Precision::F32);
+    let sft = |prompt: &str, response: &str| data::SftExample {
+        prompt: prompt.into(),
+        response: response.into(),
+    };
+    e.clear_adapter();
+    let likely = e
+        .sft_loss(&[sft("The capital of France is", " Paris.")])
+        .unwrap();
+    let unlikely = e
+        .sft_loss(&[sft("The capital of France is", " tractor.")])
+        .unwrap();
+    assert!(
+        likely < unlikely,
+        "likely {likely} should score below unlikely {unlikely}"
+    );
+
+    // One small step against the estimated gradient lowers the loss: to first order the
+    // decrease is η/K·Σ g_k², which is positive whatever the directions.
+    let batch = [
+        sft("Question: what colour is the sky?\nAnswer:", " Blue."),
+        sft("Question: what is 2 + 2?\nAnswer:", " 4."),
+    ];
+    let mut w = weights(&e, 0, 0.0);
+    let seeds: Vec<u64> = (1..=6).collect();
+    let (g, l0) = e
+        .sft_forward_gradients(&w, &batch, &seeds, 1e-2, false)
+        .unwrap();
+    assert!(g.iter().any(|&x| x != 0.0), "{g:?}");
+    let eta = 1e-4 / g.iter().map(|x| x * x).sum::<f32>().sqrt();
+    for (&s, &gk) in seeds.iter().zip(&g) {
+        fwdllm_shared::update::add_direction(&mut w, s, -eta * gk);
+    }
+    e.set_adapter(&w).unwrap();
+    let l1 = e.sft_loss(&batch).unwrap();
+    assert!(l1 < l0, "loss went from {l0} to {l1}");
+    assert!(matches!(e.sft_loss(&[]), Err(EngineError::EmptyBatch)));
+}

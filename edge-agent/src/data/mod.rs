@@ -412,6 +412,52 @@ pub fn read_jsonl(
     Ok(out)
 }
 
+/// One instruction-tuning example: the loss is next-token cross-entropy over `response` only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SftExample {
+    pub prompt: String,
+    pub response: String,
+}
+
+/// JSONL instruction data, one `{"prompt": "...", "response": "..."}` object per line (other
+/// fields are ignored). Blank lines are skipped; an empty response is an error, since it
+/// carries no loss.
+pub fn read_sft_jsonl(path: &Path) -> Result<Vec<SftExample>, DataError> {
+    let text = fs::read_to_string(path).map_err(io_err(path))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let row_err = |problem: String| DataError::Row {
+            path: path.to_path_buf(),
+            line: i + 1,
+            problem,
+        };
+        let v: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| row_err(format!("invalid JSON: {e}")))?;
+        let field = |name: &str| {
+            v.get(name)
+                .and_then(|x| x.as_str())
+                .map(str::to_owned)
+                .ok_or_else(|| row_err(format!("missing string field {name:?}")))
+        };
+        let (prompt, response) = (field("prompt")?, field("response")?);
+        if response.is_empty() {
+            return Err(row_err(
+                "empty \"response\": instruction tuning needs response tokens to score".into(),
+            ));
+        }
+        out.push(SftExample { prompt, response });
+    }
+    if out.is_empty() {
+        return Err(DataError::Empty {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(out)
+}
+
 /// SplitMix64: a tiny, pinned generator so that splits and shards are identical everywhere.
 #[derive(Debug, Clone)]
 pub struct SplitMix64(u64);

@@ -48,7 +48,46 @@ pub struct EngineBench {
     pub local_train_loss_evaluations: Option<u64>,
     pub local_train_reached_085_s: Option<f64>,
     pub local_train_source: String,
+    /// The same short calibration at the other precisions (issue 3's table, reproduced):
+    /// noise in ΔL at tiny ε and median SNR of g at the default ε.
+    pub noise_floor_f16: f64,
+    pub gradient_snr_f16: f64,
+    pub noise_floor_quantized: f64,
+    pub gradient_snr_quantized: f64,
+    /// 1-minute load average when the benchmark started (timings assume an idle machine).
+    pub load_avg_1m_at_start: f64,
     pub note: String,
+}
+
+fn load_avg_1m() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|x| x.parse().ok()))
+        .unwrap_or(f64::NAN)
+}
+
+/// Noise floor and median SNR at `eps` of a short calibration at `precision`.
+fn noise_and_snr(
+    config: &EngineConfig,
+    precision: Precision,
+    task: &TaskConfig,
+    batch: &[crate::data::Example],
+    tc: &TrainConfig,
+) -> Result<(f64, f64), EngineError> {
+    let mut e = Engine::load(&EngineConfig {
+        precision,
+        ..config.clone()
+    })?;
+    e.set_task(task)?;
+    let cal = calibrate::calibrate_at(&mut e, batch, &tc.lora, 3, &[tc.eps])?;
+    let snr = cal.rows.first().map(|r| r.median_snr).unwrap_or(f64::NAN);
+    println!(
+        "{}: noise in ΔL {:.2e}, median SNR at ε = {} {snr:.3}",
+        precision.as_str(),
+        cal.noise_floor,
+        tc.eps
+    );
+    Ok((cal.noise_floor, snr))
 }
 
 /// Current resident set size in MiB (Linux `/proc/self/status`; 0 elsewhere).
@@ -86,6 +125,7 @@ pub fn run(
         .cloned()
         .collect();
     let reps = 5;
+    let load_avg_1m_at_start = load_avg_1m();
 
     // Quantised model: plain inference RSS and throughput (loaded first, then dropped).
     let rss0 = rss_mib();
@@ -211,6 +251,12 @@ pub fn run(
         .map(|r| r.median_snr)
         .unwrap_or(cal.chosen_snr);
 
+    drop(e);
+    let (noise_floor_f16, gradient_snr_f16) =
+        noise_and_snr(config, Precision::F16, task, &batch, &tc)?;
+    let (noise_floor_quantized, gradient_snr_quantized) =
+        noise_and_snr(config, Precision::Quantized, task, &batch, &tc)?;
+
     let (train, source): (Option<TrainReport>, String) = match std::fs::read(train_metrics) {
         Ok(b) => match serde_json::from_slice(&b) {
             Ok(r) => (
@@ -261,6 +307,11 @@ pub fn run(
         local_train_loss_evaluations: train.as_ref().map(|r| r.loss_evaluations),
         local_train_reached_085_s: train.as_ref().and_then(|r| r.reached_085_s),
         local_train_source: source,
-        note: "timings on a shared 2-core machine (other builds running); gradient_snr = median |g|/(noise/2ε) at the default ε".into(),
+        noise_floor_f16,
+        gradient_snr_f16,
+        noise_floor_quantized,
+        gradient_snr_quantized,
+        load_avg_1m_at_start,
+        note: "gradient_snr = median over directions of |g| / (noise_floor / 2ε) at the default ε; rss_ratio = training peak RSS / plain-inference RSS of the same process and context".into(),
     })
 }

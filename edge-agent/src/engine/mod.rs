@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use fwdllm_shared::lora::{LoraWeights, ModelShape};
 use serde::{Deserialize, Serialize};
 
-use crate::data::{Example, TaskConfig};
+use crate::data::{Example, SftExample, TaskConfig};
 
 pub use train::TrainConfig;
 
@@ -60,7 +60,7 @@ pub struct EngineConfig {
     pub model: PathBuf,
     /// Compute threads (0 = all available cores).
     pub threads: u32,
-    /// Context size in tokens shared by all sequences of one decode.
+    /// Context size in tokens; each of the `seqs_per_decode` sequences gets an equal share.
     pub n_ctx: u32,
     /// Maximum tokens per `llama_decode` (all sequences together).
     pub n_batch: u32,
@@ -211,7 +211,7 @@ impl Engine {
         let path = prepare::prepare(&config.model, config.precision, &config.cache_dir, threads)?;
         if config.precision == Precision::Quantized {
             log::warn!(
-                "training on the quantised model: measured gradient SNR < 1 at every eps (8-bit activations); use precision f32 or f16"
+                "using the quantised model as is: fine for inference and evaluation, but its forward gradients are noise (measured SNR < 1 at every eps: 8-bit activations); train with precision f32 or f16"
             );
         }
         Self::load_file(&path, config)
@@ -515,34 +515,66 @@ impl Engine {
         eps: f32,
         one_sided: bool,
     ) -> Result<(Vec<f32>, f64), EngineError> {
+        let task = self.active_task()?;
+        self.forward_gradients_by(weights, seeds, eps, one_sided, &mut |engine| {
+            engine.loss(&task, batch).map(|l| l.mean)
+        })
+    }
+
+    /// Forward gradients of the instruction-tuning loss ([`Engine::sft_loss`]) on `batch`;
+    /// same estimator and return value as [`Engine::forward_gradients_with_loss`].
+    pub fn sft_forward_gradients(
+        &mut self,
+        weights: &LoraWeights,
+        batch: &[SftExample],
+        seeds: &[u64],
+        eps: f32,
+        one_sided: bool,
+    ) -> Result<(Vec<f32>, f64), EngineError> {
+        self.forward_gradients_by(weights, seeds, eps, one_sided, &mut |engine| {
+            engine.sft_loss(batch)
+        })
+    }
+
+    /// The estimator over any loss of the currently set adapter.
+    fn forward_gradients_by(
+        &mut self,
+        weights: &LoraWeights,
+        seeds: &[u64],
+        eps: f32,
+        one_sided: bool,
+        loss: &mut dyn FnMut(&mut Engine) -> Result<f64, EngineError>,
+    ) -> Result<(Vec<f32>, f64), EngineError> {
         if !eps.is_finite() || eps == 0.0 {
             return Err(EngineError::BadEps(eps));
         }
         self.check_shape(weights)?;
-        let task = self.active_task()?;
         let layout = weights.layout().clone();
         let mut gs = Vec::with_capacity(seeds.len());
         let mut scratch = std::mem::take(&mut self.scratch);
-        let eval = |engine: &mut Engine, seed: u64, e: f32, scratch: &mut Vec<f32>| {
+        // Sets the adapter of θ + e·v(seed).
+        let set_perturbed = |engine: &mut Engine, seed: u64, e: f32, scratch: &mut Vec<f32>| {
             fwdllm_shared::update::perturbed_params(weights, seed, e, scratch);
             let w = LoraWeights::from_params(layout.clone(), scratch.clone())?;
-            engine.set_adapter(&w)?;
-            engine.loss(&task, batch).map(|l| l.mean)
+            engine.set_adapter(&w)
         };
         let result = (|| {
             if one_sided {
                 self.set_adapter(weights)?;
-                let l0 = self.loss(&task, batch)?.mean;
+                let l0 = loss(self)?;
                 for &s in seeds {
-                    let lp = eval(self, s, eps, &mut scratch)?;
+                    set_perturbed(self, s, eps, &mut scratch)?;
+                    let lp = loss(self)?;
                     gs.push(((lp - l0) / eps as f64) as f32);
                 }
                 Ok((gs, l0))
             } else {
                 let mut sum = 0.0;
                 for &s in seeds {
-                    let lp = eval(self, s, eps, &mut scratch)?;
-                    let lm = eval(self, s, -eps, &mut scratch)?;
+                    set_perturbed(self, s, eps, &mut scratch)?;
+                    let lp = loss(self)?;
+                    set_perturbed(self, s, -eps, &mut scratch)?;
+                    let lm = loss(self)?;
                     sum += lp + lm;
                     gs.push(((lp - lm) / (2.0 * eps as f64)) as f32);
                 }
@@ -552,6 +584,59 @@ impl Engine {
         })();
         self.scratch = scratch;
         result
+    }
+
+    /// Instruction-tuning loss under the currently set adapter: next-token cross-entropy over
+    /// the response tokens only (the prompt is context), averaged over response tokens of the
+    /// whole batch. Prompt and response are tokenized separately and concatenated, so the
+    /// first response token is scored from the prompt's last position.
+    pub fn sft_loss(&mut self, examples: &[SftExample]) -> Result<f64, EngineError> {
+        if examples.is_empty() {
+            return Err(EngineError::EmptyBatch);
+        }
+        let seqs: Vec<(Vec<llama::Token>, usize)> = examples
+            .iter()
+            .map(|e| {
+                let mut t = self.llama.tokenize(&e.prompt, self.add_bos);
+                let n_prompt = t.len();
+                t.extend(self.llama.tokenize(&e.response, false));
+                (t, n_prompt)
+            })
+            .collect();
+        for (i, (t, n_prompt)) in seqs.iter().enumerate() {
+            if *n_prompt == 0 || t.len() == *n_prompt {
+                return Err(EngineError::Task {
+                    task: "sft".into(),
+                    problem: format!(
+                        "example {i} needs a non-empty prompt and response (got {n_prompt} prompt and {} response tokens)",
+                        t.len() - n_prompt
+                    ),
+                });
+            }
+        }
+        let mut sum = 0.0f64;
+        let mut count = 0usize;
+        let per = self.config.seqs_per_decode.max(1) as usize;
+        for chunk in seqs.chunks(per) {
+            let toks: Vec<&[llama::Token]> = chunk.iter().map(|(t, _)| t.as_slice()).collect();
+            let first: Vec<usize> = chunk.iter().map(|(_, n)| n - 1).collect();
+            self.llama
+                .decode(&toks, &first, |s, pos, logits| {
+                    let Some(&target) = toks[s].get(pos + 1) else {
+                        return; // the last token predicts nothing we score
+                    };
+                    let m = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+                    let lse = m + logits
+                        .iter()
+                        .map(|&x| (x as f64 - m).exp())
+                        .sum::<f64>()
+                        .ln();
+                    sum += lse - logits[target as usize] as f64;
+                    count += 1;
+                })
+                .map_err(EngineError::Llama)?;
+        }
+        Ok(sum / count.max(1) as f64)
     }
 
     /// Accuracy and mean loss of the active task on `examples` with `weights` (or the base
