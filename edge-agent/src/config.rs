@@ -163,6 +163,14 @@ pub struct GradientSection {
     pub synthetic_target_seed: u64,
     /// Synthetic source: scale of the target point.
     pub synthetic_target_scale: f32,
+    /// Synthetic source, fault injection: hang forever inside the gradient computation of
+    /// this round (0 = never). Proves on a board that a hung work loop stops the watchdog
+    /// pings and systemd restarts the agent (`WatchdogSec=`).
+    pub synthetic_hang_at_round: u64,
+    /// Discriminative perturbation sampling (FwdLLM): candidate directions drawn per
+    /// perturbation; the one best aligned (|cosine|) with the last replayed commit is used.
+    /// 1 = off.
+    pub discriminative_candidates: u32,
 }
 
 impl Default for GradientSection {
@@ -172,6 +180,8 @@ impl Default for GradientSection {
             seeds_per_chunk: 1,
             synthetic_target_seed: 7,
             synthetic_target_scale: 0.05,
+            synthetic_hang_at_round: 0,
+            discriminative_candidates: 1,
         }
     }
 }
@@ -426,6 +436,13 @@ impl AgentConfig {
                 "gradient.seeds_per_chunk",
                 "is 0".into(),
                 "use at least 1 (default 1)",
+            );
+        }
+        if !(1..=4096).contains(&self.gradient.discriminative_candidates) {
+            bad(
+                "gradient.discriminative_candidates",
+                format!("is {}", self.gradient.discriminative_candidates),
+                "use 1 (off, the default) up to 4096 candidates",
             );
         }
         if !self.gradient.synthetic_target_scale.is_finite() {

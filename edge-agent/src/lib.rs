@@ -1,6 +1,7 @@
 //! fwdllm-agent library: the engine (forward gradients on llama.cpp), the data pipeline
 //! and the federated daemon. The binary `fwdllm-agent` is a thin CLI over these modules.
 
+pub mod app;
 pub mod cli;
 pub mod config;
 pub mod daemon;

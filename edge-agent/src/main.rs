@@ -1,40 +1,5 @@
-//! `fwdllm-agent`: the edge daemon and its tools.
-
-use clap::Parser;
-
-#[derive(Debug, Parser)]
-#[command(
-    name = "fwdllm-agent",
-    version,
-    about = "fwdllm edge agent: forward-gradient LoRA fine-tuning on llama.cpp, federated over MQTT"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, clap::Subcommand)]
-enum Command {
-    /// Run the federated agent daemon (systemd service `fwdllm-agent`).
-    Run {
-        /// Agent config (TOML; see systemd/fwdllm-agent.toml).
-        #[arg(long, default_value = "/etc/fwdllm/agent.toml")]
-        config: std::path::PathBuf,
-    },
-    /// Check an agent config: reports every problem with its key and fix; exit status 1 on any.
-    Validate {
-        #[arg(long, default_value = "/etc/fwdllm/agent.toml")]
-        config: std::path::PathBuf,
-    },
-    #[command(flatten)]
-    Engine(fwdllm_agent::cli::EngineCommand),
-}
+//! `fwdllm-agent`: the edge daemon and its tools (see `fwdllm_agent::app`).
 
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    match cli.command {
-        Command::Run { config } => fwdllm_agent::daemon::cli::run(&config),
-        Command::Validate { config } => fwdllm_agent::daemon::cli::validate(&config),
-        Command::Engine(cmd) => cmd.run(),
-    }
+    fwdllm_agent::app::main()
 }

@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use crate::data::SplitMix64;
+
 /// Exponential backoff with proportional jitter.
 ///
 /// The n-th consecutive failure (n = 0, 1, ...) waits `base = min(initial * multiplier^n, max)`
@@ -27,7 +29,7 @@ impl Backoff {
             multiplier: multiplier.max(1.0),
             jitter: jitter.clamp(0.0, 1.0),
             attempt: 0,
-            rng: SplitMix64(seed),
+            rng: SplitMix64::new(seed),
         }
     }
 
@@ -36,7 +38,9 @@ impl Backoff {
         let exp = self.multiplier.powi(self.attempt.min(64) as i32);
         let base = (self.initial.as_secs_f64() * exp).min(self.max.as_secs_f64());
         self.attempt = self.attempt.saturating_add(1);
-        let cut = base * self.jitter * self.rng.next_unit();
+        // Uniform in [0, 1): jitter needs decorrelation between agents, not crypto quality.
+        let unit = (self.rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        let cut = base * self.jitter * unit;
         Duration::from_secs_f64((base - cut).max(0.0))
     }
 
@@ -48,26 +52,6 @@ impl Backoff {
     /// Consecutive failures since the last reset.
     pub fn attempts(&self) -> u32 {
         self.attempt
-    }
-}
-
-/// SplitMix64: jitter needs no cryptographic quality, only decorrelation between agents, and a
-/// seeded generator keeps the backoff schedule testable; not worth a dependency.
-#[derive(Debug, Clone)]
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    fn next_unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 }
 

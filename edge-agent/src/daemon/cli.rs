@@ -50,10 +50,13 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
         );
     }
     let source: Box<dyn GradientSource + Send> = match config.gradient.source {
-        SourceKind::Synthetic => Box::new(SyntheticSource::new(
-            config.gradient.synthetic_target_seed,
-            config.gradient.synthetic_target_scale,
-        )),
+        SourceKind::Synthetic => Box::new(
+            SyntheticSource::new(
+                config.gradient.synthetic_target_seed,
+                config.gradient.synthetic_target_scale,
+            )
+            .hang_at_round(config.gradient.synthetic_hang_at_round),
+        ),
         SourceKind::Engine => {
             if config.agent.systemd_notify {
                 // Converting a model on first start can outlast TimeoutStartSec on a small board.

@@ -102,6 +102,7 @@ pub struct SyntheticSource {
     scale: f32,
     target: Vec<f32>,
     scratch: Vec<f32>,
+    hang_at_round: u64,
 }
 
 impl SyntheticSource {
@@ -111,7 +112,15 @@ impl SyntheticSource {
             scale,
             target: Vec::new(),
             scratch: Vec::new(),
+            hang_at_round: 0,
         }
+    }
+
+    /// Fault injection: never return from the computation of round `round` (0 = never), as a
+    /// wedged forward pass would. Used to prove that the watchdog then stops being pinged.
+    pub fn hang_at_round(mut self, round: u64) -> Self {
+        self.hang_at_round = round;
+        self
     }
 
     fn ensure_target(&mut self, len: usize) {
@@ -143,6 +152,15 @@ impl GradientSource for SyntheticSource {
         &mut self,
         req: &GradientRequest<'_>,
     ) -> Result<GradientBatch, GradientError> {
+        if self.hang_at_round != 0 && req.round == self.hang_at_round {
+            log::warn!(
+                "round {}: hanging the gradient computation on purpose (gradient.synthetic_hang_at_round)",
+                req.round
+            );
+            loop {
+                std::thread::park();
+            }
+        }
         let n = req.weights.layout().trainable_len();
         let loss = self.loss(req.weights);
         self.scratch.resize(n, 0.0);

@@ -728,9 +728,46 @@ impl Daemon {
             return;
         }
         let index = wire::client_index(&self.client_id);
-        let seeds: Vec<u64> = (k0..k0.saturating_add(a.perturbations_per_client))
-            .map(|k| derive_seed(a.seed_base, a.round, index, k))
-            .collect();
+        let c = self.config.gradient.discriminative_candidates.max(1);
+        let seeds: Vec<u64> = if c == 1 {
+            (k0..k0.saturating_add(a.perturbations_per_client))
+                .map(|k| derive_seed(a.seed_base, a.round, index, k))
+                .collect()
+        } else {
+            // Discriminative sampling: candidates k·c .. k·c+c-1, keep the one best aligned
+            // with the commit that produced this version (rebuilt from its (seed, coeff) pairs).
+            let previous = self.replica.last_commit().map(|pairs| {
+                let n = self
+                    .replica
+                    .weights()
+                    .map_or(0, |w| w.layout().trainable_len());
+                let mut d = vec![0f32; n];
+                for p in pairs {
+                    fwdllm_shared::perturb::add_scaled_direction_at(p.seed, 0, p.coeff, &mut d);
+                }
+                d
+            });
+            let mut scratch = Vec::new();
+            (k0..k0.saturating_add(a.perturbations_per_client))
+                .map(|k| {
+                    let cands: Vec<u64> = (0..c)
+                        .map(|j| {
+                            derive_seed(
+                                a.seed_base,
+                                a.round,
+                                index,
+                                k.wrapping_mul(c).wrapping_add(j),
+                            )
+                        })
+                        .collect();
+                    crate::engine::train::most_aligned_seed(
+                        &cands,
+                        previous.as_deref(),
+                        &mut scratch,
+                    )
+                })
+                .collect()
+        };
         let weights = Arc::new(
             self.replica
                 .weights()
@@ -746,6 +783,14 @@ impl Daemon {
             a.extend,
             seeds.len()
         );
+        if self.config.agent.systemd_notify {
+            service::notify_status(&format!(
+                "round {} extend {}: computing {} perturbations",
+                a.round,
+                a.extend,
+                seeds.len()
+            ));
+        }
         self.running = Some(Running {
             announce: a,
             k0,
@@ -853,6 +898,12 @@ impl Daemon {
             "round {} extend {}: sent {n} perturbations at version {} (loss {:.4}, {len} bytes)",
             a.round, a.extend, a.model_version, update.loss_mean
         );
+        if self.config.agent.systemd_notify {
+            service::notify_status(&format!(
+                "round {} extend {}: sent {n} perturbations",
+                a.round, a.extend
+            ));
+        }
         self.info.send_modify(|i| {
             i.bytes_sent += len;
             i.updates_sent += 1;

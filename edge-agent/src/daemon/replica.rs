@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use fwdllm_shared::lora::{LoraWeights, WeightsHash};
-use fwdllm_shared::update::apply_commit;
+use fwdllm_shared::update::{apply_commit, SeedCoeff};
 use fwdllm_shared::wire::{Checkpoint, RoundCommit};
 
 /// Commits kept that are not yet applicable (ahead of the replica). Bounded so a flood of
@@ -36,6 +36,9 @@ pub struct Replica {
     pending: BTreeMap<u64, RoundCommit>,
     /// Set when a replayed commit produced a different hash than the aggregator's.
     diverged: bool,
+    /// Pairs of the commit that produced the current version (discriminative sampling aligns
+    /// new directions with it); `None` after a checkpoint until the next commit.
+    last_commit: Option<Vec<SeedCoeff>>,
 }
 
 impl Replica {
@@ -58,6 +61,10 @@ impl Replica {
     }
     pub fn hash(&self) -> Option<WeightsHash> {
         self.hash
+    }
+    /// The (seed, coeff) pairs of the commit that produced the current version, if replayed.
+    pub fn last_commit(&self) -> Option<&[SeedCoeff]> {
+        self.last_commit.as_deref()
     }
     /// True after a replayed commit's hash disagreed with the aggregator's (needs a checkpoint).
     pub fn diverged(&self) -> bool {
@@ -104,6 +111,7 @@ impl Replica {
         while let Some(c) = self.pending.remove(&self.version) {
             apply_commit(weights, &c.pairs);
             self.version = c.new_version;
+            self.last_commit = Some(c.pairs.clone());
             let hash = weights.hash();
             self.hash = Some(hash);
             applied += 1;
@@ -153,6 +161,7 @@ impl Replica {
         self.weights = Some(weights);
         self.version = cp.model_version;
         self.diverged = false;
+        self.last_commit = None;
         Ok(Some(self.advance()))
     }
 
@@ -190,7 +199,6 @@ impl Replica {
 mod tests {
     use super::*;
     use fwdllm_shared::lora::{LoraConfig, LoraLayout, ModelShape};
-    use fwdllm_shared::update::SeedCoeff;
 
     fn init() -> LoraWeights {
         let shape = ModelShape {

@@ -6,10 +6,9 @@
 
 #![allow(dead_code, unreachable_pub)]
 
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use fwdllm_agent::config::{AgentConfig, SourceKind};
 use fwdllm_agent::daemon::{Agent, AgentInfo, GradientRequest, GradientSource, SyntheticSource};
@@ -29,89 +28,8 @@ use tokio_util::sync::CancellationToken;
 /// Failure guard for every wait (never reached when things work).
 pub const WAIT: Duration = Duration::from_secs(30);
 pub const JOB: &str = "agent-e2e";
-const MAX_PACKET: usize = 8 << 20;
 
-// ---------------------------------------------------------------------------------------------
-// Brokers
-
-pub enum Broker {
-    Embedded(fwdllm_aggregator::broker::EmbeddedBroker),
-    Mosquitto {
-        child: Child,
-        port: u16,
-        _dir: tempfile::TempDir,
-    },
-}
-
-impl Broker {
-    pub fn embedded() -> Broker {
-        Broker::Embedded(
-            fwdllm_aggregator::broker::EmbeddedBroker::start("127.0.0.1", 0, MAX_PACKET)
-                .expect("embedded broker"),
-        )
-    }
-
-    /// Debian's mosquitto on 127.0.0.1 with a generated config; killed on drop.
-    pub fn mosquitto() -> Broker {
-        let bin = Path::new("/usr/sbin/mosquitto");
-        assert!(
-            bin.exists(),
-            "/usr/sbin/mosquitto is missing: apt-get install mosquitto (scripts/setup.sh does)"
-        );
-        // Tests in one binary run in parallel: without this lock two of them can be handed the
-        // same free port, one mosquitto fails to bind, and its test talks to the other's broker
-        // (client-id takeovers reset connections). Held until our broker is listening.
-        static STARTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
-        let _starting = STARTING.lock().unwrap_or_else(|e| e.into_inner());
-        let port = fwdllm_aggregator::broker::free_port("127.0.0.1").expect("free port");
-        let dir = tempfile::tempdir().expect("tempdir");
-        let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
-        )
-        .unwrap();
-        let child = Command::new(bin)
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start mosquitto");
-        let broker = Broker::Mosquitto {
-            child,
-            port,
-            _dir: dir,
-        };
-        wait_listening(broker.addr());
-        broker
-    }
-
-    pub fn addr(&self) -> SocketAddr {
-        match self {
-            Broker::Embedded(b) => b.addr(),
-            Broker::Mosquitto { port, .. } => SocketAddr::from(([127, 0, 0, 1], *port)),
-        }
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        if let Broker::Mosquitto { child, .. } = self {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// Readiness poll of a listener we just started (bounded; a failure guard, not a delay).
-fn wait_listening(addr: SocketAddr) {
-    let start = Instant::now();
-    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-        assert!(start.elapsed() < WAIT, "nothing listening on {addr}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
+pub use fwdllm_tests::broker::{Broker, MAX_PACKET};
 
 // ---------------------------------------------------------------------------------------------
 // A TCP proxy whose connections can be cut, so the broker sees a connection die without
