@@ -18,13 +18,17 @@ lint: setup
 test: lint
 	$(CARGO) test --workspace --all-features
 
+# One build for every bench binary: separate `cargo run -p` calls resolve different feature sets
+# and rebuild shared dependencies between steps. Takes about an hour (the local training run
+# alone is 30 minutes); run it on an otherwise idle machine, since llama.cpp's threads spin.
 bench: setup
 	@mkdir -p target/bench
-	$(CARGO) run --release -p fwdllm-shared --example wire_bench -- --out target/bench/wire.json
-	$(CARGO) run --release -p fwdllm-shared --example perturb_bench -- --out target/bench/perturb.json
-	$(CARGO) run --release -p fwdllm-agent -- train-local --check-quantized --out target/train-local
-	$(CARGO) run --release -p fwdllm-agent -- bench-engine --out target/bench/engine.json
-	$(CARGO) run --release -p fwdllm-aggregator --features engine --bin fwdllm -- bench-federation --out target/bench/federation.json
+	$(CARGO) build --release -p fwdllm-shared --examples -p fwdllm-agent -p fwdllm-aggregator --features fwdllm-aggregator/engine
+	target/release/examples/wire_bench --out target/bench/wire.json
+	target/release/examples/perturb_bench --out target/bench/perturb.json
+	target/release/fwdllm-agent train-local --max-wall-s 1800 --dev-every 20 --heldout-every 40 --check-quantized --no-progress --out target/train-local
+	target/release/fwdllm-agent bench-engine --out target/bench/engine.json
+	target/release/fwdllm bench-federation --out target/bench/federation.json
 
 deb: setup
 	bash cross/build.sh amd64

@@ -65,8 +65,9 @@ struct FedArgs {
     /// Model file (GGUF).
     #[arg(long, default_value = ".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf")]
     model: PathBuf,
-    /// Perturbations per agent per round.
-    #[arg(long, default_value_t = 1)]
+    /// Perturbations per agent per round. Each agent also evaluates L(θ) once per round
+    /// (one-sided estimator), so 2 gives 2 directions per 3 loss evaluations.
+    #[arg(long, default_value_t = 2)]
     perturbations: u32,
     /// Held-out examples evaluated (0 = the task's whole held-out split).
     #[arg(long, default_value_t = 0)]
@@ -112,7 +113,7 @@ enum Cmd {
         task: PathBuf,
         #[arg(long, default_value = "target/bench/federation.json")]
         out: PathBuf,
-        /// Simulated clients for the ingest measurement.
+        /// Simulated clients for the ingest measurement (0 = skip it).
         #[arg(long, default_value_t = 200)]
         sim_clients: usize,
     },
@@ -167,8 +168,14 @@ fn main() -> anyhow::Result<()> {
             out,
             sim_clients,
         } => rt.block_on(async move {
-            let ingest = sim::bench(sim_clients, 10, 4).await?;
-            println!("simulated clients: {ingest}");
+            // 0 skips the simulated-client measurement (`fwdllm-aggregator sim` runs it alone).
+            let ingest = if sim_clients > 0 {
+                let r = sim::bench(sim_clients, 10, 4).await?;
+                println!("simulated clients: {r}");
+                r
+            } else {
+                serde_json::json!({})
+            };
             let r = federate(&fed, &task, "bench").await?;
             r.print_table();
             let mut j = serde_json::json!({
@@ -384,7 +391,11 @@ async fn federate(fed: &FedArgs, task_path: &Path, name: &str) -> anyhow::Result
     cfg.pacing.max_perturbations = n * fed.perturbations;
     cfg.pacing.min_perturbations = n * fed.perturbations;
     cfg.pacing.max_extends = 0;
-    cfg.step.lr = f64::from(train.lr);
+    // A commit of K pairs is, to first order, K / train.directions local steps: scaling the
+    // learning rate (and the clamp below) by that ratio keeps the progress and the noise per
+    // direction equal to the tuned local recipe (E[Δθ] ∝ lr, Var ∝ lr²·d/K).
+    let k_ratio = f64::from(n * fed.perturbations) / f64::from(train.directions.max(1));
+    cfg.step.lr = f64::from(train.lr) * k_ratio;
     cfg.step.schedule = Schedule::Cosine;
     cfg.step.total_commits = 600;
     cfg.step.min_lr_ratio = 0.2;
@@ -393,7 +404,7 @@ async fn federate(fed: &FedArgs, task_path: &Path, name: &str) -> anyhow::Result
     let theta0 = fwdllm_aggregator::step::params_norm(
         fwdllm_shared::lora::LoraWeights::init(layout.clone()).params(),
     );
-    cfg.step.trust_region = f64::from(train.max_update_norm) / theta0.max(1e-6);
+    cfg.step.trust_region = f64::from(train.max_update_norm) * k_ratio / theta0.max(1e-6);
     let problems = cfg.validate();
     if !problems.is_empty() {
         bail!("internal aggregator config invalid: {problems:?}");
