@@ -23,7 +23,7 @@ test: lint
 # alone is 30 minutes); run it on an otherwise idle machine, since llama.cpp's threads spin.
 bench: setup
 	@mkdir -p target/bench
-	$(CARGO) build --release -p fwdllm-shared --examples -p fwdllm-agent -p fwdllm-aggregator --features fwdllm-aggregator/engine
+	$(CARGO) build --release -p fwdllm-shared -p fwdllm-agent -p fwdllm-aggregator --features fwdllm-aggregator/engine --bins --examples
 	target/release/examples/wire_bench --out target/bench/wire.json
 	target/release/examples/perturb_bench --out target/bench/perturb.json
 	target/release/fwdllm-agent train-local --max-wall-s 1800 --dev-every 20 --heldout-every 40 --check-quantized --no-progress --out target/train-local

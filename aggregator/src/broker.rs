@@ -56,7 +56,9 @@ impl EmbeddedBroker {
         };
         let router = RouterConfig {
             max_connections: 10_010,
-            max_outgoing_packet_count: 1_000,
+            // Also the cap on retained messages delivered to one QoS 0 subscription (the
+            // aggregator's status filter: one per board), so well above the board count.
+            max_outgoing_packet_count: 20_000,
             // One segment must hold the largest message (a checkpoint).
             max_segment_size: max_payload.max(1 << 20) * 2,
             max_segment_count: 10,

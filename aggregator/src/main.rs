@@ -54,6 +54,9 @@ enum Cmd {
         /// Write a JSON report here.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// An external broker (`host:port`, e.g. mosquitto) instead of the embedded one.
+        #[arg(long)]
+        broker: Option<String>,
     },
 }
 
@@ -134,12 +137,24 @@ fn main() -> anyhow::Result<()> {
             commits,
             perturbations,
             out,
+            broker,
         } => {
+            let broker = broker
+                .map(|b| -> anyhow::Result<(String, u16)> {
+                    let (host, port) = b.rsplit_once(':').with_context(|| {
+                        format!("--broker {b:?}: expected host:port, e.g. 127.0.0.1:1883")
+                    })?;
+                    let port = port.parse().with_context(|| {
+                        format!("--broker {b:?}: port {port:?} is not a number")
+                    })?;
+                    Ok((host.to_string(), port))
+                })
+                .transpose()?;
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
             rt.block_on(async move {
-                let report = sim::bench(clients, commits, perturbations).await?;
+                let report = sim::bench(clients, commits, perturbations, broker).await?;
                 println!("{}", serde_json::to_string_pretty(&report)?);
                 if let Some(out) = out {
                     if let Some(d) = out.parent() {

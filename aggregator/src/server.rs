@@ -252,8 +252,14 @@ pub async fn run(
                         client
                             .subscribe(topics.updates_filter(), QoS::AtLeastOnce)
                             .await?;
+                        // QoS 0 on purpose: statuses are retained last-known state (a lost one
+                        // is superseded by the next, and a reconnect re-delivers them all), and
+                        // rumqttd 0.20 hands a QoS 1 subscriber at most its free in-flight slots
+                        // (100) of the retained messages and drops the rest (routing.rs,
+                        // "drop the excess ones"): with more than 100 boards the aggregator would
+                        // never learn of some of them.
                         client
-                            .subscribe(topics.status_filter(), QoS::AtLeastOnce)
+                            .subscribe(topics.status_filter(), QoS::AtMostOnce)
                             .await?;
                         coord.republish_retained(now);
                         if !ready_sent {

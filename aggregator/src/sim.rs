@@ -352,6 +352,7 @@ pub async fn bench(
     clients: usize,
     commits: u64,
     perturbations: u32,
+    broker: Option<(String, u16)>,
 ) -> anyhow::Result<serde_json::Value> {
     use crate::broker::EmbeddedBroker;
     use crate::config::AggregatorConfig;
@@ -373,15 +374,21 @@ pub async fn bench(
     cfg.pacing.min_perturbations = cfg.pacing.max_perturbations;
     cfg.pacing.max_extends = 0;
     cfg.step.lr = 0.5;
-    let broker = EmbeddedBroker::start("127.0.0.1", 0, cfg.broker.max_packet_bytes)?;
+    let (host, port) = match broker {
+        Some(hp) => hp,
+        None => {
+            let b = EmbeddedBroker::start("127.0.0.1", 0, cfg.broker.max_packet_bytes)?;
+            (b.host(), b.port())
+        }
+    };
     let target = BrokerTarget {
-        host: broker.host(),
-        port: broker.port(),
+        host: host.clone(),
+        port,
     };
     let params = SimParams {
         job: cfg.job.name.clone(),
-        host: broker.host(),
-        port: broker.port(),
+        host,
+        port,
         layout: cfg.layout().map_err(anyhow::Error::msg)?,
         noise: 0.01,
         target_seed: 7,

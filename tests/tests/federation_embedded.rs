@@ -29,3 +29,8 @@ async fn embedded_aggregator_restart_resumes() {
 async fn embedded_duplicate_counted_once_and_stale_ignored() {
     duplicate_counted_once_and_stale_ignored(&Broker::embedded()).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn embedded_many_retained_statuses_are_all_seen() {
+    many_retained_statuses_are_all_seen(&Broker::embedded()).await;
+}

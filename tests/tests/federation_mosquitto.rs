@@ -31,3 +31,8 @@ async fn mosquitto_aggregator_restart_resumes() {
 async fn mosquitto_duplicate_counted_once_and_stale_ignored() {
     duplicate_counted_once_and_stale_ignored(&Broker::mosquitto()).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mosquitto_many_retained_statuses_are_all_seen() {
+    many_retained_statuses_are_all_seen(&Broker::mosquitto()).await;
+}

@@ -114,7 +114,7 @@ enum Cmd {
         #[arg(long, default_value = "target/bench/federation.json")]
         out: PathBuf,
         /// Simulated clients for the ingest measurement (0 = skip it).
-        #[arg(long, default_value_t = 200)]
+        #[arg(long, default_value_t = 1000)]
         sim_clients: usize,
     },
 }
@@ -170,7 +170,7 @@ fn main() -> anyhow::Result<()> {
         } => rt.block_on(async move {
             // 0 skips the simulated-client measurement (`fwdllm-aggregator sim` runs it alone).
             let ingest = if sim_clients > 0 {
-                let r = sim::bench(sim_clients, 10, 4).await?;
+                let r = sim::bench(sim_clients, 10, 4, None).await?;
                 println!("simulated clients: {r}");
                 r
             } else {

@@ -652,3 +652,56 @@ pub async fn duplicate_counted_once_and_stale_ignored(broker: &Broker) {
     assert_eq!(s.duplicates, 1);
     assert_eq!(s.stale, 1);
 }
+
+/// More boards than rumqttd's in-flight window (100) have retained "online" statuses before the
+/// aggregator subscribes: it must learn of every one and select them all.
+pub async fn many_retained_statuses_are_all_seen(broker: &Broker) {
+    const BOARDS: usize = 250;
+    let mut peer = Peer::connect(broker.addr(), "status-writer").await;
+    let topics = Topics::new(JOB).unwrap();
+    for i in 0..BOARDS {
+        let id = format!("board-{i:04}");
+        let s = AgentStatus::new(id.clone(), AgentState::Online);
+        peer.client
+            .publish(
+                topics.status(&id),
+                QoS::AtLeastOnce,
+                true,
+                wire::encode_json(&s),
+            )
+            .await
+            .unwrap();
+    }
+    // Round trip: the broker handles one connection's packets in order, so once our marker
+    // comes back every status before it is stored as retained.
+    let marker = "fwdllm-test/marker";
+    peer.client
+        .subscribe(marker, QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    peer.client
+        .publish(marker, QoS::AtLeastOnce, false, b"m".to_vec())
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (topic, _) = tokio::time::timeout_at(deadline, peer.rx.recv())
+            .await
+            .expect("marker comes back")
+            .expect("peer alive");
+        if topic == marker {
+            break;
+        }
+    }
+
+    let (_dir, path) = tempdir();
+    let mut agg = spawn_aggregator(aggregator_config(&path, BOARDS as u32, 1), broker.addr());
+    let selected = agg
+        .next("round 1 opened", |e| match e {
+            AggEvent::RoundOpened { selected, .. } => Some(*selected),
+            _ => None,
+        })
+        .await;
+    assert_eq!(selected, BOARDS);
+    agg.stop().await;
+}
