@@ -245,6 +245,9 @@ impl TaskConfig {
     }
 }
 
+/// Upper bound of `state.checkpoint_every` (rumqttd 0.20's in-flight window).
+pub const MAX_RETAINED_COMMITS: u64 = 100;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StateConfig {
@@ -484,6 +487,19 @@ impl AggregatorConfig {
                 "is 0; publish a checkpoint every N ≥ 1 commits".into(),
             );
         }
+        // Agents replay the retained commits since the last checkpoint through one wildcard
+        // subscription, and rumqttd delivers at most 100 retained messages to it.
+        if self.state.checkpoint_every > MAX_RETAINED_COMMITS {
+            bad(
+                "state.checkpoint_every",
+                format!(
+                    "is {}; at most {MAX_RETAINED_COMMITS} (joining agents replay the retained \
+                     commits since the last checkpoint, and some brokers deliver no more than \
+                     {MAX_RETAINED_COMMITS} retained messages per subscription)",
+                    self.state.checkpoint_every
+                ),
+            );
+        }
         p
     }
 
@@ -515,10 +531,19 @@ mod tests {
             lr = 0.0
             [lora]
             rank = 0
+            [state]
+            checkpoint_every = 101
         "#;
         let cfg = AggregatorConfig::from_toml(text).unwrap();
         let keys: Vec<String> = cfg.validate().into_iter().map(|p| p.key).collect();
-        for k in ["job.name", "round.quorum", "round.eps", "step.lr", "lora"] {
+        for k in [
+            "job.name",
+            "round.quorum",
+            "round.eps",
+            "step.lr",
+            "lora",
+            "state.checkpoint_every",
+        ] {
             assert!(keys.contains(&k.to_string()), "{k} missing from {keys:?}");
         }
     }

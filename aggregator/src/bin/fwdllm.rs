@@ -12,6 +12,7 @@
 //! through the exported GGUF file). Agents never see held-out data, and training is not stalled
 //! by evaluation passes on a training agent.
 
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -464,6 +465,9 @@ async fn federate(fed: &FedArgs, task_path: &Path, name: &str) -> anyhow::Result
         .expect("template")
         .progress_chars("=> ");
     let mut bar: Option<ProgressBar> = None;
+    // indicatif draws nothing when stdout is not a terminal (CI, `make bench | tee`): then one
+    // plain line per commit instead.
+    let plain = !std::io::stdout().is_terminal();
     let mut commits = 0u64;
     let deadline = tokio::time::Instant::now() + budget;
     loop {
@@ -497,14 +501,21 @@ async fn federate(fed: &FedArgs, task_path: &Path, name: &str) -> anyhow::Result
                 ..
             } => {
                 commits = version;
+                let msg = format!(
+                    "-> v{version} ({perturbations} pairs, {:.0}s elapsed)",
+                    t_train.elapsed().as_secs_f64()
+                );
+                if plain {
+                    println!("commit {msg}");
+                }
                 if let Some(b) = bar.take() {
-                    b.finish_with_message(format!(
-                        "-> v{version} ({perturbations} pairs, {:.0}s elapsed)",
-                        t_train.elapsed().as_secs_f64()
-                    ));
+                    b.finish_with_message(msg);
                 }
             }
             AggEvent::Abandoned { round } => {
+                if plain {
+                    println!("round {round} abandoned (deadline without quorum)");
+                }
                 if let Some(b) = bar.take() {
                     b.abandon_with_message(format!(
                         "round {round} abandoned (deadline without quorum)"
