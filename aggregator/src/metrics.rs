@@ -139,6 +139,16 @@ fn ensure_font() -> bool {
 
 /// Plots loss, held-out accuracy and pacing z against model version.
 pub fn plot(records: &[AggregatorMetrics], path: &Path) -> Result<(), Box<dyn std::error::Error>> {
+    plot_with_evals(records, &[], path)
+}
+
+/// Like [`plot`], with held-out accuracies measured outside the aggregator (the demo's
+/// zero-shot and final evaluations: (model version, accuracy)) added to the accuracy panel.
+pub fn plot_with_evals(
+    records: &[AggregatorMetrics],
+    evals: &[(u64, f64)],
+    path: &Path,
+) -> Result<(), Box<dyn std::error::Error>> {
     use plotters::prelude::*;
     let commits: Vec<&AggregatorMetrics> =
         records.iter().filter(|r| r.phase == "committed").collect();
@@ -164,10 +174,15 @@ pub fn plot(records: &[AggregatorMetrics], path: &Path) -> Result<(), Box<dyn st
         ),
         (
             "held-out accuracy",
-            commits
-                .iter()
-                .filter_map(|r| r.eval_accuracy.map(|a| (r.model_version as f64, a)))
-                .collect(),
+            {
+                let mut pts: Vec<(f64, f64)> = commits
+                    .iter()
+                    .filter_map(|r| r.eval_accuracy.map(|a| (r.model_version as f64, a)))
+                    .chain(evals.iter().map(|&(v, a)| (v as f64, a)))
+                    .collect();
+                pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+                pts
+            },
             BLUE,
         ),
         (

@@ -579,6 +579,21 @@ async fn federate(fed: &FedArgs, task_path: &Path, name: &str) -> anyhow::Result
     for f in [metrics::PLOT_FILE, metrics::CSV_FILE, metrics::JSONL_FILE] {
         let _ = std::fs::copy(state_dir.join(f), out_dir.join(f));
     }
+    // The aggregator's plot has no held-out points (evaluation runs here, not in a round):
+    // redraw it with the zero-shot and final accuracies.
+    let plotted = metrics::read_jsonl(&state_dir.join(metrics::JSONL_FILE))
+        .map_err(|e| e.to_string())
+        .and_then(|records| {
+            metrics::plot_with_evals(
+                &records,
+                &[(0, zero_shot), (version, final_acc)],
+                &out_dir.join(metrics::PLOT_FILE),
+            )
+            .map_err(|e| e.to_string())
+        });
+    if let Err(e) = plotted {
+        log::warn!("redrawing {}: {e}", metrics::PLOT_FILE);
+    }
     let trainable = layout.trainable_len();
     let k = per_agent.len().max(1) as f64;
     let dense_per_round = (trainable * 4) as u64;
