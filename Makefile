@@ -33,8 +33,10 @@ bench: setup
 deb: setup
 	bash cross/build.sh amd64
 
+# arm64 packages, then the qemu smoke test of the agent package (about half an hour cold).
 cross: setup
 	bash cross/build.sh arm64
+	bash cross/smoke-arm64.sh
 
 clean-cache:
 	rm -rf .cache

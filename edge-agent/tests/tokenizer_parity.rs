@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use fwdllm_agent::data::TaskConfig;
 use fwdllm_agent::engine::llama::{Llama, LlamaParams};
-use fwdllm_shared::gguf::{write_gguf_f32, F32Tensor, GgufError, GgufValue};
+use fwdllm_shared::gguf::{write_gguf_f32, F32Tensor, GgufValue};
 use fwdllm_shared::tokenizer::{GgufTokenizer, TokenizerError};
 
 fn root() -> PathBuf {
@@ -217,20 +217,8 @@ fn write(dir: &Path, name: &str, kv: &[(String, GgufValue)]) -> PathBuf {
 }
 
 #[test]
-fn missing_files_and_models_without_a_usable_tokenizer_are_clear_errors() {
-    let e = GgufTokenizer::from_gguf("/nonexistent/model.gguf").unwrap_err();
-    assert!(
-        matches!(
-            &e,
-            TokenizerError::Gguf {
-                source: GgufError::Open { .. },
-                ..
-            }
-        ),
-        "{e}"
-    );
-    assert!(e.to_string().contains("/nonexistent/model.gguf"), "{e}");
-
+fn models_without_a_usable_tokenizer_are_clear_errors() {
+    // (A missing file is covered by the unit tests in fwdllm_shared::tokenizer.)
     let dir = tempfile::tempdir().unwrap();
     let arch = (
         "general.architecture".to_string(),
