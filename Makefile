@@ -33,7 +33,7 @@ bench: setup
 deb: setup
 	bash cross/build.sh amd64
 
-# arm64 packages, then the qemu smoke test of the agent package (about half an hour cold).
+# arm64 packages, then the qemu smoke test of the agent package (about 12 minutes cold on 2 idle cores).
 cross: setup
 	bash cross/build.sh arm64
 	bash cross/smoke-arm64.sh
