@@ -729,14 +729,13 @@ impl Daemon {
         }
         let index = wire::client_index(&self.client_id);
         let c = self.config.gradient.discriminative_candidates.max(1);
-        let seeds: Vec<u64> = if c == 1 {
-            (k0..k0.saturating_add(a.perturbations_per_client))
-                .map(|k| derive_seed(a.seed_base, a.round, index, k))
-                .collect()
-        } else {
-            // Discriminative sampling: candidates k·c .. k·c+c-1, keep the one best aligned
-            // with the commit that produced this version (rebuilt from its (seed, coeff) pairs).
-            let previous = self.replica.last_commit().map(|pairs| {
+        // Discriminative sampling: candidates k·c .. k·c+c-1, keep the one best aligned with
+        // the commit that produced this version (rebuilt from its (seed, coeff) pairs). With
+        // c = 1 the single candidate is seed k itself and no direction is built.
+        let previous = (c > 1)
+            .then(|| self.replica.last_commit())
+            .flatten()
+            .map(|pairs| {
                 let n = self
                     .replica
                     .weights()
@@ -747,27 +746,22 @@ impl Daemon {
                 }
                 d
             });
-            let mut scratch = Vec::new();
-            (k0..k0.saturating_add(a.perturbations_per_client))
-                .map(|k| {
-                    let cands: Vec<u64> = (0..c)
-                        .map(|j| {
-                            derive_seed(
-                                a.seed_base,
-                                a.round,
-                                index,
-                                k.wrapping_mul(c).wrapping_add(j),
-                            )
-                        })
-                        .collect();
-                    crate::engine::train::most_aligned_seed(
-                        &cands,
-                        previous.as_deref(),
-                        &mut scratch,
-                    )
-                })
-                .collect()
-        };
+        let mut scratch = Vec::new();
+        let seeds: Vec<u64> = (k0..k0.saturating_add(a.perturbations_per_client))
+            .map(|k| {
+                let cands: Vec<u64> = (0..c)
+                    .map(|j| {
+                        derive_seed(
+                            a.seed_base,
+                            a.round,
+                            index,
+                            k.wrapping_mul(c).wrapping_add(j),
+                        )
+                    })
+                    .collect();
+                crate::engine::train::most_aligned_seed(&cands, previous.as_deref(), &mut scratch)
+            })
+            .collect();
         let weights = Arc::new(
             self.replica
                 .weights()
