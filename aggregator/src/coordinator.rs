@@ -116,8 +116,13 @@ pub struct Coordinator {
     out: Vec<Outgoing>,
     events: Vec<AggEvent>,
     records: Vec<AggregatorMetrics>,
+    /// The checkpoint `state.checkpoint_version` names (kept in memory: it is republished on
+    /// every reconnect and must never be re-derived from anything else).
+    checkpoint: Checkpoint,
     dirty: bool,
     checkpoint_dirty: bool,
+    /// Checkpoint files other than `checkpoint`'s may exist; delete them after the next state write.
+    prune_checkpoints: bool,
     seen_seeds: HashSet<u64>,
     last_metrics_ms: u64,
     /// Latest held-out evaluation (set by the demo), attached to the next commit record.
@@ -136,8 +141,8 @@ impl Coordinator {
             dir: cfg.state.dir.clone(),
             message,
         })?;
-        let (state, weights, checkpoint_dirty) = if store.exists() {
-            let (state, weights, _) = store.load()?;
+        let (state, weights, checkpoint) = if store.exists() {
+            let (state, weights, checkpoint) = store.load()?;
             if state.job != cfg.job.name
                 || &state.shape != layout.shape()
                 || &state.lora != layout.config()
@@ -157,7 +162,7 @@ impl Coordinator {
                 state.round,
                 if state.open.is_some() { "one" } else { "none" }
             );
-            (state, weights, false)
+            (state, weights, checkpoint)
         } else {
             let weights = LoraWeights::init(layout);
             let state = DurableState {
@@ -179,8 +184,11 @@ impl Coordinator {
                 state.job,
                 weights.hash()
             );
-            (state, weights, true)
+            let checkpoint = Checkpoint::from_weights(0, &weights);
+            (state, weights, checkpoint)
         };
+        // Also true when resuming from the legacy single checkpoint file: rewrite it versioned.
+        let checkpoint_dirty = !store.has_checkpoint(checkpoint.model_version);
         let mut c = Coordinator {
             cfg,
             topics,
@@ -192,8 +200,10 @@ impl Coordinator {
             out: Vec::new(),
             events: Vec::new(),
             records: Vec::new(),
+            checkpoint,
             dirty: true,
             checkpoint_dirty,
+            prune_checkpoints: true,
             seen_seeds: HashSet::new(),
             last_metrics_ms: 0,
             eval: None,
@@ -258,16 +268,24 @@ impl Coordinator {
         std::mem::take(&mut self.records)
     }
 
-    /// Writes what changed (checkpoint first, then state). Call before sending [`Self::take_outgoing`].
+    /// Writes what changed: a new checkpoint under its own name, then the state that names it
+    /// (the commit point), then deletes the checkpoints no state needs any more. A crash between
+    /// any two steps leaves the previous state with the checkpoint it names.
+    /// Call before sending [`Self::take_outgoing`].
     pub fn persist(&mut self) -> Result<(), StateError> {
         if self.checkpoint_dirty {
-            self.store
-                .save_checkpoint(&Checkpoint::from_weights(self.state.version, &self.weights))?;
+            self.store.save_checkpoint(&self.checkpoint)?;
             self.checkpoint_dirty = false;
+            self.prune_checkpoints = true;
         }
         if self.dirty {
             self.store.save_state(&self.state)?;
             self.dirty = false;
+        }
+        if self.prune_checkpoints {
+            self.store
+                .prune_checkpoints(self.state.checkpoint_version)?;
+            self.prune_checkpoints = false;
         }
         Ok(())
     }
@@ -283,9 +301,12 @@ impl Coordinator {
 
     /// Retained messages re-derived from the durable state (after start or a reconnect).
     pub fn republish_retained(&mut self, now_ms: u64) {
-        let cp =
-            Checkpoint::from_weights(self.state.checkpoint_version, &self.checkpoint_weights());
-        self.publish(self.topics.checkpoint(), wire::encode(&cp), true, 1);
+        self.publish(
+            self.topics.checkpoint(),
+            wire::encode(&self.checkpoint),
+            true,
+            1,
+        );
         for c in self.state.log.clone() {
             self.publish(
                 self.topics.commit_log(c.new_version),
@@ -307,22 +328,6 @@ impl Coordinator {
         st.unix_ms = now_ms;
         st.agent_version = env!("CARGO_PKG_VERSION").into();
         self.publish(self.topics.aggregator(), wire::encode_json(&st), true, 1);
-    }
-
-    /// Weights at the checkpoint version (the current weights if no commit since).
-    fn checkpoint_weights(&self) -> LoraWeights {
-        if self.state.log.is_empty() {
-            return self.weights.clone();
-        }
-        match self
-            .store
-            .load_checkpoint()
-            .ok()
-            .and_then(|c| c.to_weights().ok())
-        {
-            Some(w) => w,
-            None => self.weights.clone(),
-        }
     }
 
     /// A retained status arrived (empty payload = cleared).
@@ -710,8 +715,13 @@ impl Coordinator {
         self.state.log.push(commit.clone());
         self.state.last_commit = Some(commit);
         if v % self.cfg.state.checkpoint_every == 0 {
-            let cp = Checkpoint::from_weights(v, &self.weights);
-            self.publish(self.topics.checkpoint(), wire::encode(&cp), true, 1);
+            self.checkpoint = Checkpoint::from_weights(v, &self.weights);
+            self.publish(
+                self.topics.checkpoint(),
+                wire::encode(&self.checkpoint),
+                true,
+                1,
+            );
             // The checkpoint covers the log: clear its retained entries so the broker holds at
             // most checkpoint_every commits per job.
             for c in std::mem::take(&mut self.state.log) {

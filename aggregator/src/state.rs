@@ -1,15 +1,17 @@
 //! Durable aggregator state: what must survive a crash so that the aggregator resumes the round
 //! it was in with no lost or double-applied contribution.
 //!
-//! Two files in `state.dir`, each replaced atomically (write `*.tmp`, fsync, rename, fsync dir):
-//! * `checkpoint.bin` — the latest full checkpoint (a wire [`Checkpoint`], hash-verified on load);
-//! * `state.bin` — postcard [`DurableState`]: version, round counter, the commit log since the
-//!   checkpoint, the open round (its pooled pairs and the (client, seq) keys already counted),
-//!   counters.
+//! Files in `state.dir`, each written atomically (write `*.tmp`, fsync, rename, fsync dir):
+//! * `checkpoint-<version>.bin` — full checkpoints (a wire [`Checkpoint`], hash-verified on load),
+//!   named by the version they hold;
+//! * `state.bin` — postcard [`DurableState`]: version, round counter, which checkpoint it builds
+//!   on, the commit log since that checkpoint, the open round (its pooled pairs and the
+//!   (client, seq) keys already counted), counters.
 //!
-//! Weights on load = checkpoint + replay of the logged commits newer than it, each verified
-//! against its recorded hash. The checkpoint file is written before the state file, so a crash
-//! between the two leaves a checkpoint newer than the log start; replay skips what it covers.
+//! `state.bin` is the commit point. A new checkpoint is written under its own name before the
+//! state that refers to it, and older checkpoints are deleted only after that state is on disk, so
+//! a crash at any point leaves the checkpoint the on-disk state names. Weights on load = that
+//! checkpoint + replay of the logged commits, each verified against its recorded hash.
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -127,7 +129,22 @@ pub struct DurableState {
 }
 
 pub const STATE_FILE: &str = "state.bin";
-pub const CHECKPOINT_FILE: &str = "checkpoint.bin";
+/// Single checkpoint file of builds before versioned names; read when the versioned one is absent
+/// and removed once the versioned one is written.
+pub const LEGACY_CHECKPOINT_FILE: &str = "checkpoint.bin";
+
+/// File name of the checkpoint holding `version` (zero-padded so names sort by version).
+pub fn checkpoint_file_name(version: u64) -> String {
+    format!("checkpoint-{version:020}.bin")
+}
+
+/// The version in a checkpoint file name, if it is one.
+fn checkpoint_file_version(name: &str) -> Option<u64> {
+    name.strip_prefix("checkpoint-")?
+        .strip_suffix(".bin")?
+        .parse()
+        .ok()
+}
 
 /// Replaces `path` atomically with `bytes`: temp file, fsync, rename, fsync of the directory.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
@@ -183,19 +200,66 @@ impl Store {
     }
 
     pub fn save_checkpoint(&self, c: &Checkpoint) -> Result<(), StateError> {
-        atomic_write(&self.dir.join(CHECKPOINT_FILE), &wire::encode(c))
+        atomic_write(
+            &self.dir.join(checkpoint_file_name(c.model_version)),
+            &wire::encode(c),
+        )
     }
 
-    pub fn load_checkpoint(&self) -> Result<Checkpoint, StateError> {
-        let path = self.dir.join(CHECKPOINT_FILE);
+    /// True when the checkpoint of `version` is on disk under its versioned name.
+    pub fn has_checkpoint(&self, version: u64) -> bool {
+        self.dir.join(checkpoint_file_name(version)).exists()
+    }
+
+    /// The checkpoint holding `version` (falling back to the legacy single file).
+    pub fn load_checkpoint(&self, version: u64) -> Result<Checkpoint, StateError> {
+        let mut path = self.dir.join(checkpoint_file_name(version));
+        let legacy = self.dir.join(LEGACY_CHECKPOINT_FILE);
+        if !path.exists() && legacy.exists() {
+            path = legacy;
+        }
         let bytes = fs::read(&path).map_err(|source| StateError::Io {
             path: path.clone(),
             source,
         })?;
-        wire::decode::<Checkpoint>(&bytes).map_err(|e| StateError::Corrupt {
-            path,
+        let cp = wire::decode::<Checkpoint>(&bytes).map_err(|e| StateError::Corrupt {
+            path: path.clone(),
             message: e.to_string(),
-        })
+        })?;
+        if cp.model_version != version {
+            return Err(StateError::Corrupt {
+                path,
+                message: format!(
+                    "holds version {} but {STATE_FILE} builds on version {version}",
+                    cp.model_version
+                ),
+            });
+        }
+        Ok(cp)
+    }
+
+    /// Deletes every checkpoint file except the one of `keep`. Call only once a state naming
+    /// `keep` is on disk: the others are then either superseded or orphans of a crash before the
+    /// state that would have named them.
+    pub fn prune_checkpoints(&self, keep: u64) -> Result<(), StateError> {
+        let io = |path: &Path, source| StateError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let entries = fs::read_dir(&self.dir).map_err(|e| io(&self.dir, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| io(&self.dir, e))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let stale = match checkpoint_file_version(name) {
+                Some(v) => v != keep,
+                None => name == LEGACY_CHECKPOINT_FILE && self.has_checkpoint(keep),
+            };
+            if stale {
+                fs::remove_file(entry.path()).map_err(|e| io(&entry.path(), e))?;
+            }
+        }
+        Ok(())
     }
 
     /// Loads state + checkpoint and rebuilds the current weights (verifying every hash).
@@ -216,22 +280,19 @@ impl Store {
                 message: format!("format {} (this build reads {STATE_FORMAT})", state.format),
             });
         }
-        let cp = self.load_checkpoint()?;
+        let cp = self.load_checkpoint(state.checkpoint_version)?;
         let mut weights = cp.to_weights().map_err(|e| StateError::Corrupt {
-            path: self.dir.join(CHECKPOINT_FILE),
+            path: self.dir.join(checkpoint_file_name(cp.model_version)),
             message: e.to_string(),
         })?;
         let mut version = cp.model_version;
         for c in &state.log {
-            if c.new_version <= version {
-                continue; // covered by a checkpoint written just before a crash
-            }
-            if c.base_version != version {
+            if c.base_version != version || c.new_version != version + 1 {
                 return Err(StateError::Corrupt {
-                    path: self.dir.join(STATE_FILE),
+                    path,
                     message: format!(
-                        "commit log jumps from version {version} to a commit based on {}",
-                        c.base_version
+                        "commit log goes from version {version} to a commit {} -> {}",
+                        c.base_version, c.new_version
                     ),
                 });
             }
