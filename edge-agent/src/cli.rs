@@ -164,7 +164,7 @@ pub struct TrainLocalArgs {
     #[arg(long)]
     pub max_steps: Option<u32>,
     /// Discriminative sampling: candidates per direction, keep the one best aligned with the
-    /// previous update (1 = off).
+    /// previous update (1 = off; default 8).
     #[arg(long)]
     pub discriminative_candidates: Option<u32>,
     /// Evaluate the dev split (divergence check, best adapter) every this many steps.

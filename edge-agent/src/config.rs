@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::engine::train::DEFAULT_DISCRIMINATIVE_CANDIDATES;
+
 /// Prefix of environment overrides; sections and keys are separated by `__`.
 pub const ENV_PREFIX: &str = "FWDLLM_AGENT__";
 
@@ -169,7 +171,7 @@ pub struct GradientSection {
     pub synthetic_hang_at_round: u64,
     /// Discriminative perturbation sampling (FwdLLM): candidate directions drawn per
     /// perturbation; the one best aligned (|cosine|) with the last replayed commit is used.
-    /// 1 = off.
+    /// 1 = off; default [`DEFAULT_DISCRIMINATIVE_CANDIDATES`].
     pub discriminative_candidates: u32,
 }
 
@@ -181,7 +183,7 @@ impl Default for GradientSection {
             synthetic_target_seed: 7,
             synthetic_target_scale: 0.05,
             synthetic_hang_at_round: 0,
-            discriminative_candidates: 1,
+            discriminative_candidates: DEFAULT_DISCRIMINATIVE_CANDIDATES,
         }
     }
 }

@@ -299,6 +299,8 @@ pub fn agent_config(broker: SocketAddr, id: &str, state_dir: &Path) -> AgentConf
     c.agent.job = JOB.into();
     c.agent.state_dir = state_dir.display().to_string();
     c.agent.systemd_notify = false;
+    // Plain directions: `expected_pairs` predicts the seeds of every answer.
+    c.gradient.discriminative_candidates = 1;
     c.mqtt.host = broker.ip().to_string();
     c.mqtt.port = broker.port();
     c.mqtt.max_packet_bytes = MAX_PACKET;
