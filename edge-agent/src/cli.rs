@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 
 use crate::data::{self, Partition, TaskConfig};
-use crate::engine::{self, Engine, EngineConfig, Precision, TrainConfig};
+use crate::engine::{self, Engine, EngineConfig, ForwardPath, Precision, TrainConfig};
 
 /// Model/engine options shared by the engine subcommands.
 #[derive(Debug, Clone, clap::Args)]
@@ -29,10 +29,22 @@ pub struct EngineArgs {
     /// Flash attention (casts K/V to f16: adds noise to forward gradients).
     #[arg(long)]
     pub flash_attn: bool,
+    /// auto: frozen prefix once per batch + F32 tail for every perturbation when the layout
+    /// starts above layer 0; full: the whole model for every evaluation.
+    #[arg(long, value_enum, default_value_t = ForwardPath::Auto)]
+    pub forward_path: ForwardPath,
+    /// Precision of the frozen prefix on the tail path (its error cancels in ΔL).
+    #[arg(long, value_enum, default_value_t = Precision::Quantized)]
+    pub prefix_precision: Precision,
+    /// MiB of cached prefix hidden states.
+    #[arg(long, default_value_t = 32)]
+    pub prefix_cache_mib: u32,
 }
 
 impl EngineArgs {
-    pub fn config(&self) -> EngineConfig {
+    /// The engine config, with the tail layer taken from `lora` (the layout to be trained or
+    /// evaluated) so that base-model evaluations take the same path as training.
+    pub fn config_for(&self, lora: &fwdllm_shared::lora::LoraConfig) -> EngineConfig {
         EngineConfig {
             model: self.model.clone(),
             threads: self.threads,
@@ -40,8 +52,17 @@ impl EngineArgs {
             cache_dir: self.cache_dir.clone(),
             seqs_per_decode: self.seqs_per_decode,
             flash_attn: self.flash_attn,
+            forward_path: self.forward_path,
+            prefix_precision: self.prefix_precision,
+            prefix_cache_mib: self.prefix_cache_mib,
             ..EngineConfig::default()
         }
+        .for_lora(lora)
+    }
+
+    /// [`EngineArgs::config_for`] the default training layout.
+    pub fn config(&self) -> EngineConfig {
+        self.config_for(&TrainConfig::default().lora)
     }
 }
 
@@ -210,6 +231,10 @@ pub struct BenchEngineArgs {
     /// Training metrics to quote (written by train-local).
     #[arg(long, default_value = "target/train-local/metrics.json")]
     pub train_metrics: PathBuf,
+    /// Internal: measure one peak RSS in this process and print it (the benchmark runs
+    /// itself once per probe so that each figure is a fresh process's).
+    #[arg(long, value_enum, hide = true)]
+    pub rss_probe: Option<engine::bench::RssProbe>,
 }
 
 /// Score prompt templates / label words zero-shot on the dev split.
@@ -295,9 +320,10 @@ impl EngineCommand {
                     counts[p] += 1;
                 }
                 println!(
-                    "task {} precision {} adapter {}: held-out n={} accuracy {acc:.4} loss {:.4} ({:.1} s); predictions per label {:?}",
+                    "task {} precision {} ({}) adapter {}: held-out n={} accuracy {acc:.4} loss {:.4} ({:.1} s); predictions per label {:?}",
                     tcfg.name,
                     engine.precision.as_str(),
+                    e.describe_path(),
                     adapter.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none".into()),
                     held.len(),
                     l.mean,
@@ -412,22 +438,23 @@ impl EngineCommand {
                         .map_err(|e| anyhow::anyhow!("--modules: {e}"))?;
                 }
                 let (tcfg, split) = task.load()?;
-                let mut e = Engine::load(&engine.config())?;
+                let mut e = Engine::load(&engine.config_for(&tc.lora))?;
                 e.set_task(&tcfg)?;
                 println!(
-                    "train-local: task {} train {} dev {} held-out {}; precision {}; {:?}",
+                    "train-local: task {} train {} dev {} held-out {}; precision {}, {}; {:?}",
                     tcfg.name,
                     split.train.len(),
                     split.dev.len(),
                     split.heldout.len(),
                     engine.precision.as_str(),
+                    e.describe_path(),
                     tc
                 );
                 let (mut report, best) =
                     engine::train::train_local(&mut e, &split, &tc, &out, !no_progress)?;
                 if check_quantized {
                     drop(e);
-                    let mut qcfg = engine.config();
+                    let mut qcfg = engine.config_for(&tc.lora);
                     qcfg.precision = Precision::Quantized;
                     let mut q = Engine::load(&qcfg)?;
                     q.set_task(&tcfg)?;
@@ -468,10 +495,24 @@ impl EngineCommand {
                     out,
                     swaps,
                     train_metrics,
+                    rss_probe,
                 } = *args;
                 let (tcfg, split) = task.load()?;
-                let report =
-                    engine::bench::run(&engine.config(), &tcfg, &split, swaps, &train_metrics)?;
+                if let Some(probe) = rss_probe {
+                    let r =
+                        engine::bench::run_probe(probe, &engine.config(), &tcfg, &split, swaps)?;
+                    println!("rss-probe {}", serde_json::to_string(&r)?);
+                    return Ok(());
+                }
+                let probe_args: Vec<String> = std::env::args().skip(1).collect();
+                let report = engine::bench::run(
+                    &engine.config(),
+                    &tcfg,
+                    &split,
+                    swaps,
+                    &train_metrics,
+                    &probe_args,
+                )?;
                 if let Some(dir) = out.parent() {
                     std::fs::create_dir_all(dir)?;
                 }

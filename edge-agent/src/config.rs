@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::engine::train::DEFAULT_DISCRIMINATIVE_CANDIDATES;
+use crate::engine::ForwardPath;
 
 /// Prefix of environment overrides; sections and keys are separated by `__`.
 pub const ENV_PREFIX: &str = "FWDLLM_AGENT__";
@@ -210,6 +211,14 @@ pub struct EngineSection {
     pub precision: String,
     /// Where converted model copies are kept; empty = `<state_dir>/prepared`.
     pub cache_dir: String,
+    /// "auto" (default): run the frozen layers below the layout's first adapted layer once per
+    /// batch and perturb only an F32 tail model; "full": every evaluation runs the whole model.
+    pub forward_path: ForwardPath,
+    /// Precision of the frozen prefix on the tail path: "quantized" (default: the file as
+    /// shipped; its error cancels in ΔL), "f16" or "f32".
+    pub prefix_precision: String,
+    /// MiB of cached prefix hidden states (least recently used prompts are dropped).
+    pub prefix_cache_mib: u32,
 }
 
 impl Default for EngineSection {
@@ -224,6 +233,9 @@ impl Default for EngineSection {
             seqs_per_decode: 8,
             precision: "f32".into(),
             cache_dir: String::new(),
+            forward_path: ForwardPath::Auto,
+            prefix_precision: "quantized".into(),
+            prefix_cache_mib: 32,
         }
     }
 }
@@ -499,6 +511,13 @@ impl AgentConfig {
                     "engine.precision",
                     format!("{:?} is not a precision", e.precision),
                     "use \"f32\", \"f16\" or \"quantized\"",
+                );
+            }
+            if !matches!(e.prefix_precision.as_str(), "f32" | "f16" | "quantized") {
+                bad(
+                    "engine.prefix_precision",
+                    format!("{:?} is not a precision", e.prefix_precision),
+                    "use \"quantized\" (default), \"f16\" or \"f32\"",
                 );
             }
         }

@@ -4,7 +4,9 @@
 use std::path::PathBuf;
 
 use fwdllm_agent::data::{self, Example, TaskConfig};
-use fwdllm_agent::engine::{Engine, EngineConfig, EngineError, Precision, TrainConfig};
+use fwdllm_agent::engine::{
+    Engine, EngineConfig, EngineError, ForwardPath, Precision, TrainConfig,
+};
 use fwdllm_shared::lora::{LoraLayout, LoraWeights};
 
 fn root() -> PathBuf {
@@ -28,8 +30,20 @@ fn config(precision: Precision) -> EngineConfig {
         n_ctx: 1024,
         n_batch: 1024,
         seqs_per_decode: 8,
+        // These tests pin the whole-model path; the tail tests below opt in.
+        forward_path: ForwardPath::Full,
         ..EngineConfig::default()
     }
+}
+
+/// The tail path from the default layout's first layer, prefix at `prefix`.
+fn tail_config(prefix: Precision) -> EngineConfig {
+    EngineConfig {
+        forward_path: ForwardPath::Auto,
+        prefix_precision: prefix,
+        ..config(Precision::F32)
+    }
+    .for_lora(&TrainConfig::default().lora)
 }
 
 /// BBC task with short inputs (24 tokens of article).
@@ -290,4 +304,141 @@ fn sft_loss_scores_the_response_and_its_forward_gradient_descends() {
     let l1 = e.sft_loss(&batch).unwrap();
     assert!(l1 < l0, "loss went from {l0} to {l1}");
     assert!(matches!(e.sft_loss(&[]), Err(EngineError::EmptyBatch)));
+}
+
+fn tail_engine(prefix: Precision) -> Engine {
+    let (t, _) = task();
+    let mut e = Engine::load(&tail_config(prefix)).unwrap();
+    e.set_task(&t).unwrap();
+    e
+}
+
+#[test]
+fn tail_path_gives_the_full_models_loss_for_the_same_weights_and_batch() {
+    // Same θ (non-zero B), same batch: with an F32 prefix the tail computes the same function
+    // as the whole F32 model, split at layer 26.
+    let (mut full, t, s) = engine(Precision::F32);
+    let mut tail = tail_engine(Precision::F32);
+    assert_eq!(tail.tail_layer(), Some(26), "{}", tail.describe_path());
+    let w = weights(&full, 5, 2e-2);
+    let batch = &s.train[..8];
+    full.set_adapter(&w).unwrap();
+    tail.set_adapter(&w).unwrap();
+    let task_full = full.task().cloned().unwrap();
+    let task_tail = tail.task().cloned().unwrap();
+    let lf = full.loss(&task_full, batch).unwrap();
+    let lt = tail.loss(&task_tail, batch).unwrap();
+    let rel = ((lt.mean - lf.mean) / lf.mean).abs();
+    eprintln!("full {:.9} tail {:.9} rel diff {rel:.3e}", lf.mean, lt.mean);
+    assert!(rel <= 1e-4, "full {} tail {} rel {rel:e}", lf.mean, lt.mean);
+    assert_eq!(lf.predictions, lt.predictions);
+    for (a, b) in lf.per_example.iter().zip(&lt.per_example) {
+        assert!(((a - b) / a).abs() <= 1e-4, "{a} vs {b}");
+    }
+    // The exported adapter (full-model layer numbers) read back through the tail's shift.
+    let path = std::env::temp_dir().join(format!("fwdllm-tail-{}.gguf", std::process::id()));
+    std::fs::write(&path, fwdllm_shared::gguf::write_lora_adapter(&w)).unwrap();
+    tail.set_adapter_file(&path).unwrap();
+    let lfile = tail.loss(&task_tail, batch).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    assert_eq!(lfile.mean.to_bits(), lt.mean.to_bits());
+    let _ = t;
+}
+
+#[test]
+fn tail_forward_gradients_track_the_full_models_with_a_quantised_prefix() {
+    // The quantised prefix shifts the tail's input by a fixed amount; g is a difference of
+    // two losses on that same input, so it stays close to the full F32 model's g.
+    let (mut full, _, s) = engine(Precision::F32);
+    let mut tail = tail_engine(Precision::Quantized);
+    let w = weights(&full, 3, 1e-2);
+    let batch = &s.train[..8];
+    let seeds = [11u64, 12, 13, 14];
+    let gf = full
+        .forward_gradients(&w, batch, &seeds, 1e-2, false)
+        .unwrap();
+    let gt = tail
+        .forward_gradients(&w, batch, &seeds, 1e-2, false)
+        .unwrap();
+    let (hits, misses) = tail.prefix_cache_stats();
+    eprintln!("full {gf:?} tail {gt:?} prefix cache hits {hits} misses {misses}");
+    assert_eq!(misses, 8, "the prefix runs once per prompt of the batch");
+    assert_eq!(hits, 8 * (2 * seeds.len() as u64 - 1));
+    let dot: f64 = gf
+        .iter()
+        .zip(&gt)
+        .map(|(a, b)| f64::from(*a) * f64::from(*b))
+        .sum();
+    let nf: f64 = gf.iter().map(|a| f64::from(*a).powi(2)).sum::<f64>().sqrt();
+    let nt: f64 = gt.iter().map(|a| f64::from(*a).powi(2)).sum::<f64>().sqrt();
+    let cos = dot / (nf * nt);
+    assert!(cos > 0.9, "cosine of g between paths {cos}");
+    // Repeatable to the bit, like the full path.
+    let again = tail
+        .forward_gradients(&w, batch, &seeds, 1e-2, false)
+        .unwrap();
+    assert_eq!(
+        gt.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+        again.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn tail_path_serves_the_sft_loss_and_full_vocabulary_logits() {
+    let (mut full, t, s) = engine(Precision::F32);
+    let mut tail = tail_engine(Precision::F32);
+    let w = weights(&full, 9, 2e-2);
+    full.set_adapter(&w).unwrap();
+    tail.set_adapter(&w).unwrap();
+    let task_full = full.task().cloned().unwrap();
+    let task_tail = tail.task().cloned().unwrap();
+    let tx = texts(&s, 3);
+    let a = full.last_logits(&task_full, &tx).unwrap();
+    let b = tail.last_logits(&task_tail, &tx).unwrap();
+    assert_eq!(a[0].len(), b[0].len(), "full head keeps the vocabulary");
+    let max_diff = a
+        .iter()
+        .flatten()
+        .zip(b.iter().flatten())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(max_diff < 1e-3, "largest logit difference {max_diff}");
+    let sft: Vec<data::SftExample> = s.heldout[..2]
+        .iter()
+        .map(|e| data::SftExample {
+            prompt: format!("Article: {}\nTopic:", &e.text[..e.text.len().min(120)]),
+            response: format!(" {}", t.labels[e.label]),
+        })
+        .collect();
+    let lf = full.sft_loss(&sft).unwrap();
+    let lt = tail.sft_loss(&sft).unwrap();
+    assert!(((lf - lt) / lf).abs() <= 1e-4, "sft full {lf} tail {lt}");
+}
+
+#[test]
+fn an_adapter_below_the_tail_is_a_clear_error_and_layer_zero_takes_the_full_path() {
+    let mut tail = tail_engine(Precision::Quantized);
+    assert_eq!(tail.tail_layer(), Some(26));
+    // An exported adapter for layer 3 cannot be shifted onto a tail from 26 ... unless the
+    // engine re-routes: it picks the tail from the adapter's own first layer.
+    let mut lora = TrainConfig::default().lora;
+    lora.layers = Some((3, 5));
+    let layout = LoraLayout::new(&tail.model_shape(), &lora).unwrap();
+    let mut w = LoraWeights::init(layout);
+    fwdllm_shared::update::add_direction(&mut w, 1, 1e-2);
+    tail.set_adapter(&w).unwrap();
+    assert_eq!(tail.tail_layer(), Some(3));
+    // A layout that adapts layer 0 leaves nothing frozen: the full F32 model.
+    lora.layers = Some((0, 2));
+    let layout = LoraLayout::new(&tail.model_shape(), &lora).unwrap();
+    tail.set_adapter(&LoraWeights::init(layout)).unwrap();
+    assert_eq!(tail.tail_layer(), None, "{}", tail.describe_path());
+    assert!(tail.describe_path().starts_with("full f32"));
+    // Low-level: shifting an adapter below the tail names the tensor and the fix.
+    let bytes = fwdllm_shared::gguf::write_lora_adapter(&w);
+    let err = fwdllm_agent::engine::tail::shift_adapter(&bytes, 26).unwrap_err();
+    assert!(
+        err.contains("blk.3.") && err.contains("forward_path"),
+        "{err}"
+    );
 }

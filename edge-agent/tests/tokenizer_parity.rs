@@ -32,6 +32,8 @@ fn llama() -> Llama {
         n_seq_max: 1,
         flash_attn: false,
         kv_f32: false,
+        embd_input: false,
+        layer_input: None,
     };
     Llama::load(&model_path(), &params).unwrap()
 }

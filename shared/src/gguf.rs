@@ -671,26 +671,25 @@ fn pad_to(out: &mut Vec<u8>, alignment: usize) {
     out.resize(padded, 0);
 }
 
-/// Serialises a GGUF v3 file with the given metadata and F32 tensors, 32-byte alignment
-/// (`general.alignment` is honoured if present in `kv` as a power-of-two u32).
-///
-/// # Panics
-/// If a tensor's `data.len()` differs from the product of its `dims` (a caller bug).
-pub fn write_gguf_f32(kv: &[(String, GgufValue)], tensors: &[F32Tensor<'_>]) -> Vec<u8> {
-    let alignment = kv
-        .iter()
+/// The alignment `kv` asks for (`general.alignment` as a power-of-two u32), else 32.
+fn kv_alignment(kv: &[(String, GgufValue)]) -> usize {
+    kv.iter()
         .find_map(|(k, v)| match v {
             GgufValue::U32(a) if k == "general.alignment" && a.is_power_of_two() => {
                 Some(*a as usize)
             }
             _ => None,
         })
-        .unwrap_or(GGUF_DEFAULT_ALIGNMENT as usize);
-    let data_bytes: usize = tensors
-        .iter()
-        .map(|t| (t.data.len() * 4).div_ceil(alignment) * alignment)
-        .sum();
-    let mut out = Vec::with_capacity(4096 + data_bytes);
+        .unwrap_or(GGUF_DEFAULT_ALIGNMENT as usize)
+}
+
+/// The header of a GGUF v3 file whose tensors are all F32 (name, ggml `ne`), stored back to
+/// back in the given order, each padded to the alignment: magic, counts, `kv`, tensor infos,
+/// and the padding up to the data section. Returns the header and the alignment; a writer
+/// then appends each tensor's little-endian f32 data followed by [`pad_len`] zero bytes.
+pub fn f32_gguf_header(kv: &[(String, GgufValue)], tensors: &[(&str, &[u64])]) -> (Vec<u8>, usize) {
+    let alignment = kv_alignment(kv);
+    let mut out = Vec::with_capacity(4096);
     out.extend_from_slice(&GGUF_MAGIC);
     out.extend_from_slice(&GGUF_VERSION.to_le_bytes());
     out.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
@@ -701,6 +700,34 @@ pub fn write_gguf_f32(kv: &[(String, GgufValue)], tensors: &[F32Tensor<'_>]) -> 
         put_value(&mut out, v);
     }
     let mut offset = 0u64;
+    for (name, dims) in tensors {
+        let n: u64 = dims.iter().product();
+        put_str(&mut out, name);
+        out.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+        for d in *dims {
+            out.extend_from_slice(&d.to_le_bytes());
+        }
+        out.extend_from_slice(&GGML_TYPE_F32.to_le_bytes());
+        out.extend_from_slice(&offset.to_le_bytes());
+        offset += (n as usize * 4).div_ceil(alignment) as u64 * alignment as u64;
+    }
+    if !tensors.is_empty() {
+        pad_to(&mut out, alignment);
+    }
+    (out, alignment)
+}
+
+/// Zero bytes that follow `n_bytes` of tensor data to reach the alignment.
+pub fn pad_len(n_bytes: usize, alignment: usize) -> usize {
+    n_bytes.div_ceil(alignment) * alignment - n_bytes
+}
+
+/// Serialises a GGUF v3 file with the given metadata and F32 tensors, 32-byte alignment
+/// (`general.alignment` is honoured if present in `kv` as a power-of-two u32).
+///
+/// # Panics
+/// If a tensor's `data.len()` differs from the product of its `dims` (a caller bug).
+pub fn write_gguf_f32(kv: &[(String, GgufValue)], tensors: &[F32Tensor<'_>]) -> Vec<u8> {
     for t in tensors {
         let n: u64 = t.dims.iter().product();
         assert_eq!(
@@ -709,18 +736,14 @@ pub fn write_gguf_f32(kv: &[(String, GgufValue)], tensors: &[F32Tensor<'_>]) -> 
             "tensor {} dims/data mismatch",
             t.name
         );
-        put_str(&mut out, t.name);
-        out.extend_from_slice(&(t.dims.len() as u32).to_le_bytes());
-        for d in t.dims {
-            out.extend_from_slice(&d.to_le_bytes());
-        }
-        out.extend_from_slice(&GGML_TYPE_F32.to_le_bytes());
-        out.extend_from_slice(&offset.to_le_bytes());
-        offset += ((t.data.len() * 4).div_ceil(alignment) * alignment) as u64;
     }
-    if !tensors.is_empty() {
-        pad_to(&mut out, alignment);
-    }
+    let infos: Vec<(&str, &[u64])> = tensors.iter().map(|t| (t.name, t.dims)).collect();
+    let (mut out, alignment) = f32_gguf_header(kv, &infos);
+    let data_bytes: usize = tensors
+        .iter()
+        .map(|t| (t.data.len() * 4).div_ceil(alignment) * alignment)
+        .sum();
+    out.reserve(data_bytes);
     for t in tensors {
         for v in t.data {
             out.extend_from_slice(&v.to_bits().to_le_bytes());
@@ -768,7 +791,7 @@ fn base_adapter_kv(layout: &LoraLayout) -> Vec<(String, GgufValue)> {
 /// (`ne = [rank, out]`), F32, in layout order, with the metadata of [`adapter_kv`]
 /// (including `fwdllm.weights_hash` for provenance).
 pub fn write_lora_adapter(weights: &LoraWeights) -> Vec<u8> {
-    write_adapter(&adapter_kv(weights), weights.layout(), weights.params())
+    write_adapter(&adapter_kv(weights), weights.layout(), weights.params(), 0)
 }
 
 /// Like [`write_lora_adapter`] for a raw parameter vector of `layout` (e.g. the scratch
@@ -784,14 +807,51 @@ pub fn write_lora_adapter_params(
             got: params.len(),
         });
     }
-    Ok(write_adapter(&base_adapter_kv(layout), layout, params))
+    Ok(write_adapter(&base_adapter_kv(layout), layout, params, 0))
 }
 
-fn write_adapter(kv: &[(String, GgufValue)], layout: &LoraLayout, params: &[f32]) -> Vec<u8> {
+/// Like [`write_lora_adapter_params`] for a *tail model* whose layer 0 is the full model's
+/// layer `first_layer` (the tail engine): tensor `blk.{l}` is written as
+/// `blk.{l - first_layer}`. Fails if the layout adapts a layer below `first_layer`.
+pub fn write_lora_adapter_params_from_layer(
+    layout: &LoraLayout,
+    params: &[f32],
+    first_layer: u32,
+) -> Result<Vec<u8>, LoraError> {
+    if params.len() != layout.total_len() {
+        return Err(LoraError::ParamLenMismatch {
+            expected: layout.total_len(),
+            got: params.len(),
+        });
+    }
+    if let Some(t) = layout.tensors().iter().find(|t| t.layer < first_layer) {
+        return Err(LoraError::LayerBelowTail {
+            layer: t.layer,
+            first_layer,
+        });
+    }
+    Ok(write_adapter(
+        &base_adapter_kv(layout),
+        layout,
+        params,
+        first_layer,
+    ))
+}
+
+fn write_adapter(
+    kv: &[(String, GgufValue)],
+    layout: &LoraLayout,
+    params: &[f32],
+    layer_offset: u32,
+) -> Vec<u8> {
     let mut names = Vec::with_capacity(layout.tensors().len() * 2);
     let mut dims = Vec::with_capacity(names.capacity());
     for t in layout.tensors() {
-        let base = t.base_name();
+        let base = format!(
+            "blk.{}.{}.weight",
+            t.layer - layer_offset,
+            t.module.gguf_name()
+        );
         names.push(format!("{base}.lora_a"));
         dims.push([u64::from(t.in_dim), u64::from(t.rank)]);
         names.push(format!("{base}.lora_b"));

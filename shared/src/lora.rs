@@ -225,6 +225,8 @@ pub enum LoraError {
     ParamLenMismatch { expected: usize, got: usize },
     #[error("parameter {index} is {value} (not finite); the parameter vector is corrupt")]
     NonFiniteParam { index: usize, value: f32 },
+    #[error("the layout adapts layer {layer}, below the tail engine's first layer {first_layer}; use engine.forward_path = \"full\" or a layout starting at or above it")]
+    LayerBelowTail { layer: u32, first_layer: u32 },
 }
 
 /// One adapted weight: where its A and B matrices live in the flat parameter vector.
@@ -355,6 +357,12 @@ impl LoraLayout {
             total_len: off,
             trainable_len,
         })
+    }
+
+    /// The lowest layer this layout adapts (`None` for an empty layout). Layers below it are
+    /// frozen for every perturbation: the tail engine computes them once per batch.
+    pub fn first_layer(&self) -> Option<u32> {
+        self.tensors.iter().map(|t| t.layer).min()
     }
 
     pub fn tensors(&self) -> &[LoraTensor] {

@@ -309,12 +309,19 @@ impl FedResult {
     }
 }
 
-fn engine_config(model: &Path, threads: u32) -> EngineConfig {
+/// The engine for `lora`: the tail path (frozen prefix once per batch, F32 tail per
+/// perturbation) whenever the layout starts above layer 0, as the agent daemon would pick it.
+fn engine_config(
+    model: &Path,
+    threads: u32,
+    lora: &fwdllm_shared::lora::LoraConfig,
+) -> EngineConfig {
     EngineConfig {
         model: model.to_path_buf(),
         threads,
         ..EngineConfig::default()
     }
+    .for_lora(lora)
 }
 
 fn evaluate(
@@ -364,8 +371,9 @@ async fn federate(fed: &FedArgs, task_path: &Path, name: &str) -> anyhow::Result
 
     // Evaluation engine (held-out split lives only here).
     println!("loading the evaluation engine and measuring zero-shot accuracy on {} held-out examples ...", heldout.len());
-    let mut eval_engine = Engine::load(&engine_config(&fed.model, 2))?;
+    let mut eval_engine = Engine::load(&engine_config(&fed.model, 2, &train.lora))?;
     eval_engine.set_task(&task)?;
+    println!("engine path: {}", eval_engine.describe_path());
     let (zero_shot, _) = evaluate(&mut eval_engine, None, &heldout)?;
     println!("zero-shot held-out accuracy: {zero_shot:.3}");
 
@@ -435,7 +443,7 @@ async fn federate(fed: &FedArgs, task_path: &Path, name: &str) -> anyhow::Result
     let mut agents = Vec::new();
     for (i, shard) in shards.into_iter().enumerate() {
         let id = format!("agent-{i}");
-        let mut engine = Engine::load(&engine_config(&fed.model, threads))?;
+        let mut engine = Engine::load(&engine_config(&fed.model, threads, &train.lora))?;
         engine.set_task(&task)?;
         let source = EngineSource::new(engine, shard, i as u64 + 1)?;
         let mut ac = AgentConfig::default();

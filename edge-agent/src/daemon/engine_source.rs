@@ -17,7 +17,7 @@ pub enum EngineSourceError {
     Shard(data::DataError),
     #[error("engine.shard {0} holds no examples; write one with `fwdllm-agent shard`")]
     EmptyShard(String),
-    #[error("engine.precision {0:?} is not one of f32, f16, quantized")]
+    #[error("{0} is not one of f32, f16, quantized")]
     Precision(String),
     #[error("engine: {0}")]
     Engine(#[from] crate::engine::EngineError),
@@ -73,12 +73,14 @@ impl EngineSource {
     /// the training precision under `engine.cache_dir`), the task and the shard.
     pub fn from_config(config: &AgentConfig) -> Result<EngineSource, EngineSourceError> {
         let e = &config.engine;
-        let precision = match e.precision.as_str() {
-            "f32" => Precision::F32,
-            "f16" => Precision::F16,
-            "quantized" => Precision::Quantized,
-            other => return Err(EngineSourceError::Precision(other.into())),
+        let parse = |key: &str, v: &str| match v {
+            "f32" => Ok(Precision::F32),
+            "f16" => Ok(Precision::F16),
+            "quantized" => Ok(Precision::Quantized),
+            other => Err(EngineSourceError::Precision(format!("{key} = {other:?}"))),
         };
+        let precision = parse("engine.precision", &e.precision)?;
+        let prefix_precision = parse("engine.prefix_precision", &e.prefix_precision)?;
         let cache_dir = if e.cache_dir.is_empty() {
             config.state_dir().join("prepared")
         } else {
@@ -92,6 +94,11 @@ impl EngineSource {
             seqs_per_decode: e.seqs_per_decode,
             precision,
             cache_dir,
+            forward_path: e.forward_path,
+            prefix_precision,
+            prefix_cache_mib: e.prefix_cache_mib,
+            // The layout arrives with the first replica; the engine picks its path then.
+            tail_layer: None,
             ..EngineConfig::default()
         };
         let task = TaskConfig::from_file(Path::new(&e.task)).map_err(EngineSourceError::Task)?;

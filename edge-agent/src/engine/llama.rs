@@ -11,8 +11,9 @@
 //!    A new adapter is set on `ctx` *before* the old one is freed, so `ctx` never refers to
 //!    freed memory; `Drop` detaches adapters from `ctx`, then frees adapter, context, batch,
 //!    model in that order (adapters and contexts must not outlive their model).
-//! 3. `batch` was allocated by `llama_batch_init(cap, 0, 1)`; we never write more than `cap`
-//!    tokens into it and each token has exactly one sequence id.
+//! 3. `batch` was allocated by `llama_batch_init(cap, embd, 1)` (`embd` = 0 for token input,
+//!    `n_embd` for hidden-state input); we never write more than `cap` positions into it and
+//!    each has exactly one sequence id.
 //! 4. `Llama` is `Send` but not `Sync`: llama.cpp contexts are not safe for concurrent use, and
 //!    `&mut self` on every call that touches the context serialises access.
 //! 5. Logit slices returned to callers borrow `self`, so they cannot outlive the next decode.
@@ -37,6 +38,26 @@ pub struct LlamaParams {
     pub flash_attn: bool,
     /// f32 K/V cache (f16 otherwise); f16 adds noise to forward gradients.
     pub kv_f32: bool,
+    /// Decode takes hidden states (`n_embd` floats per token) instead of token ids: the tail
+    /// model of the tail engine (`engine::tail`).
+    pub embd_input: bool,
+    /// Also return the input of this layer (the residual stream after layer `lid - 1`) for
+    /// every token of a decode: the frozen prefix of the tail engine.
+    pub layer_input: Option<u32>,
+}
+
+// From llama.cpp's `src/llama-ext.h` (in libllama, but not in the `llama.h` that
+// llama-cpp-sys-2 generates bindings from): per-layer input capture, the route llama.cpp itself
+// uses to hand hidden states to a draft model. Rows come back in batch order
+// (`llama_context::output_reorder`). That header declares them without `extern "C"`, so they
+// have C++ linkage: the names below are their Itanium C++ ABI manglings, the ABI of every
+// target we build (x86-64 and aarch64 Linux, gcc and clang); a changed signature fails to link
+// rather than misbehaving.
+extern "C" {
+    #[link_name = "_Z30llama_set_embeddings_layer_inpP13llama_contextjb"]
+    fn llama_set_embeddings_layer_inp(ctx: *mut sys::llama_context, lid: u32, value: bool);
+    #[link_name = "_Z30llama_get_embeddings_layer_inpP13llama_contextj"]
+    fn llama_get_embeddings_layer_inp(ctx: *mut sys::llama_context, lid: u32) -> *mut f32;
 }
 
 static BACKEND: Once = Once::new();
@@ -103,6 +124,65 @@ pub fn convert_model(
     Ok(())
 }
 
+/// Bytes of one row of `n` values of ggml type `ggml_type`, or `None` for a type this ggml
+/// build does not know or `n` not a whole number of its blocks.
+pub fn ggml_row_bytes(ggml_type: u32, n: usize) -> Option<usize> {
+    if ggml_type >= sys::GGML_TYPE_COUNT {
+        return None;
+    }
+    // SAFETY: type < GGML_TYPE_COUNT; pure table look-ups.
+    let block = unsafe { sys::ggml_blck_size(ggml_type) };
+    if block <= 0 || n as i64 % block != 0 {
+        return None;
+    }
+    // SAFETY: as above, and n is a whole number of blocks (ggml_row_size asserts it).
+    Some(unsafe { sys::ggml_row_size(ggml_type, n as i64) })
+}
+
+/// Converts one row of `out.len()` values of ggml type `ggml_type` (F32, F16, BF16 or any
+/// quantised type) to f32 with ggml's own kernels, exactly as `llama_model_quantize` does when
+/// it writes an all-F32 copy (`llama_tensor_dequantize_impl`), so a tensor converted here is
+/// bit-identical to the same tensor in the prepared F32 model.
+pub fn dequantize_row(ggml_type: u32, src: &[u8], out: &mut [f32]) -> Result<(), String> {
+    let n = out.len();
+    let bytes = ggml_row_bytes(ggml_type, n)
+        .ok_or_else(|| format!("ggml type {ggml_type} with {n} values per row is not supported"))?;
+    if src.len() != bytes {
+        return Err(format!(
+            "row of {n} values of ggml type {ggml_type} needs {bytes} bytes, got {}",
+            src.len()
+        ));
+    }
+    match ggml_type {
+        sys::GGML_TYPE_F32 => {
+            for (o, c) in out.iter_mut().zip(src.chunks_exact(4)) {
+                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        // SAFETY (all three arms): src holds exactly the bytes of n values of that type (checked
+        // above), out has n writable floats, and ggml's converters read/write exactly those.
+        sys::GGML_TYPE_F16 => unsafe {
+            sys::ggml_fp16_to_fp32_row(src.as_ptr().cast(), out.as_mut_ptr(), n as i64)
+        },
+        sys::GGML_TYPE_BF16 => unsafe {
+            sys::ggml_bf16_to_fp32_row(src.as_ptr().cast(), out.as_mut_ptr(), n as i64)
+        },
+        t => {
+            // SAFETY: t < GGML_TYPE_COUNT (ggml_row_bytes); the traits table is static.
+            let traits = unsafe { &*sys::ggml_get_type_traits(t) };
+            // SAFETY: pure query on a known type.
+            let quantized = unsafe { sys::ggml_is_quantized(t) };
+            let f = traits
+                .to_float
+                .filter(|_| quantized)
+                .ok_or_else(|| format!("ggml type {t} has no conversion to f32"))?;
+            // SAFETY: see the arm comment above.
+            unsafe { f(src.as_ptr().cast(), out.as_mut_ptr(), n as i64) };
+        }
+    }
+    Ok(())
+}
+
 fn path_cstring(p: &Path) -> Result<CString, String> {
     let s = p
         .to_str()
@@ -122,6 +202,11 @@ pub struct Llama {
     seq_max: usize,
     adapter: Option<NonNull<sys::llama_adapter_lora>>,
     n_vocab: usize,
+    n_embd: usize,
+    embd_input: bool,
+    layer_input: Option<u32>,
+    /// Tokens of the last decode (rows of the captured layer input).
+    last_tokens: usize,
 }
 
 // SAFETY: the pointers are owned exclusively by this value and llama.cpp objects may move
@@ -174,8 +259,29 @@ impl Llama {
             }
         };
         let cap = p.n_batch.max(1) as usize;
-        // SAFETY: allocates `cap` token slots with one seq id each (invariant 3).
-        let batch = unsafe { sys::llama_batch_init(cap as i32, 0, 1) };
+        // SAFETY: model valid (invariant 1); pure getter.
+        let n_embd = unsafe { sys::llama_model_n_embd(model.as_ptr()) } as usize;
+        if let Some(lid) = p.layer_input {
+            // SAFETY: model valid; pure getter.
+            let n_layer = unsafe { sys::llama_model_n_layer(model.as_ptr()) } as u32;
+            if lid > n_layer {
+                // SAFETY: ctx and model created above, referenced nowhere else.
+                unsafe {
+                    sys::llama_free(ctx.as_ptr());
+                    sys::llama_model_free(model.as_ptr());
+                }
+                return Err(format!(
+                    "layer input {lid} requested but the model has {n_layer} layers"
+                ));
+            }
+            // SAFETY: ctx valid; lid <= n_layer as llama.cpp asserts.
+            unsafe { llama_set_embeddings_layer_inp(ctx.as_ptr(), lid, true) };
+        }
+        // SAFETY: allocates `cap` slots with one seq id each, token ids or (embd_input)
+        // `n_embd` floats per slot (invariant 3).
+        let batch = unsafe {
+            sys::llama_batch_init(cap as i32, if p.embd_input { n_embd as i32 } else { 0 }, 1)
+        };
         // SAFETY: model valid; the vocab pointer is owned by the model.
         let n_vocab =
             unsafe { sys::llama_vocab_n_tokens(sys::llama_model_get_vocab(model.as_ptr())) }
@@ -189,11 +295,19 @@ impl Llama {
             seq_max: p.n_seq_max.max(1) as usize,
             adapter: None,
             n_vocab,
+            n_embd,
+            embd_input: p.embd_input,
+            layer_input: p.layer_input,
+            last_tokens: 0,
         })
     }
 
     pub fn n_vocab(&self) -> usize {
         self.n_vocab
+    }
+
+    pub fn n_embd(&self) -> usize {
+        self.n_embd
     }
 
     pub fn batch_capacity(&self) -> usize {
@@ -300,48 +414,142 @@ impl Llama {
 
     /// Clears the KV memory, decodes `seqs` (sequence i gets seq id i) in one batch, and calls
     /// `on_logits(seq, pos, logits)` for every position `pos >= first_output[seq]`.
-    /// Only those positions request logits from llama.cpp.
+    /// Only those positions request logits from llama.cpp (none when `first_output[seq]` is
+    /// the sequence's length).
     pub fn decode(
         &mut self,
         seqs: &[&[Token]],
         first_output: &[usize],
-        mut on_logits: impl FnMut(usize, usize, &[f32]),
+        on_logits: impl FnMut(usize, usize, &[f32]),
     ) -> Result<(), String> {
-        let total: usize = seqs.iter().map(|s| s.len()).sum();
+        if self.embd_input {
+            return Err("this model takes hidden states (decode_embd), not tokens".into());
+        }
+        let lens: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
+        let b = self.batch;
+        self.decode_with(&lens, first_output, on_logits, |i, s, pos| {
+            // SAFETY: i < total <= batch_cap (checked by decode_with); `token` has cap slots.
+            unsafe { *b.token.add(i) = seqs[s][pos] };
+        })
+    }
+
+    /// As [`Llama::decode`] for a model loaded with `embd_input`: sequence `s` is
+    /// `seqs[s].len() / n_embd` positions of hidden states, row-major.
+    pub fn decode_embd(
+        &mut self,
+        seqs: &[&[f32]],
+        first_output: &[usize],
+        on_logits: impl FnMut(usize, usize, &[f32]),
+    ) -> Result<(), String> {
+        if !self.embd_input {
+            return Err("this model takes tokens (decode), not hidden states".into());
+        }
+        let d = self.n_embd;
+        if let Some(s) = seqs.iter().find(|s| s.len() % d != 0) {
+            return Err(format!(
+                "hidden states of {} floats are not whole rows of n_embd {d}",
+                s.len()
+            ));
+        }
+        let lens: Vec<usize> = seqs.iter().map(|s| s.len() / d).collect();
+        let b = self.batch;
+        self.decode_with(&lens, first_output, on_logits, |i, s, pos| {
+            let row = &seqs[s][pos * d..(pos + 1) * d];
+            // SAFETY: i < total <= batch_cap; `embd` has cap * n_embd floats (embd_input).
+            unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), b.embd.add(i * d), d) };
+        })
+    }
+
+    /// Captures the input of layer `lid` (or nothing) from the next decode on.
+    pub fn capture_layer_input(&mut self, lid: Option<u32>) -> Result<(), String> {
+        let n_layer = self.dims().0;
+        if let Some(l) = lid {
+            if l > n_layer {
+                return Err(format!(
+                    "layer input {l} requested but the model has {n_layer} layers"
+                ));
+            }
+        }
+        if let Some(old) = self.layer_input {
+            // SAFETY: ctx valid; old <= n_layer (checked when it was set).
+            unsafe { llama_set_embeddings_layer_inp(self.ctx.as_ptr(), old, false) };
+        }
+        if let Some(l) = lid {
+            // SAFETY: ctx valid; l <= n_layer checked above.
+            unsafe { llama_set_embeddings_layer_inp(self.ctx.as_ptr(), l, true) };
+        }
+        self.layer_input = lid;
+        self.last_tokens = 0;
+        Ok(())
+    }
+
+    /// The input of the `layer_input` layer for every token of the last decode, in batch
+    /// order (`n_embd` floats per token), or `None` if this model does not capture one.
+    pub fn layer_input(&mut self) -> Option<&[f32]> {
+        let lid = self.layer_input?;
+        if self.last_tokens == 0 {
+            return None;
+        }
+        // SAFETY: ctx valid; capture was enabled at load for `lid` and a decode has run, so
+        // llama.cpp holds `n_tokens * n_embd` floats owned by ctx, valid until the next decode
+        // (which needs `&mut self`, excluded while this borrow lives).
+        let p = unsafe { llama_get_embeddings_layer_inp(self.ctx.as_ptr(), lid) };
+        if p.is_null() {
+            return None;
+        }
+        // SAFETY: see above.
+        Some(unsafe { std::slice::from_raw_parts(p, self.last_tokens * self.n_embd) })
+    }
+
+    fn decode_with(
+        &mut self,
+        lens: &[usize],
+        first_output: &[usize],
+        mut on_logits: impl FnMut(usize, usize, &[f32]),
+        mut put: impl FnMut(usize, usize, usize),
+    ) -> Result<(), String> {
+        let total: usize = lens.iter().sum();
+        self.last_tokens = 0;
         if total > self.batch_cap {
             return Err(format!(
                 "batch of {total} tokens exceeds n_batch {} (raise n_batch/n_ctx or shorten inputs)",
                 self.batch_cap
             ));
         }
-        if seqs.iter().any(|s| s.is_empty()) {
+        if lens.contains(&0) {
             return Err("empty sequence".into());
         }
-        if seqs.len() > self.seq_max {
+        if first_output.len() != lens.len() {
+            return Err(format!(
+                "{} output offsets for {} sequences",
+                first_output.len(),
+                lens.len()
+            ));
+        }
+        if lens.len() > self.seq_max {
             return Err(format!(
                 "{} sequences in one decode exceed n_seq_max {}",
-                seqs.len(),
+                lens.len(),
                 self.seq_max
             ));
         }
-        if let Some(long) = seqs.iter().find(|s| s.len() > self.seq_cap) {
+        if let Some(long) = lens.iter().find(|&&n| n > self.seq_cap) {
             return Err(format!(
-                "a prompt of {} tokens exceeds the {} tokens each sequence gets (n_ctx / seqs_per_decode); raise n_ctx or lower max_text_tokens",
-                long.len(),
+                "a prompt of {long} tokens exceeds the {} tokens each sequence gets (n_ctx / seqs_per_decode); raise n_ctx or lower max_text_tokens",
                 self.seq_cap
             ));
         }
         // SAFETY: ctx valid; clearing memory (with data) has no preconditions.
         unsafe { sys::llama_memory_clear(sys::llama_get_memory(self.ctx.as_ptr()), true) };
-        let b = &mut self.batch;
         let mut i = 0usize;
         let mut outputs = Vec::new();
-        for (s, toks) in seqs.iter().enumerate() {
-            for (pos, &t) in toks.iter().enumerate() {
+        for (s, &n) in lens.iter().enumerate() {
+            for pos in 0..n {
                 let want = pos >= first_output[s];
+                put(i, s, pos);
+                let b = &mut self.batch;
                 // SAFETY: i < total <= batch_cap (invariant 3); seq_id[i] points to one slot.
                 unsafe {
-                    *b.token.add(i) = t;
                     *b.pos.add(i) = pos as i32;
                     *b.n_seq_id.add(i) = 1;
                     *(*b.seq_id.add(i)) = s as i32;
@@ -353,12 +561,13 @@ impl Llama {
                 i += 1;
             }
         }
-        b.n_tokens = i as i32;
+        self.batch.n_tokens = i as i32;
         // SAFETY: ctx valid; batch filled consistently above.
-        let rc = unsafe { sys::llama_decode(self.ctx.as_ptr(), *b) };
+        let rc = unsafe { sys::llama_decode(self.ctx.as_ptr(), self.batch) };
         if rc != 0 {
             return Err(format!("llama_decode returned {rc}"));
         }
+        self.last_tokens = total;
         for (s, pos, idx) in outputs {
             // SAFETY: idx had logits requested; llama.cpp returns n_vocab floats owned by ctx,
             // valid until the next decode, which cannot happen while this borrow lives.

@@ -16,6 +16,7 @@ pub mod bench;
 pub mod calibrate;
 pub mod llama;
 pub mod prepare;
+pub mod tail;
 pub mod train;
 
 use std::path::{Path, PathBuf};
@@ -52,6 +53,30 @@ impl Precision {
     }
 }
 
+/// Which forward path evaluates the loss (see [`tail`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ForwardPath {
+    /// The tail path whenever the LoRA layout leaves layers frozen below it (its first adapted
+    /// layer > 0) and the precision is f32; the full model otherwise.
+    #[default]
+    Auto,
+    /// As `auto` (kept as an explicit spelling for configs that want to say so).
+    Tail,
+    /// Every evaluation runs the whole model at `precision`.
+    Full,
+}
+
+impl ForwardPath {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ForwardPath::Auto => "auto",
+            ForwardPath::Tail => "tail",
+            ForwardPath::Full => "full",
+        }
+    }
+}
+
 /// Engine settings (serde; every field has a default).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -71,6 +96,16 @@ pub struct EngineConfig {
     pub cache_dir: PathBuf,
     /// Flash attention casts K/V to f16 (adds noise ~2e-4 in ΔL); off by default.
     pub flash_attn: bool,
+    /// Full model for every evaluation, or the frozen prefix once per batch plus an F32 tail.
+    pub forward_path: ForwardPath,
+    /// Precision of the frozen prefix on the tail path. Its error is the same for every
+    /// perturbation of a batch and cancels in ΔL, so the shipped quantised file is enough.
+    pub prefix_precision: Precision,
+    /// The layout's first adapted layer when the caller knows it before any adapter is set,
+    /// so that evaluations of the base model already take the tail path.
+    pub tail_layer: Option<u32>,
+    /// Budget for cached prefix hidden states, MiB (per prompt, least recently used).
+    pub prefix_cache_mib: u32,
 }
 
 impl Default for EngineConfig {
@@ -84,11 +119,26 @@ impl Default for EngineConfig {
             precision: Precision::F32,
             cache_dir: PathBuf::from(".cache/prepared"),
             flash_attn: false,
+            forward_path: ForwardPath::Auto,
+            prefix_precision: Precision::Quantized,
+            tail_layer: None,
+            prefix_cache_mib: 32,
         }
     }
 }
 
 impl EngineConfig {
+    /// Whether this config can take the tail path at all (the tail model is F32).
+    pub fn tail_capable(&self) -> bool {
+        self.forward_path != ForwardPath::Full && self.precision == Precision::F32
+    }
+
+    /// This config with `tail_layer` set from a LoRA config's layer range (`None`: all layers).
+    pub fn for_lora(mut self, lora: &fwdllm_shared::lora::LoraConfig) -> Self {
+        self.tail_layer = lora.layers.map(|(start, _)| start);
+        self
+    }
+
     pub fn effective_threads(&self) -> u32 {
         if self.threads > 0 {
             self.threads
@@ -134,6 +184,8 @@ pub enum EngineError {
     BadEps(f32),
     #[error("LoRA: {0}")]
     Lora(#[from] fwdllm_shared::lora::LoraError),
+    #[error("tail model from {path}: {problem}")]
+    Tail { path: PathBuf, problem: String },
 }
 
 impl EngineError {
@@ -181,9 +233,32 @@ pub struct EvalReport {
     pub n: usize,
 }
 
-/// A loaded model at training precision plus context and the current adapter.
+/// Which logits a decode hands back.
+#[derive(Clone, Copy)]
+enum Want<'a> {
+    /// Only these tokens' logits, in this order.
+    Labels(&'a [llama::Token]),
+    /// The whole vocabulary (indexed by token id).
+    Vocab,
+}
+
+/// The tail path's state: first adapted layer, the tail model for the head in use, the
+/// adapter set on it (renumbered for the tail), and cached prefix hidden states.
+struct TailState {
+    first_layer: u32,
+    model: Option<(tail::TailHead, llama::Llama)>,
+    adapter: Option<Vec<u8>>,
+    cache: tail::PrefixCache,
+}
+
+/// A loaded model plus context and the current adapter. On the full path `llama` is the model
+/// at training precision; on the tail path it is the frozen prefix (and tokenizer) and `tail`
+/// holds the F32 tail model.
 pub struct Engine {
     llama: llama::Llama,
+    /// Precision of the file `llama` holds.
+    base_precision: Precision,
+    tail: Option<TailState>,
     config: EngineConfig,
     model_path: PathBuf,
     shape: ModelShape,
@@ -200,37 +275,57 @@ impl std::fmt::Debug for Engine {
             .field("model_path", &self.model_path)
             .field("shape", &self.shape)
             .field("precision", &self.config.precision)
+            .field("tail_layer", &self.tail.as_ref().map(|t| t.first_layer))
             .finish_non_exhaustive()
     }
 }
 
 impl Engine {
-    /// Loads the model at `config.precision` (converting it once via [`prepare::prepare`]).
+    /// Loads the model: on the full path at `config.precision` (converting it once via
+    /// [`prepare::prepare`]); when the tail path is possible (see [`EngineConfig::tail_capable`])
+    /// at `config.prefix_precision`, with the tail set up at once if `config.tail_layer` names
+    /// a first adapted layer > 0 (otherwise when the first adapter arrives).
     pub fn load(config: &EngineConfig) -> Result<Engine, EngineError> {
         let threads = config.effective_threads();
-        let path = prepare::prepare(&config.model, config.precision, &config.cache_dir, threads)?;
+        let base_precision = if config.tail_capable() && config.tail_layer != Some(0) {
+            config.prefix_precision
+        } else {
+            config.precision
+        };
+        let path = prepare::prepare(&config.model, base_precision, &config.cache_dir, threads)?;
         if config.precision == Precision::Quantized {
             log::warn!(
                 "using the quantised model as is: fine for inference and evaluation, but its forward gradients are noise (measured SNR < 1 at every eps: 8-bit activations); train with precision f32 or f16"
             );
         }
-        Self::load_file(&path, config)
+        let mut e = Self::load_file(&path, config)?;
+        e.base_precision = base_precision;
+        if let Some(l) = config.tail_layer.filter(|_| config.tail_capable()) {
+            e.route(Some(l))?;
+        }
+        Ok(e)
     }
 
-    /// Loads `path` as is (no conversion); `config.model`/`precision` are only recorded.
-    pub fn load_file(path: &Path, config: &EngineConfig) -> Result<Engine, EngineError> {
-        if !path.is_file() {
-            return Err(EngineError::ModelNotFound(path.to_path_buf()));
-        }
-        let params = llama::LlamaParams {
+    fn llama_params(config: &EngineConfig) -> llama::LlamaParams {
+        llama::LlamaParams {
             threads: config.effective_threads(),
             n_ctx: config.n_ctx,
             n_batch: config.n_batch.min(config.n_ctx),
             n_seq_max: config.seqs_per_decode.max(1),
             flash_attn: config.flash_attn,
             kv_f32: true,
-        };
-        let llama = llama::Llama::load(path, &params)
+            embd_input: false,
+            layer_input: None,
+        }
+    }
+
+    /// Loads `path` as is (no conversion, full path); `config.model`/`precision` are only
+    /// recorded.
+    pub fn load_file(path: &Path, config: &EngineConfig) -> Result<Engine, EngineError> {
+        if !path.is_file() {
+            return Err(EngineError::ModelNotFound(path.to_path_buf()));
+        }
+        let llama = llama::Llama::load(path, &Self::llama_params(config))
             .map_err(|e| EngineError::Llama(format!("{}: {e}", path.display())))?;
         let (n_layer, n_embd, n_head, n_head_kv) = llama.dims();
         let arch = llama
@@ -251,6 +346,8 @@ impl Engine {
         let add_bos = llama.meta("tokenizer.ggml.add_bos_token").as_deref() == Some("true");
         Ok(Engine {
             llama,
+            base_precision: config.precision,
+            tail: None,
             config: config.clone(),
             model_path: path.to_path_buf(),
             shape,
@@ -269,9 +366,225 @@ impl Engine {
         &self.config
     }
 
-    /// The file actually loaded (the prepared copy).
+    /// The file actually loaded (the prepared copy, or on the tail path the prefix model).
     pub fn model_path(&self) -> &Path {
         &self.model_path
+    }
+
+    /// The first layer of the tail model when the tail path is in use.
+    pub fn tail_layer(&self) -> Option<u32> {
+        self.tail.as_ref().map(|t| t.first_layer)
+    }
+
+    /// `"tail from layer N (prefix <precision>)"` or `"full <precision>"`, for logs and reports.
+    pub fn describe_path(&self) -> String {
+        match &self.tail {
+            Some(t) => format!(
+                "tail from layer {} (prefix {})",
+                t.first_layer,
+                self.base_precision.as_str()
+            ),
+            None => format!("full {}", self.base_precision.as_str()),
+        }
+    }
+
+    /// (hits, misses) of the prefix cache, per prompt.
+    pub fn prefix_cache_stats(&self) -> (u64, u64) {
+        self.tail
+            .as_ref()
+            .map(|t| (t.cache.hits, t.cache.misses))
+            .unwrap_or((0, 0))
+    }
+
+    /// Forgets cached prefix hidden states (benchmarks time the prefix with it).
+    pub fn clear_prefix_cache(&mut self) {
+        if let Some(t) = &mut self.tail {
+            t.cache.clear();
+        }
+    }
+
+    /// Picks the path for a layout whose first adapted layer is `first` (see [`ForwardPath`]):
+    /// the tail from `first` if it is > 0 and the config allows it, else the full model at
+    /// training precision (loaded now if the engine holds only the prefix).
+    fn route(&mut self, first: Option<u32>) -> Result<(), EngineError> {
+        if !self.config.tail_capable() {
+            return Ok(());
+        }
+        match first {
+            Some(l) if l > 0 && l < self.shape.n_layer => {
+                if self.tail.as_ref().map(|t| t.first_layer) == Some(l) {
+                    return Ok(());
+                }
+                self.llama
+                    .capture_layer_input(Some(l))
+                    .map_err(EngineError::Llama)?;
+                log::info!(
+                    "tail path: layers 0..{l} run once per batch on the {} prefix, perturbations run layers {l}..{} at f32",
+                    self.base_precision.as_str(),
+                    self.shape.n_layer
+                );
+                self.tail = Some(TailState {
+                    first_layer: l,
+                    model: None,
+                    adapter: None,
+                    cache: tail::PrefixCache::new(
+                        self.config.prefix_cache_mib as usize * (1 << 20),
+                    ),
+                });
+                self.current = None;
+            }
+            _ => {
+                self.tail = None;
+                if self.base_precision != self.config.precision {
+                    let threads = self.config.effective_threads();
+                    let path = prepare::prepare(
+                        &self.config.model,
+                        self.config.precision,
+                        &self.config.cache_dir,
+                        threads,
+                    )?;
+                    log::info!(
+                        "full path: the layout adapts layer 0, loading {}",
+                        path.display()
+                    );
+                    self.llama = llama::Llama::load(&path, &Self::llama_params(&self.config))
+                        .map_err(|e| EngineError::Llama(format!("{}: {e}", path.display())))?;
+                    self.model_path = path;
+                    self.base_precision = self.config.precision;
+                    self.current = None;
+                } else {
+                    self.llama
+                        .capture_layer_input(None)
+                        .map_err(EngineError::Llama)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes sure the tail model serves `head`, building or loading it if needed.
+    fn ensure_tail_model(&mut self, head: &tail::TailHead) -> Result<(), EngineError> {
+        let Some(t) = &mut self.tail else {
+            return Ok(());
+        };
+        if t.model.as_ref().is_some_and(|(h, _)| h.serves(head)) {
+            return Ok(());
+        }
+        t.model = None; // free the old tail before loading the new one
+        let path = tail::prepare_tail(
+            &self.config.model,
+            t.first_layer,
+            head,
+            &self.config.cache_dir,
+        )?;
+        let mut params = Self::llama_params(&self.config);
+        params.embd_input = true;
+        let mut m = llama::Llama::load(&path, &params)
+            .map_err(|e| EngineError::Llama(format!("{}: {e}", path.display())))?;
+        if let Some(bytes) = &t.adapter {
+            m.set_adapter_bytes(bytes).map_err(EngineError::Llama)?;
+        }
+        t.model = Some((head.clone(), m));
+        Ok(())
+    }
+
+    /// Hidden states at the tail's input for each prompt: from the cache, or by running the
+    /// missing prompts through the prefix model (no logits requested).
+    fn prefix_states(
+        &mut self,
+        prompts: &[Vec<llama::Token>],
+    ) -> Result<Vec<std::sync::Arc<[f32]>>, EngineError> {
+        let per = self.config.seqs_per_decode.max(1) as usize;
+        let n_embd = self.llama.n_embd();
+        let t = self.tail.as_mut().expect("tail path");
+        let mut out: Vec<Option<std::sync::Arc<[f32]>>> =
+            prompts.iter().map(|p| t.cache.get(p)).collect();
+        let missing: Vec<usize> = (0..prompts.len()).filter(|&i| out[i].is_none()).collect();
+        for chunk in missing.chunks(per) {
+            let seqs: Vec<&[llama::Token]> = chunk.iter().map(|&i| prompts[i].as_slice()).collect();
+            let none: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
+            self.llama
+                .decode(&seqs, &none, |_, _, _| {})
+                .map_err(EngineError::Llama)?;
+            let states = self
+                .llama
+                .layer_input()
+                .ok_or_else(|| EngineError::Llama("the prefix returned no layer input".into()))?;
+            let mut at = 0;
+            for &i in chunk {
+                let n = prompts[i].len() * n_embd;
+                let v: std::sync::Arc<[f32]> = std::sync::Arc::from(&states[at..at + n]);
+                at += n;
+                t.cache.insert(prompts[i].clone(), v.clone());
+                out[i] = Some(v);
+            }
+        }
+        Ok(out.into_iter().map(|v| v.expect("filled")).collect())
+    }
+
+    /// Runs `prompts` (in chunks of `seqs_per_decode`) and calls `on(prompt, pos, logits)` for
+    /// every position `pos >= first[prompt]`, on whichever path is in use. `want` says which
+    /// logits `on` receives.
+    fn run_prompts(
+        &mut self,
+        prompts: &[Vec<llama::Token>],
+        first: &[usize],
+        want: Want<'_>,
+        on: &mut dyn FnMut(usize, usize, &[f32]),
+    ) -> Result<(), EngineError> {
+        let per = self.config.seqs_per_decode.max(1) as usize;
+        let mut gathered = Vec::new();
+        // Hands `on` the logits it wants from a row indexed by token id.
+        let mut by_token =
+            |i: usize, pos: usize, logits: &[f32], on: &mut dyn FnMut(usize, usize, &[f32])| {
+                match want {
+                    Want::Labels(lt) => {
+                        gathered.clear();
+                        gathered.extend(lt.iter().map(|&t| logits[t as usize]));
+                        on(i, pos, &gathered);
+                    }
+                    Want::Vocab => on(i, pos, logits),
+                }
+            };
+        if self.tail.is_none() {
+            for (c, chunk) in prompts.chunks(per).enumerate() {
+                let seqs: Vec<&[llama::Token]> = chunk.iter().map(|p| p.as_slice()).collect();
+                self.llama
+                    .decode(
+                        &seqs,
+                        &first[c * per..c * per + chunk.len()],
+                        |s, pos, l| by_token(c * per + s, pos, l, on),
+                    )
+                    .map_err(EngineError::Llama)?;
+            }
+            return Ok(());
+        }
+        let head = match want {
+            Want::Labels(lt) => tail::TailHead::Labels(lt.to_vec()),
+            Want::Vocab => tail::TailHead::Full,
+        };
+        self.ensure_tail_model(&head)?;
+        let states = self.prefix_states(prompts)?;
+        let t = self.tail.as_mut().expect("tail path");
+        let (have, model) = t.model.as_mut().expect("tail model loaded");
+        let direct = *have == head;
+        for (c, chunk) in states.chunks(per).enumerate() {
+            let seqs: Vec<&[f32]> = chunk.iter().map(|s| &s[..]).collect();
+            model
+                .decode_embd(
+                    &seqs,
+                    &first[c * per..c * per + chunk.len()],
+                    |s, pos, l| {
+                        if direct {
+                            on(c * per + s, pos, l)
+                        } else {
+                            by_token(c * per + s, pos, l, on)
+                        }
+                    },
+                )
+                .map_err(EngineError::Llama)?;
+        }
+        Ok(())
     }
 
     /// Tokenizes text with the model's vocabulary (no BOS).
@@ -369,32 +682,74 @@ impl Engine {
     }
 
     /// Builds the GGUF adapter for `weights` in memory and sets it (frees the previous one).
+    /// Also picks the forward path for the weights' layout (see [`ForwardPath`]).
     pub fn set_adapter(&mut self, weights: &LoraWeights) -> Result<(), EngineError> {
         self.check_shape(weights)?;
         let hash = weights.hash();
+        self.route(weights.layout().first_layer())?;
         if self.current == Some(hash) {
             return Ok(());
         }
-        let bytes = fwdllm_shared::gguf::write_lora_adapter(weights);
         self.current = None;
-        self.llama
-            .set_adapter_bytes(&bytes)
-            .map_err(EngineError::Llama)?;
+        match &self.tail {
+            Some(t) => {
+                let bytes = fwdllm_shared::gguf::write_lora_adapter_params_from_layer(
+                    weights.layout(),
+                    weights.params(),
+                    t.first_layer,
+                )?;
+                self.install_tail_adapter(bytes)?;
+            }
+            None => {
+                let bytes = fwdllm_shared::gguf::write_lora_adapter(weights);
+                self.llama
+                    .set_adapter_bytes(&bytes)
+                    .map_err(EngineError::Llama)?;
+            }
+        }
         self.current = Some(hash);
         Ok(())
     }
 
-    /// Sets an adapter from raw GGUF bytes (e.g. an exported file's contents).
-    pub fn set_adapter_bytes(&mut self, bytes: &[u8]) -> Result<(), EngineError> {
-        self.current = None;
-        self.llama
-            .set_adapter_bytes(bytes)
-            .map_err(EngineError::Llama)
+    fn install_tail_adapter(&mut self, bytes: Vec<u8>) -> Result<(), EngineError> {
+        let t = self.tail.as_mut().expect("tail path");
+        if let Some((_, m)) = &mut t.model {
+            m.set_adapter_bytes(&bytes).map_err(EngineError::Llama)?;
+        }
+        t.adapter = Some(bytes);
+        Ok(())
     }
 
-    /// Sets an adapter from a GGUF file on disk (llama.cpp's own loader).
+    /// Sets an adapter from raw GGUF bytes (e.g. an exported file's contents). On a
+    /// tail-capable config the adapter's lowest layer picks the path, as for [`Engine::set_adapter`].
+    pub fn set_adapter_bytes(&mut self, bytes: &[u8]) -> Result<(), EngineError> {
+        self.current = None;
+        if self.config.tail_capable() {
+            self.route(tail::adapter_first_layer(bytes))?;
+        }
+        match &self.tail {
+            Some(t) => {
+                let shifted = tail::shift_adapter(bytes, t.first_layer)
+                    .map_err(|e| EngineError::Llama(format!("LoRA adapter: {e}")))?;
+                self.install_tail_adapter(shifted)
+            }
+            None => self
+                .llama
+                .set_adapter_bytes(bytes)
+                .map_err(EngineError::Llama),
+        }
+    }
+
+    /// Sets an adapter from a GGUF file on disk (llama.cpp's own loader on the full path).
     pub fn set_adapter_file(&mut self, path: &Path) -> Result<(), EngineError> {
         self.current = None;
+        if self.config.tail_capable() {
+            let bytes = std::fs::read(path).map_err(|e| EngineError::io(path, e))?;
+            return self.set_adapter_bytes(&bytes).map_err(|e| match e {
+                EngineError::Llama(m) => EngineError::Llama(format!("{}: {m}", path.display())),
+                other => other,
+            });
+        }
         self.llama
             .set_adapter_file(path)
             .map_err(EngineError::Llama)
@@ -404,9 +759,16 @@ impl Engine {
     pub fn clear_adapter(&mut self) {
         self.current = None;
         self.llama.clear_adapter();
+        if let Some(t) = &mut self.tail {
+            t.adapter = None;
+            if let Some((_, m)) = &mut t.model {
+                m.clear_adapter();
+            }
+        }
     }
 
-    /// Raw next-token logits at the last position of each text's prompt (tests, diagnostics).
+    /// Raw next-token logits (whole vocabulary) at the last position of each text's prompt
+    /// (tests, diagnostics).
     pub fn last_logits(
         &mut self,
         task: &Task,
@@ -414,17 +776,11 @@ impl Engine {
     ) -> Result<Vec<Vec<f32>>, EngineError> {
         let prompts: Vec<Vec<llama::Token>> =
             texts.iter().map(|t| self.prompt_tokens(task, t)).collect();
+        let first: Vec<usize> = prompts.iter().map(|p| p.len() - 1).collect();
         let mut out = vec![Vec::new(); prompts.len()];
-        let per = self.config.seqs_per_decode.max(1) as usize;
-        for (c, chunk) in prompts.chunks(per).enumerate() {
-            let seqs: Vec<&[llama::Token]> = chunk.iter().map(|p| p.as_slice()).collect();
-            let first: Vec<usize> = chunk.iter().map(|p| p.len() - 1).collect();
-            self.llama
-                .decode(&seqs, &first, |s, _, logits| {
-                    out[c * per + s] = logits.to_vec()
-                })
-                .map_err(EngineError::Llama)?;
-        }
+        self.run_prompts(&prompts, &first, Want::Vocab, &mut |i, _, logits| {
+            out[i] = logits.to_vec()
+        })?;
         Ok(out)
     }
 
@@ -448,19 +804,17 @@ impl Engine {
             .map(|e| self.prompt_tokens(task, &e.text))
             .collect();
         let mut label_logits = vec![vec![0f64; n_labels]; examples.len()];
-        let per = self.config.seqs_per_decode.max(1) as usize;
-        for (c, chunk) in prompts.chunks(per).enumerate() {
-            let seqs: Vec<&[llama::Token]> = chunk.iter().map(|p| p.as_slice()).collect();
-            let first: Vec<usize> = chunk.iter().map(|p| p.len() - 1).collect();
-            let lt = &task.label_tokens;
-            self.llama
-                .decode(&seqs, &first, |s, _, logits| {
-                    for (k, &t) in lt.iter().enumerate() {
-                        label_logits[c * per + s][k] = logits[t as usize] as f64;
-                    }
-                })
-                .map_err(EngineError::Llama)?;
-        }
+        let first: Vec<usize> = prompts.iter().map(|p| p.len() - 1).collect();
+        self.run_prompts(
+            &prompts,
+            &first,
+            Want::Labels(&task.label_tokens),
+            &mut |i, _, logits| {
+                for (k, &z) in logits.iter().enumerate() {
+                    label_logits[i][k] = z as f64;
+                }
+            },
+        )?;
         let mut per_example = Vec::with_capacity(examples.len());
         let mut predictions = Vec::with_capacity(examples.len());
         for (e, z) in examples.iter().zip(&label_logits) {
@@ -616,26 +970,22 @@ impl Engine {
         }
         let mut sum = 0.0f64;
         let mut count = 0usize;
-        let per = self.config.seqs_per_decode.max(1) as usize;
-        for chunk in seqs.chunks(per) {
-            let toks: Vec<&[llama::Token]> = chunk.iter().map(|(t, _)| t.as_slice()).collect();
-            let first: Vec<usize> = chunk.iter().map(|(_, n)| n - 1).collect();
-            self.llama
-                .decode(&toks, &first, |s, pos, logits| {
-                    let Some(&target) = toks[s].get(pos + 1) else {
-                        return; // the last token predicts nothing we score
-                    };
-                    let m = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-                    let lse = m + logits
-                        .iter()
-                        .map(|&x| (x as f64 - m).exp())
-                        .sum::<f64>()
-                        .ln();
-                    sum += lse - logits[target as usize] as f64;
-                    count += 1;
-                })
-                .map_err(EngineError::Llama)?;
-        }
+        let (toks, first): (Vec<Vec<llama::Token>>, Vec<usize>) =
+            seqs.into_iter().map(|(t, n)| (t, n - 1)).unzip();
+        let targets = &toks;
+        self.run_prompts(targets, &first, Want::Vocab, &mut |s, pos, logits| {
+            let Some(&target) = targets[s].get(pos + 1) else {
+                return; // the last token predicts nothing we score
+            };
+            let m = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+            let lse = m + logits
+                .iter()
+                .map(|&x| (x as f64 - m).exp())
+                .sum::<f64>()
+                .ln();
+            sum += lse - logits[target as usize] as f64;
+            count += 1;
+        })?;
         Ok(sum / count.max(1) as f64)
     }
 
@@ -678,5 +1028,9 @@ impl Engine {
     /// Sets llama.cpp's thread count (bench, determinism checks).
     pub fn set_threads(&mut self, threads: u32) {
         self.llama.set_threads(threads);
+        if let Some((_, m)) = self.tail.as_mut().and_then(|t| t.model.as_mut()) {
+            m.set_threads(threads);
+        }
+        self.config.threads = threads;
     }
 }

@@ -11,16 +11,16 @@ use serde::{Deserialize, Serialize};
 
 use super::{llama, EngineError, Precision};
 
+/// What a cached file was derived from (`identity`, compared as a whole) and what it is.
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
 struct Stamp {
-    source_size: u64,
-    source_blake3: String,
-    precision: Precision,
+    identity: serde_json::Value,
     size: u64,
     blake3: String,
 }
 
-fn hash_file(path: &Path) -> Result<(u64, String), EngineError> {
+/// Size and BLAKE3 (hex) of a file.
+pub(crate) fn hash_file(path: &Path) -> Result<(u64, String), EngineError> {
     let mut f = fs::File::open(path).map_err(|e| EngineError::io(path, e))?;
     let mut h = blake3::Hasher::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -34,6 +34,60 @@ fn hash_file(path: &Path) -> Result<(u64, String), EngineError> {
         h.update(&buf[..k]);
     }
     Ok((n, h.finalize().to_hex().to_string()))
+}
+
+/// Returns `out` if its stamp records `identity` and the file still has the recorded size and
+/// hash; otherwise runs `build` into a temporary file, then renames it and its new stamp into
+/// place (so a crash leaves either the old verified pair or none). Used for the prepared F32
+/// copy and for tail models.
+pub(crate) fn cached_derivation(
+    out: &Path,
+    identity: serde_json::Value,
+    build: impl FnOnce(&Path) -> Result<(), EngineError>,
+) -> Result<PathBuf, EngineError> {
+    let stamp_path = out.with_extension("gguf.stamp.json");
+    if let Ok(text) = fs::read_to_string(&stamp_path) {
+        if let Ok(stamp) = serde_json::from_str::<Stamp>(&text) {
+            if stamp.identity == identity && out.is_file() {
+                let (size, hash) = hash_file(out)?;
+                if size == stamp.size && hash == stamp.blake3 {
+                    log::debug!("using verified {}", out.display());
+                    return Ok(out.to_path_buf());
+                }
+                log::warn!("{} does not match its stamp; rebuilding it", out.display());
+            }
+        }
+    }
+    if let Some(dir) = out.parent() {
+        fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
+    }
+    // Unique per process and call: parallel tests may build the same file at once.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let unique = format!(
+        "{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let tmp = out.with_extension(format!("tmp{unique}"));
+    if let Err(e) = build(&tmp) {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    let (size, blake3) = hash_file(&tmp)?;
+    fs::rename(&tmp, out).map_err(|e| EngineError::io(out, e))?;
+    let stamp = Stamp {
+        identity,
+        size,
+        blake3,
+    };
+    let stamp_tmp = stamp_path.with_extension(format!("tmp{unique}"));
+    fs::write(
+        &stamp_tmp,
+        serde_json::to_vec_pretty(&stamp).expect("stamp serialises"),
+    )
+    .map_err(|e| EngineError::io(&stamp_tmp, e))?;
+    fs::rename(&stamp_tmp, &stamp_path).map_err(|e| EngineError::io(&stamp_path, e))?;
+    Ok(out.to_path_buf())
 }
 
 /// Path of the converted copy of `model` at `precision` inside `cache_dir`.
@@ -60,62 +114,20 @@ pub fn prepare(
         return Ok(model.to_path_buf());
     }
     let out = prepared_path(model, precision, cache_dir);
-    let stamp_path = out.with_extension("gguf.stamp.json");
     let (source_size, source_blake3) = hash_file(model)?;
-    if let Ok(text) = fs::read_to_string(&stamp_path) {
-        if let Ok(stamp) = serde_json::from_str::<Stamp>(&text) {
-            if stamp.source_size == source_size
-                && stamp.source_blake3 == source_blake3
-                && stamp.precision == precision
-                && out.is_file()
-            {
-                let (size, hash) = hash_file(&out)?;
-                if size == stamp.size && hash == stamp.blake3 {
-                    log::debug!(
-                        "using verified {} copy {}",
-                        precision.as_str(),
-                        out.display()
-                    );
-                    return Ok(out);
-                }
-                log::warn!("{} does not match its stamp; rebuilding it", out.display());
-            }
-        }
-    }
-    fs::create_dir_all(cache_dir).map_err(|e| EngineError::io(cache_dir, e))?;
-    // Unique per process and call: parallel tests may prepare the same copy at once.
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let unique = format!(
-        "{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    );
-    let tmp = out.with_extension(format!("tmp{unique}"));
-    log::info!(
-        "converting {} to {} (one time) -> {}",
-        model.display(),
-        precision.as_str(),
-        out.display()
-    );
-    llama::convert_model(model, &tmp, precision == Precision::F16, threads).map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        EngineError::Llama(format!("converting {}: {e}", model.display()))
-    })?;
-    let (size, blake3) = hash_file(&tmp)?;
-    fs::rename(&tmp, &out).map_err(|e| EngineError::io(&out, e))?;
-    let stamp = Stamp {
-        source_size,
-        source_blake3,
-        precision,
-        size,
-        blake3,
-    };
-    let stamp_tmp = stamp_path.with_extension(format!("tmp{unique}"));
-    fs::write(
-        &stamp_tmp,
-        serde_json::to_vec_pretty(&stamp).expect("stamp serialises"),
-    )
-    .map_err(|e| EngineError::io(&stamp_tmp, e))?;
-    fs::rename(&stamp_tmp, &stamp_path).map_err(|e| EngineError::io(&stamp_path, e))?;
-    Ok(out)
+    let identity = serde_json::json!({
+        "source_size": source_size,
+        "source_blake3": source_blake3,
+        "precision": precision,
+    });
+    cached_derivation(&out, identity, |tmp| {
+        log::info!(
+            "converting {} to {} (one time) -> {}",
+            model.display(),
+            precision.as_str(),
+            out.display()
+        );
+        llama::convert_model(model, tmp, precision == Precision::F16, threads)
+            .map_err(|e| EngineError::Llama(format!("converting {}: {e}", model.display())))
+    })
 }

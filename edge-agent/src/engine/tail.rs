@@ -1,0 +1,514 @@
+//! The tail engine: compute the frozen prefix once, perturb only the trainable tail.
+//!
+//! A LoRA layout that adapts layers `[f, n)` leaves layers `0..f` frozen, so for a fixed batch
+//! their output (the input of layer `f`, the residual stream) is the same for every
+//! perturbation. The engine therefore runs the batch once through the *prefix model* (the
+//! shipped file, usually quantised) and captures the input of layer `f` for every token
+//! (`Llama::layer_input`, llama.cpp's per-layer input capture); then every perturbed loss
+//! evaluation runs only the *tail model*: a small F32 GGUF holding layers `f..n` (renumbered
+//! `0..n-f`), the output norm and the head, fed those hidden states as embeddings at the same
+//! positions. The prefix's own precision error (8-bit activations in quantised matmuls) is
+//! then a fixed offset of the tail's input, identical for `θ+εv` and `θ−εv`, so it cancels in
+//! ΔL instead of drowning it.
+//!
+//! The head of a tail model is either the rows of the task's label words only ([`TailHead::Labels`],
+//! for the verbalizer loss, whose value is unchanged: it reads only those logits) or the whole
+//! vocabulary ([`TailHead::Full`], for the instruction-tuning loss). Tail models are derived
+//! from the model file with ggml's own dequantisers (bit-identical to the prepared F32 copy)
+//! and cached next to a stamp like the prepared copy ([`super::prepare::cached_derivation`]).
+//! The tail's GGUF uses llama.cpp's `tokenizer.ggml.model = "none"` with
+//! `{arch}.vocab_size` rows: it is never asked to tokenize.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use fwdllm_shared::gguf::{self, GgufTensorInfo, GgufValue};
+
+use super::llama::{self, Token};
+use super::prepare::{cached_derivation, hash_file};
+use super::EngineError;
+
+/// Which output rows a tail model keeps.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum TailHead {
+    /// The rows of these tokens, in this order (logit `k` is token `ids[k]`).
+    Labels(Vec<Token>),
+    /// Every row: logit `t` is token `t`.
+    Full,
+}
+
+impl TailHead {
+    /// Short stable id used in the cache file name.
+    fn id(&self) -> String {
+        match self {
+            TailHead::Full => "full".into(),
+            TailHead::Labels(ids) => {
+                let mut h = blake3::Hasher::new();
+                for t in ids {
+                    h.update(&t.to_le_bytes());
+                }
+                format!("labels{}-{}", ids.len(), &h.finalize().to_hex()[..12])
+            }
+        }
+    }
+
+    /// Whether logits of this head can answer a request for `want`.
+    pub fn serves(&self, want: &TailHead) -> bool {
+        self == want || *self == TailHead::Full
+    }
+}
+
+/// Path of the tail model of `model` from layer `first_layer` with `head`.
+pub fn tail_path(model: &Path, first_layer: u32, head: &TailHead, cache_dir: &Path) -> PathBuf {
+    let stem = model
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    cache_dir.join(format!("{stem}.tail{first_layer}-{}.f32.gguf", head.id()))
+}
+
+/// Returns a verified tail model (layers `first_layer..`, `head`) of `model`, building it once.
+pub fn prepare_tail(
+    model: &Path,
+    first_layer: u32,
+    head: &TailHead,
+    cache_dir: &Path,
+) -> Result<PathBuf, EngineError> {
+    if !model.is_file() {
+        return Err(EngineError::ModelNotFound(model.to_path_buf()));
+    }
+    let out = tail_path(model, first_layer, head, cache_dir);
+    let (source_size, source_blake3) = hash_file(model)?;
+    let identity = serde_json::json!({
+        "kind": "tail",
+        "format": 1,
+        "source_size": source_size,
+        "source_blake3": source_blake3,
+        "first_layer": first_layer,
+        "head": head.id(),
+    });
+    cached_derivation(&out, identity, |tmp| {
+        log::info!(
+            "building the tail model (layers {first_layer}.., head {}) of {} -> {}",
+            head.id(),
+            model.display(),
+            out.display()
+        );
+        build_tail(model, tmp, first_layer, head, &source_blake3)
+    })
+}
+
+fn tail_err(path: &Path, problem: impl Into<String>) -> EngineError {
+    EngineError::Tail {
+        path: path.to_path_buf(),
+        problem: problem.into(),
+    }
+}
+
+/// One tensor of the tail file: its new name and shape, and where its rows come from.
+struct Planned<'a> {
+    name: String,
+    dims: Vec<u64>,
+    source: &'a GgufTensorInfo,
+    /// Rows of the source to take, in order (`None` = all).
+    rows: Option<Vec<u64>>,
+}
+
+/// Writes the tail model of `src` (see the module docs) to `dst`, streaming one row block at a
+/// time so that building a full-vocabulary head never holds the whole F32 matrix.
+fn build_tail(
+    src: &Path,
+    dst: &Path,
+    first_layer: u32,
+    head: &TailHead,
+    source_blake3: &str,
+) -> Result<(), EngineError> {
+    let file = File::open(src).map_err(|e| EngineError::io(src, e))?;
+    let header = gguf::read_gguf_header(BufReader::with_capacity(1 << 16, file))
+        .map_err(|e| tail_err(src, e.to_string()))?;
+    let shape = header
+        .model_shape()
+        .map_err(|e| tail_err(src, e.to_string()))?;
+    let arch = shape.arch.clone();
+    let n_layer = shape.n_layer;
+    if first_layer == 0 || first_layer >= n_layer {
+        return Err(tail_err(
+            src,
+            format!("a tail from layer {first_layer} of a {n_layer}-layer model is empty or the whole model"),
+        ));
+    }
+    let n_embd = u64::from(shape.n_embd);
+
+    let mut plan: Vec<Planned<'_>> = Vec::new();
+    for t in &header.tensors {
+        if t.name == "token_embd.weight" || t.name == "output.weight" {
+            continue; // the head is planned below
+        }
+        if let Some(rest) = t.name.strip_prefix("blk.") {
+            let (idx, tail) = rest
+                .split_once('.')
+                .ok_or_else(|| tail_err(src, format!("tensor name {:?}", t.name)))?;
+            let idx: u32 = idx
+                .parse()
+                .map_err(|_| tail_err(src, format!("tensor name {:?}", t.name)))?;
+            if idx < first_layer {
+                continue;
+            }
+            plan.push(Planned {
+                name: format!("blk.{}.{tail}", idx - first_layer),
+                dims: t.dims.clone(),
+                source: t,
+                rows: None,
+            });
+        } else {
+            plan.push(Planned {
+                name: t.name.clone(),
+                dims: t.dims.clone(),
+                source: t,
+                rows: None,
+            });
+        }
+    }
+    // llama.cpp reads the head from `output.weight`, else from the tied `token_embd.weight`.
+    let head_src = header
+        .tensor("output.weight")
+        .or_else(|| header.tensor("token_embd.weight"))
+        .ok_or_else(|| tail_err(src, "has neither output.weight nor token_embd.weight"))?;
+    if head_src.dims.len() != 2 || head_src.dims[0] != n_embd {
+        return Err(tail_err(
+            src,
+            format!("head {} has shape {:?}", head_src.name, head_src.dims),
+        ));
+    }
+    let n_vocab = head_src.dims[1];
+    let rows: Vec<u64> = match head {
+        TailHead::Full => (0..n_vocab).collect(),
+        TailHead::Labels(ids) => {
+            if ids.is_empty() {
+                return Err(tail_err(src, "a label head needs at least one token"));
+            }
+            ids.iter()
+                .map(|&t| {
+                    u64::try_from(t)
+                        .ok()
+                        .filter(|&t| t < n_vocab)
+                        .ok_or_else(|| {
+                            tail_err(
+                                src,
+                                format!("label token {t} is not in the vocabulary of {n_vocab}"),
+                            )
+                        })
+                })
+                .collect::<Result<_, _>>()?
+        }
+    };
+    let n_rows = rows.len() as u64;
+    // Written as the tied embedding: llama.cpp then uses it as the output matrix too, and the
+    // tail never looks a token up (its input is hidden states).
+    plan.push(Planned {
+        name: "token_embd.weight".into(),
+        dims: vec![n_embd, n_rows],
+        source: head_src,
+        rows: Some(rows),
+    });
+
+    let mut kv: Vec<(String, GgufValue)> = Vec::new();
+    let block_count = format!("{arch}.block_count");
+    let vocab_size = format!("{arch}.vocab_size");
+    let arch_prefix = format!("{arch}.");
+    for (k, v) in &header.kv {
+        if k.starts_with("tokenizer.")
+            || k.starts_with("fwdllm.")
+            || k == "general.file_type"
+            || k == "general.alignment"
+            || k == "general.quantization_version"
+            || *k == vocab_size
+        {
+            continue;
+        }
+        if *k == block_count {
+            kv.push((k.clone(), GgufValue::U32(n_layer - first_layer)));
+            continue;
+        }
+        // Per-layer hyperparameters (arrays of n_layer values) keep the tail's layers.
+        if let GgufValue::Array { elem_type, values } = v {
+            if k.starts_with(&arch_prefix) && values.len() == n_layer as usize {
+                kv.push((
+                    k.clone(),
+                    GgufValue::Array {
+                        elem_type: *elem_type,
+                        values: values[first_layer as usize..].to_vec(),
+                    },
+                ));
+                continue;
+            }
+        }
+        kv.push((k.clone(), v.clone()));
+    }
+    let n_rows_u32 = u32::try_from(n_rows).map_err(|_| tail_err(src, "head too large"))?;
+    kv.extend([
+        ("general.alignment".into(), GgufValue::U32(32)),
+        ("general.file_type".into(), GgufValue::U32(0)), // LLAMA_FTYPE_ALL_F32
+        (vocab_size, GgufValue::U32(n_rows_u32)),
+        (
+            "tokenizer.ggml.model".into(),
+            GgufValue::String("none".into()),
+        ),
+        (
+            "fwdllm.tail.first_layer".into(),
+            GgufValue::U32(first_layer),
+        ),
+        ("fwdllm.tail.head".into(), GgufValue::String(head.id())),
+        (
+            "fwdllm.tail.source_blake3".into(),
+            GgufValue::String(source_blake3.into()),
+        ),
+    ]);
+
+    let infos: Vec<(&str, &[u64])> = plan
+        .iter()
+        .map(|p| (p.name.as_str(), p.dims.as_slice()))
+        .collect();
+    let (hdr, alignment) = gguf::f32_gguf_header(&kv, &infos);
+    let out = File::create(dst).map_err(|e| EngineError::io(dst, e))?;
+    let mut w = BufWriter::with_capacity(1 << 20, out);
+    let io = |e| EngineError::io(dst, e);
+    w.write_all(&hdr).map_err(io)?;
+    let mut input = File::open(src).map_err(|e| EngineError::io(src, e))?;
+    let mut raw = Vec::new();
+    let mut vals = Vec::new();
+    let mut bytes = Vec::new();
+    for p in &plan {
+        let t = p.source;
+        let ne0 = *t.dims.first().unwrap_or(&1);
+        let src_rows: u64 = t.dims.iter().skip(1).product();
+        let row_bytes = llama::ggml_row_bytes(t.ggml_type, ne0 as usize).ok_or_else(|| {
+            tail_err(
+                src,
+                format!(
+                    "tensor {} has unsupported ggml type {}",
+                    t.name, t.ggml_type
+                ),
+            )
+        })? as u64;
+        let all: Vec<u64>;
+        let rows = match &p.rows {
+            Some(r) => r,
+            None => {
+                all = (0..src_rows).collect();
+                &all
+            }
+        };
+        raw.resize(row_bytes as usize, 0);
+        vals.resize(ne0 as usize, 0f32);
+        let mut written = 0usize;
+        for &r in rows {
+            let at = header.data_offset + t.offset + r * row_bytes;
+            input
+                .seek(SeekFrom::Start(at))
+                .map_err(|e| EngineError::io(src, e))?;
+            input.read_exact(&mut raw).map_err(|e| {
+                tail_err(
+                    src,
+                    format!("tensor {} row {r}: {e} (truncated file?)", t.name),
+                )
+            })?;
+            llama::dequantize_row(t.ggml_type, &raw, &mut vals)
+                .map_err(|e| tail_err(src, format!("tensor {}: {e}", t.name)))?;
+            bytes.clear();
+            for v in &vals {
+                bytes.extend_from_slice(&v.to_le_bytes());
+            }
+            w.write_all(&bytes).map_err(io)?;
+            written += bytes.len();
+        }
+        w.write_all(&vec![0u8; gguf::pad_len(written, alignment)])
+            .map_err(io)?;
+    }
+    let out = w
+        .into_inner()
+        .map_err(|e| EngineError::io(dst, e.into_error()))?;
+    out.sync_all().map_err(|e| EngineError::io(dst, e))?;
+    Ok(())
+}
+
+/// Rewrites a GGUF LoRA adapter for the full model (tensors `blk.{l}.…`) into one for the tail
+/// model from `first_layer` (`blk.{l - first_layer}.…`). Fails on adapters that touch a layer
+/// below the tail, on non-F32 adapters and on anything that is not a LoRA adapter GGUF.
+pub fn shift_adapter(bytes: &[u8], first_layer: u32) -> Result<Vec<u8>, String> {
+    let file = gguf::read_gguf(bytes).map_err(|e| e.to_string())?;
+    if file.get("general.type").and_then(|v| v.as_str()) != Some("adapter") {
+        return Err("not a GGUF adapter (general.type is not \"adapter\")".into());
+    }
+    let mut names = Vec::with_capacity(file.tensors.len());
+    for t in &file.tensors {
+        if t.ggml_type != gguf::GGML_TYPE_F32 {
+            return Err(format!(
+                "tensor {} is ggml type {}; the tail engine takes F32 adapters (as fwdllm exports them)",
+                t.name, t.ggml_type
+            ));
+        }
+        let rest = t
+            .name
+            .strip_prefix("blk.")
+            .and_then(|r| r.split_once('.'))
+            .and_then(|(i, tail)| i.parse::<u32>().ok().map(|i| (i, tail)));
+        let Some((layer, tail)) = rest else {
+            return Err(format!(
+                "tensor {} is not a per-layer LoRA tensor; use engine.forward_path = \"full\"",
+                t.name
+            ));
+        };
+        if layer < first_layer {
+            return Err(format!(
+                "adapter tensor {} adapts layer {layer}, below the tail's first layer {first_layer}; use engine.forward_path = \"full\"",
+                t.name
+            ));
+        }
+        names.push(format!("blk.{}.{tail}", layer - first_layer));
+    }
+    let data: Vec<Vec<f32>> = file
+        .tensors
+        .iter()
+        .map(|t| {
+            file.tensor_f32(&t.name)
+                .ok_or(format!("tensor {} unreadable", t.name))
+        })
+        .collect::<Result<_, _>>()?;
+    let tensors: Vec<gguf::F32Tensor<'_>> = file
+        .tensors
+        .iter()
+        .zip(&names)
+        .zip(&data)
+        .map(|((t, name), d)| gguf::F32Tensor {
+            name,
+            dims: &t.dims,
+            data: d,
+        })
+        .collect();
+    Ok(gguf::write_gguf_f32(&file.kv, &tensors))
+}
+
+/// The lowest layer a GGUF adapter's `blk.{l}.…` tensors touch (`None` if it has none or is
+/// not a readable GGUF).
+pub fn adapter_first_layer(bytes: &[u8]) -> Option<u32> {
+    let header = gguf::read_gguf_header(bytes).ok()?;
+    header
+        .tensors
+        .iter()
+        .filter_map(|t| {
+            t.name
+                .strip_prefix("blk.")
+                .and_then(|r| r.split_once('.'))
+                .and_then(|(i, _)| i.parse().ok())
+        })
+        .min()
+}
+
+/// Hidden states at the tail's input, per prompt (token ids → `len × n_embd` floats), kept
+/// least-recently-used within a byte budget. The prefix is frozen, so an entry never goes
+/// stale while the prefix model and first layer stay the same (the owner clears it otherwise).
+#[derive(Debug, Default)]
+pub struct PrefixCache {
+    budget_bytes: usize,
+    used_bytes: usize,
+    tick: u64,
+    map: HashMap<Vec<Token>, (u64, Arc<[f32]>)>,
+    pub hits: u64,
+    pub misses: u64,
+}
+
+impl PrefixCache {
+    pub fn new(budget_bytes: usize) -> Self {
+        PrefixCache {
+            budget_bytes,
+            ..Default::default()
+        }
+    }
+
+    pub fn get(&mut self, prompt: &[Token]) -> Option<Arc<[f32]>> {
+        self.tick += 1;
+        let tick = self.tick;
+        match self.map.get_mut(prompt) {
+            Some((t, v)) => {
+                *t = tick;
+                self.hits += 1;
+                Some(v.clone())
+            }
+            None => {
+                self.misses += 1;
+                None
+            }
+        }
+    }
+
+    /// Stores `states` for `prompt`, evicting the least recently used entries to stay within
+    /// the budget (an entry larger than the whole budget is not kept).
+    pub fn insert(&mut self, prompt: Vec<Token>, states: Arc<[f32]>) {
+        let size = states.len() * 4;
+        if size > self.budget_bytes {
+            return;
+        }
+        while self.used_bytes + size > self.budget_bytes {
+            let Some(oldest) = self
+                .map
+                .iter()
+                .min_by_key(|(_, (t, _))| *t)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            if let Some((_, v)) = self.map.remove(&oldest) {
+                self.used_bytes -= v.len() * 4;
+            }
+        }
+        self.tick += 1;
+        if let Some((_, old)) = self.map.insert(prompt, (self.tick, states)) {
+            self.used_bytes -= old.len() * 4;
+        }
+        self.used_bytes += size;
+    }
+
+    pub fn clear(&mut self) {
+        self.map.clear();
+        self.used_bytes = 0;
+    }
+
+    pub fn used_bytes(&self) -> usize {
+        self.used_bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_evicts_least_recently_used_within_budget() {
+        let mut c = PrefixCache::new(3 * 4 * 4); // three entries of 4 floats
+        for k in 0..3 {
+            c.insert(vec![k], Arc::from(vec![k as f32; 4]));
+        }
+        assert!(c.get(&[0]).is_some()); // 0 is now the most recent
+        c.insert(vec![3], Arc::from(vec![3.0; 4]));
+        assert!(c.get(&[1]).is_none(), "1 was least recently used");
+        assert!(c.get(&[0]).is_some() && c.get(&[2]).is_some() && c.get(&[3]).is_some());
+        assert_eq!(c.used_bytes(), 48);
+        c.insert(vec![9], Arc::from(vec![0.0; 100])); // larger than the budget: not kept
+        assert!(c.get(&[9]).is_none());
+        assert_eq!(c.used_bytes(), 48);
+    }
+
+    #[test]
+    fn head_ids_are_stable_and_distinct() {
+        let a = TailHead::Labels(vec![1, 2, 3]);
+        let b = TailHead::Labels(vec![1, 3, 2]);
+        assert_eq!(a.id(), TailHead::Labels(vec![1, 2, 3]).id());
+        assert_ne!(a.id(), b.id());
+        assert_eq!(TailHead::Full.id(), "full");
+        assert!(TailHead::Full.serves(&a) && a.serves(&a) && !a.serves(&b));
+    }
+}
