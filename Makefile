@@ -8,8 +8,13 @@ CARGO ?= cargo
 setup:
 	@bash scripts/setup.sh
 
+# One release build (one feature set, so one llama.cpp build) for demo and bench alike:
+# separate `cargo run -p` calls resolve different feature sets and rebuild shared dependencies.
+RELEASE_BUILD = $(CARGO) build --release -p fwdllm-shared -p fwdllm-agent -p fwdllm-aggregator --features fwdllm-aggregator/engine --bins --examples
+
 demo: setup
-	$(CARGO) run --release -p fwdllm-aggregator --features engine --bin fwdllm -- demo
+	$(RELEASE_BUILD)
+	target/release/fwdllm demo
 
 lint: setup
 	$(CARGO) fmt --all -- --check
@@ -18,16 +23,14 @@ lint: setup
 test: lint
 	$(CARGO) test --workspace --all-features
 
-# One build for every bench binary: separate `cargo run -p` calls resolve different feature sets
-# and rebuild shared dependencies between steps. Takes about an hour (the local training run
-# alone is 30 minutes); run it on an otherwise idle machine, since llama.cpp's threads spin.
+# Takes about half an hour; run it on an otherwise idle machine, since llama.cpp's threads spin.
 bench: setup
 	@mkdir -p target/bench
-	$(CARGO) build --release -p fwdllm-shared -p fwdllm-agent -p fwdllm-aggregator --features fwdllm-aggregator/engine --bins --examples
+	$(RELEASE_BUILD)
 	target/release/examples/wire_bench --out target/bench/wire.json
 	target/release/examples/perturb_bench --out target/bench/perturb.json
-	target/release/fwdllm-agent train-local --max-wall-s 1800 --dev-every 20 --heldout-every 40 --check-quantized --no-progress --out target/train-local
-	target/release/fwdllm-agent bench-engine --out target/bench/engine.json
+	target/release/fwdllm-agent train-local --threads 2 --max-wall-s 300 --dev-every 20 --heldout-every 10 --check-quantized --no-progress --out target/train-local
+	target/release/fwdllm-agent bench-engine --threads 2 --out target/bench/engine.json
 	target/release/fwdllm bench-federation --out target/bench/federation.json
 
 deb: setup

@@ -34,11 +34,14 @@ pub struct EngineArgs {
     #[arg(long, value_enum, default_value_t = ForwardPath::Auto)]
     pub forward_path: ForwardPath,
     /// Precision of the frozen prefix on the tail path (its error cancels in ΔL).
-    #[arg(long, value_enum, default_value_t = Precision::Quantized)]
+    #[arg(long, value_enum, default_value_t = Precision::Q8_0)]
     pub prefix_precision: Precision,
     /// MiB of cached prefix hidden states.
     #[arg(long, default_value_t = 32)]
     pub prefix_cache_mib: u32,
+    /// Do not keep prefix hidden states on disk (under --cache-dir/prefix-states).
+    #[arg(long)]
+    pub no_prefix_cache_disk: bool,
 }
 
 impl EngineArgs {
@@ -55,6 +58,7 @@ impl EngineArgs {
             forward_path: self.forward_path,
             prefix_precision: self.prefix_precision,
             prefix_cache_mib: self.prefix_cache_mib,
+            prefix_cache_disk: !self.no_prefix_cache_disk,
             ..EngineConfig::default()
         }
         .for_lora(lora)
@@ -463,7 +467,7 @@ impl EngineCommand {
                     engine::train::write_report(&out.join("metrics.json"), &report)?;
                 }
                 println!(
-                    "zero-shot held-out acc {:.3} loss {:.4} -> best (step {}) held-out acc {:.3} loss {:.4}; {} steps, {} loss evaluations, {:.0} s; reached 0.85 at {:?} s",
+                    "zero-shot held-out acc {:.3} loss {:.4} -> best (step {}) held-out acc {:.3} loss {:.4}; {} steps, {} loss evaluations, {:.0} s; reached 0.85 at {:?} s wall, {:?} s of training",
                     report.zero_shot.accuracy,
                     report.zero_shot.loss,
                     report.best_step,
@@ -472,7 +476,8 @@ impl EngineCommand {
                     report.steps,
                     report.loss_evaluations,
                     report.wall_s,
-                    report.reached_085_s.map(|s| s.round())
+                    report.reached_085_s.map(|s| s.round()),
+                    report.reached_085_train_s.map(|s| s.round())
                 );
                 if let (Some(a), Some(b)) =
                     (&report.quantized_zero_shot, &report.quantized_with_adapter)

@@ -41,6 +41,8 @@ fn tail_config(prefix: Precision) -> EngineConfig {
     EngineConfig {
         forward_path: ForwardPath::Auto,
         prefix_precision: prefix,
+        // The cache-hit counts below assume a cold cache.
+        prefix_cache_disk: false,
         ..config(Precision::F32)
     }
     .for_lora(&TrainConfig::default().lora)
@@ -441,4 +443,28 @@ fn an_adapter_below_the_tail_is_a_clear_error_and_layer_zero_takes_the_full_path
         err.contains("blk.3.") && err.contains("forward_path"),
         "{err}"
     );
+}
+
+#[test]
+fn prefix_states_on_disk_are_reused_by_a_new_engine_with_the_same_losses() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = EngineConfig {
+        prefix_cache_disk: true,
+        cache_dir: dir.path().to_path_buf(),
+        ..tail_config(Precision::Quantized)
+    };
+    let (t, s) = task();
+    let batch = &s.train[..4];
+    let run = || {
+        let mut e = Engine::load(&cfg).unwrap();
+        e.set_task(&t).unwrap();
+        let task = e.task().cloned().unwrap();
+        let l = e.loss(&task, batch).unwrap();
+        (l.mean.to_bits(), e.prefix_cache_stats())
+    };
+    let (first, (hits0, misses0)) = run();
+    assert_eq!((hits0, misses0), (0, 4));
+    let (second, (hits1, misses1)) = run();
+    assert_eq!((hits1, misses1), (4, 0), "every prompt read back from disk");
+    assert_eq!(first, second, "same loss to the bit");
 }

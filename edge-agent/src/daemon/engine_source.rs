@@ -17,7 +17,7 @@ pub enum EngineSourceError {
     Shard(data::DataError),
     #[error("engine.shard {0} holds no examples; write one with `fwdllm-agent shard`")]
     EmptyShard(String),
-    #[error("{0} is not one of f32, f16, quantized")]
+    #[error("{0} is not one of f32, f16, quantized, q8_0, q4_0")]
     Precision(String),
     #[error("engine: {0}")]
     Engine(#[from] crate::engine::EngineError),
@@ -73,11 +73,9 @@ impl EngineSource {
     /// the training precision under `engine.cache_dir`), the task and the shard.
     pub fn from_config(config: &AgentConfig) -> Result<EngineSource, EngineSourceError> {
         let e = &config.engine;
-        let parse = |key: &str, v: &str| match v {
-            "f32" => Ok(Precision::F32),
-            "f16" => Ok(Precision::F16),
-            "quantized" => Ok(Precision::Quantized),
-            other => Err(EngineSourceError::Precision(format!("{key} = {other:?}"))),
+        let parse = |key: &str, v: &str| {
+            Precision::parse(v)
+                .ok_or_else(|| EngineSourceError::Precision(format!("{key} = {v:?}")))
         };
         let precision = parse("engine.precision", &e.precision)?;
         let prefix_precision = parse("engine.prefix_precision", &e.prefix_precision)?;
@@ -97,6 +95,7 @@ impl EngineSource {
             forward_path: e.forward_path,
             prefix_precision,
             prefix_cache_mib: e.prefix_cache_mib,
+            prefix_cache_disk: e.prefix_cache_disk,
             // The layout arrives with the first replica; the engine picks its path then.
             tail_layer: None,
             ..EngineConfig::default()

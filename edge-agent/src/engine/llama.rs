@@ -99,7 +99,7 @@ unsafe extern "C" fn log_callback(level: sys::ggml_log_level, text: *const c_cha
 pub fn convert_model(
     input: &Path,
     output: &Path,
-    to_f16: bool,
+    to: super::Precision,
     threads: u32,
 ) -> Result<(), String> {
     init_backend();
@@ -108,10 +108,12 @@ pub fn convert_model(
     // SAFETY: default params are plain data; the pointers inside stay null.
     let mut params = unsafe { sys::llama_model_quantize_default_params() };
     params.nthread = threads as i32;
-    params.ftype = if to_f16 {
-        sys::LLAMA_FTYPE_MOSTLY_F16
-    } else {
-        sys::LLAMA_FTYPE_ALL_F32
+    params.ftype = match to {
+        super::Precision::F32 => sys::LLAMA_FTYPE_ALL_F32,
+        super::Precision::F16 => sys::LLAMA_FTYPE_MOSTLY_F16,
+        super::Precision::Q8_0 => sys::LLAMA_FTYPE_MOSTLY_Q8_0,
+        super::Precision::Q4_0 => sys::LLAMA_FTYPE_MOSTLY_Q4_0,
+        super::Precision::Quantized => return Err("the quantised file is used as is".into()),
     };
     params.allow_requantize = true;
     params.pure_ = true;

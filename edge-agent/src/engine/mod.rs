@@ -41,6 +41,15 @@ pub enum Precision {
     F16,
     /// The given (quantised) file as is: SNR < 1, training will not work.
     Quantized,
+    /// A Q8_0 copy (requantised from the given file): ggml's fast tinyBLAS kernels cover
+    /// Q8_0 and Q4_0 but not Q4_1, so this is a quick frozen prefix for the tail path.
+    #[value(name = "q8_0")]
+    #[serde(rename = "q8_0")]
+    Q8_0,
+    /// A Q4_0 copy (requantised): smaller than Q8_0, fast kernels, more rounding.
+    #[value(name = "q4_0")]
+    #[serde(rename = "q4_0")]
+    Q4_0,
 }
 
 impl Precision {
@@ -49,7 +58,22 @@ impl Precision {
             Precision::F32 => "f32",
             Precision::F16 => "f16",
             Precision::Quantized => "quantized",
+            Precision::Q8_0 => "q8_0",
+            Precision::Q4_0 => "q4_0",
         }
+    }
+
+    /// Parses the config spelling ([`Precision::as_str`]).
+    pub fn parse(s: &str) -> Option<Precision> {
+        [
+            Precision::F32,
+            Precision::F16,
+            Precision::Quantized,
+            Precision::Q8_0,
+            Precision::Q4_0,
+        ]
+        .into_iter()
+        .find(|p| p.as_str() == s)
     }
 }
 
@@ -106,6 +130,9 @@ pub struct EngineConfig {
     pub tail_layer: Option<u32>,
     /// Budget for cached prefix hidden states, MiB (per prompt, least recently used).
     pub prefix_cache_mib: u32,
+    /// Also keep prefix hidden states on disk under `cache_dir/prefix-states/` (one file per
+    /// prompt, ~200 KB for 90 tokens of SmolLM2), so each example's prefix runs once ever.
+    pub prefix_cache_disk: bool,
 }
 
 impl Default for EngineConfig {
@@ -120,9 +147,10 @@ impl Default for EngineConfig {
             cache_dir: PathBuf::from(".cache/prepared"),
             flash_attn: false,
             forward_path: ForwardPath::Auto,
-            prefix_precision: Precision::Quantized,
+            prefix_precision: Precision::Q8_0,
             tail_layer: None,
             prefix_cache_mib: 32,
+            prefix_cache_disk: true,
         }
     }
 }
@@ -258,6 +286,11 @@ pub struct Engine {
     llama: llama::Llama,
     /// Precision of the file `llama` holds.
     base_precision: Precision,
+    /// Whether `llama`'s K/V cache is f32.
+    base_kv_f32: bool,
+    /// Identity of the prefix for on-disk prefix states (hash of the model file, precision,
+    /// K/V type), computed when first needed.
+    prefix_id: Option<String>,
     tail: Option<TailState>,
     config: EngineConfig,
     model_path: PathBuf,
@@ -298,8 +331,13 @@ impl Engine {
                 "using the quantised model as is: fine for inference and evaluation, but its forward gradients are noise (measured SNR < 1 at every eps: 8-bit activations); train with precision f32 or f16"
             );
         }
-        let mut e = Self::load_file(&path, config)?;
+        // The prefix's K/V at f16 (llama.cpp's default): its rounding is part of the fixed
+        // offset of the tail's input, and it halves the largest buffer of the prefix context.
+        // An f32 prefix keeps f32 K/V so that it reproduces the full F32 model.
+        let kv_f32 = base_precision == config.precision || base_precision == Precision::F32;
+        let mut e = Self::load_file_kv(&path, config, kv_f32)?;
         e.base_precision = base_precision;
+        e.base_kv_f32 = kv_f32;
         if let Some(l) = config.tail_layer.filter(|_| config.tail_capable()) {
             e.route(Some(l))?;
         }
@@ -322,10 +360,20 @@ impl Engine {
     /// Loads `path` as is (no conversion, full path); `config.model`/`precision` are only
     /// recorded.
     pub fn load_file(path: &Path, config: &EngineConfig) -> Result<Engine, EngineError> {
+        Self::load_file_kv(path, config, true)
+    }
+
+    fn load_file_kv(
+        path: &Path,
+        config: &EngineConfig,
+        kv_f32: bool,
+    ) -> Result<Engine, EngineError> {
         if !path.is_file() {
             return Err(EngineError::ModelNotFound(path.to_path_buf()));
         }
-        let llama = llama::Llama::load(path, &Self::llama_params(config))
+        let mut params = Self::llama_params(config);
+        params.kv_f32 = kv_f32;
+        let llama = llama::Llama::load(path, &params)
             .map_err(|e| EngineError::Llama(format!("{}: {e}", path.display())))?;
         let (n_layer, n_embd, n_head, n_head_kv) = llama.dims();
         let arch = llama
@@ -347,6 +395,8 @@ impl Engine {
         Ok(Engine {
             llama,
             base_precision: config.precision,
+            base_kv_f32: kv_f32,
+            prefix_id: None,
             tail: None,
             config: config.clone(),
             model_path: path.to_path_buf(),
@@ -388,11 +438,11 @@ impl Engine {
         }
     }
 
-    /// (hits, misses) of the prefix cache, per prompt.
+    /// (hits in memory or on disk, misses) of the prefix cache, per prompt.
     pub fn prefix_cache_stats(&self) -> (u64, u64) {
         self.tail
             .as_ref()
-            .map(|t| (t.cache.hits, t.cache.misses))
+            .map(|t| (t.cache.hits + t.cache.disk_hits, t.cache.misses))
             .unwrap_or((0, 0))
     }
 
@@ -423,13 +473,29 @@ impl Engine {
                     self.base_precision.as_str(),
                     self.shape.n_layer
                 );
+                let dir = if self.config.prefix_cache_disk {
+                    if self.prefix_id.is_none() {
+                        let (_, h) = prepare::hash_file(&self.config.model)?;
+                        self.prefix_id = Some(format!(
+                            "{}-{}-kv{}",
+                            &h[..16],
+                            self.base_precision.as_str(),
+                            if self.base_kv_f32 { "f32" } else { "f16" }
+                        ));
+                    }
+                    let id = self.prefix_id.as_deref().expect("set above");
+                    Some(tail::prefix_states_dir(&self.config.cache_dir, id, l))
+                } else {
+                    None
+                };
                 self.tail = Some(TailState {
                     first_layer: l,
                     model: None,
                     adapter: None,
                     cache: tail::PrefixCache::new(
                         self.config.prefix_cache_mib as usize * (1 << 20),
-                    ),
+                    )
+                    .with_dir(dir),
                 });
                 self.current = None;
             }
@@ -451,6 +517,8 @@ impl Engine {
                         .map_err(|e| EngineError::Llama(format!("{}: {e}", path.display())))?;
                     self.model_path = path;
                     self.base_precision = self.config.precision;
+                    self.base_kv_f32 = true;
+                    self.prefix_id = None;
                     self.current = None;
                 } else {
                     self.llama

@@ -127,7 +127,7 @@ pub fn prepare(
             precision.as_str(),
             out.display()
         );
-        llama::convert_model(model, tmp, precision == Precision::F16, threads)
+        llama::convert_model(model, tmp, precision, threads)
             .map_err(|e| EngineError::Llama(format!("converting {}: {e}", model.display())))
     })
 }

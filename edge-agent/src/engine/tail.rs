@@ -409,16 +409,29 @@ pub fn adapter_first_layer(bytes: &[u8]) -> Option<u32> {
 }
 
 /// Hidden states at the tail's input, per prompt (token ids → `len × n_embd` floats), kept
-/// least-recently-used within a byte budget. The prefix is frozen, so an entry never goes
-/// stale while the prefix model and first layer stay the same (the owner clears it otherwise).
+/// least-recently-used within a byte budget in memory and, with a directory, on disk. The
+/// prefix is frozen, so an entry never goes stale while the prefix model, its precision and
+/// the first layer stay the same: the directory is named for those (see
+/// [`prefix_states_dir`]), and the owner clears the memory part when they change. A device
+/// thus runs the prefix once per example of its data, not once per round.
 #[derive(Debug, Default)]
 pub struct PrefixCache {
     budget_bytes: usize,
     used_bytes: usize,
     tick: u64,
     map: HashMap<Vec<Token>, (u64, Arc<[f32]>)>,
+    dir: Option<PathBuf>,
     pub hits: u64,
+    pub disk_hits: u64,
     pub misses: u64,
+}
+
+/// Directory of on-disk prefix states for one prefix: `prefix_id` must identify the prefix
+/// model file, its precision and K/V type; `first_layer` the captured layer.
+pub fn prefix_states_dir(cache_dir: &Path, prefix_id: &str, first_layer: u32) -> PathBuf {
+    cache_dir
+        .join("prefix-states")
+        .join(format!("{prefix_id}-L{first_layer}"))
 }
 
 impl PrefixCache {
@@ -429,25 +442,100 @@ impl PrefixCache {
         }
     }
 
+    /// Also keep every entry in `dir` (created on first write), one file per prompt.
+    pub fn with_dir(mut self, dir: Option<PathBuf>) -> Self {
+        self.dir = dir;
+        self
+    }
+
+    fn file_of(dir: &Path, prompt: &[Token]) -> PathBuf {
+        let mut h = blake3::Hasher::new();
+        for t in prompt {
+            h.update(&t.to_le_bytes());
+        }
+        dir.join(format!("{}.f32", &h.finalize().to_hex()[..32]))
+    }
+
+    /// Reads an entry written by [`PrefixCache::write_disk`]: the prompt's tokens, the states,
+    /// and a BLAKE3 of both; anything else (torn write, other prompt, bit rot) is a miss.
+    fn read_disk(dir: &Path, prompt: &[Token]) -> Option<Arc<[f32]>> {
+        let bytes = std::fs::read(Self::file_of(dir, prompt)).ok()?;
+        let (body, sum) = bytes.split_at_checked(bytes.len().checked_sub(32)?)?;
+        if blake3::hash(body).as_bytes() != sum {
+            return None;
+        }
+        let n_tok = u32::from_le_bytes(body.get(..4)?.try_into().ok()?) as usize;
+        let toks_end = 4 + 4 * n_tok;
+        let toks = body.get(4..toks_end)?;
+        if n_tok != prompt.len()
+            || toks
+                .chunks_exact(4)
+                .zip(prompt)
+                .any(|(c, t)| c != t.to_le_bytes())
+        {
+            return None;
+        }
+        let floats = body.get(toks_end..)?;
+        if floats.len() % 4 != 0 {
+            return None;
+        }
+        Some(
+            floats
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        )
+    }
+
+    fn write_disk(dir: &Path, prompt: &[Token], states: &[f32]) -> std::io::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let mut body = Vec::with_capacity(4 + 4 * prompt.len() + 4 * states.len() + 32);
+        body.extend_from_slice(&(prompt.len() as u32).to_le_bytes());
+        for t in prompt {
+            body.extend_from_slice(&t.to_le_bytes());
+        }
+        for v in states {
+            body.extend_from_slice(&v.to_le_bytes());
+        }
+        let sum = blake3::hash(&body);
+        body.extend_from_slice(sum.as_bytes());
+        let path = Self::file_of(dir, prompt);
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        std::fs::write(&tmp, &body)?;
+        std::fs::rename(&tmp, &path)
+    }
+
     pub fn get(&mut self, prompt: &[Token]) -> Option<Arc<[f32]>> {
         self.tick += 1;
         let tick = self.tick;
-        match self.map.get_mut(prompt) {
-            Some((t, v)) => {
-                *t = tick;
-                self.hits += 1;
-                Some(v.clone())
-            }
-            None => {
-                self.misses += 1;
-                None
-            }
+        if let Some((t, v)) = self.map.get_mut(prompt) {
+            *t = tick;
+            self.hits += 1;
+            return Some(v.clone());
         }
+        if let Some(v) = self.dir.as_deref().and_then(|d| Self::read_disk(d, prompt)) {
+            self.disk_hits += 1;
+            self.remember(prompt.to_vec(), v.clone());
+            return Some(v);
+        }
+        self.misses += 1;
+        None
     }
 
-    /// Stores `states` for `prompt`, evicting the least recently used entries to stay within
-    /// the budget (an entry larger than the whole budget is not kept).
+    /// Stores `states` for `prompt` (on disk too, if the cache has a directory; a failed disk
+    /// write is logged and only costs a recomputation later).
     pub fn insert(&mut self, prompt: Vec<Token>, states: Arc<[f32]>) {
+        if let Some(dir) = &self.dir {
+            if let Err(e) = Self::write_disk(dir, &prompt, &states) {
+                log::warn!("prefix state cache {}: {e}", dir.display());
+            }
+        }
+        self.remember(prompt, states);
+    }
+
+    /// Keeps `states` in memory, evicting the least recently used entries to stay within the
+    /// budget (an entry larger than the whole budget is not kept).
+    fn remember(&mut self, prompt: Vec<Token>, states: Arc<[f32]>) {
         let size = states.len() * 4;
         if size > self.budget_bytes {
             return;
@@ -500,6 +588,25 @@ mod tests {
         c.insert(vec![9], Arc::from(vec![0.0; 100])); // larger than the budget: not kept
         assert!(c.get(&[9]).is_none());
         assert_eq!(c.used_bytes(), 48);
+    }
+
+    #[test]
+    fn disk_entries_survive_a_new_cache_and_corruption_is_a_miss() {
+        let dir = tempfile::tempdir().unwrap();
+        let states: Arc<[f32]> = Arc::from(vec![1.5f32, -2.0, 3.25, 0.0]);
+        let mut c = PrefixCache::new(1 << 20).with_dir(Some(dir.path().to_path_buf()));
+        c.insert(vec![5, 6], states.clone());
+        let mut fresh = PrefixCache::new(1 << 20).with_dir(Some(dir.path().to_path_buf()));
+        assert_eq!(fresh.get(&[5, 6]).as_deref(), Some(&states[..]));
+        assert_eq!((fresh.disk_hits, fresh.misses), (1, 0));
+        assert!(fresh.get(&[5, 7]).is_none(), "another prompt");
+        // Flip one byte of the stored states: the checksum turns it into a miss.
+        let file = PrefixCache::file_of(dir.path(), &[5, 6]);
+        let mut bytes = std::fs::read(&file).unwrap();
+        bytes[13] ^= 1;
+        std::fs::write(&file, bytes).unwrap();
+        let mut again = PrefixCache::new(1 << 20).with_dir(Some(dir.path().to_path_buf()));
+        assert!(again.get(&[5, 6]).is_none());
     }
 
     #[test]
