@@ -134,6 +134,10 @@ pub struct RoundConfig {
     pub min_clients: u32,
     /// Fraction of eligible clients selected per round (1.0 = all).
     pub fraction: f32,
+    /// Block-wise layouts (`lora.blockwise`): head-block directions each client adds per
+    /// adapter direction. They reuse the client's unperturbed pass, so they cost no forward
+    /// pass; sent to agents as `task.extra["head_per_direction"]`.
+    pub head_per_direction: u32,
 }
 
 impl Default for RoundConfig {
@@ -145,6 +149,7 @@ impl Default for RoundConfig {
             quorum: 1,
             min_clients: 1,
             fraction: 1.0,
+            head_per_direction: 0,
         }
     }
 }
@@ -195,8 +200,12 @@ pub struct StepConfig {
     pub min_lr_ratio: f64,
     /// Linear warm-up from 0 over this many commits.
     pub warmup_commits: u64,
-    /// Trust region: ||Δθ|| ≤ trust_region · ||θ|| (θ = whole LoRA vector, A and B).
+    /// Trust region: ||Δθ|| ≤ trust_region · max(||θ||, trust_floor) (θ = whole LoRA vector,
+    /// A and B).
     pub trust_region: f64,
+    /// Floor of ||θ|| in the trust region, so that a layout starting at θ = 0 (head rows only:
+    /// every value starts at 0) can take a first step.
+    pub trust_floor: f64,
 }
 
 impl Default for StepConfig {
@@ -208,6 +217,7 @@ impl Default for StepConfig {
             min_lr_ratio: 0.1,
             warmup_commits: 0,
             trust_region: 0.02,
+            trust_floor: 1.0,
         }
     }
 }
@@ -416,6 +426,18 @@ impl AggregatorConfig {
                 format!("is {}; use a fraction in (0, 1]", r.fraction),
             );
         }
+        if r.head_per_direction > 1024 {
+            bad(
+                "round.head_per_direction",
+                format!("is {}; agents compute at most 1024 head directions per adapter direction, use 0..=1024", r.head_per_direction),
+            );
+        }
+        if self.lora.blockwise && r.head_per_direction == 0 {
+            bad(
+                "round.head_per_direction",
+                "is 0 but lora.blockwise is true, so the head rows would never train; set it to e.g. 16".into(),
+            );
+        }
         let pc = &self.pacing;
         if !(pc.target_z.is_finite() && pc.target_z >= 0.0) {
             bad("pacing.target_z", format!("is {}; use a non-negative z-score, e.g. 2.0 (0 commits on min_perturbations alone)", pc.target_z));
@@ -458,6 +480,12 @@ impl AggregatorConfig {
             bad(
                 "step.min_lr_ratio",
                 format!("is {}; use a ratio in [0, 1]", s.min_lr_ratio),
+            );
+        }
+        if !(s.trust_floor.is_finite() && s.trust_floor >= 0.0) {
+            bad(
+                "step.trust_floor",
+                format!("is {}; use a finite value >= 0 (e.g. 1.0)", s.trust_floor),
             );
         }
         if !(s.trust_region.is_finite() && s.trust_region > 0.0) {

@@ -28,7 +28,7 @@ use fwdllm_shared::wire::{
 use log::{debug, info, warn};
 
 use crate::config::AggregatorConfig;
-use crate::pacing::Pool;
+use crate::pacing::RoundPool;
 use crate::state::{Counters, DurableState, LossStats, OpenRound, StateError, Store, STATE_FORMAT};
 use crate::step::{make_step, params_norm};
 
@@ -111,7 +111,7 @@ pub struct Coordinator {
     store: Store,
     state: DurableState,
     weights: LoraWeights,
-    pool: Option<Pool>,
+    pool: Option<RoundPool>,
     clients: BTreeMap<String, AgentStatus>,
     out: Vec<Outgoing>,
     events: Vec<AggEvent>,
@@ -216,7 +216,7 @@ impl Coordinator {
     fn rebuild_pool(&mut self) {
         self.seen_seeds.clear();
         self.pool = self.state.open.as_ref().map(|open| {
-            let mut pool = Pool::new(self.weights.layout().trainable_len());
+            let mut pool = RoundPool::new(self.weights.layout());
             for p in &open.pairs {
                 pool.add(*p);
                 self.seen_seeds.insert(p.seed);
@@ -594,7 +594,16 @@ impl Coordinator {
             eps: self.cfg.round.eps,
             deadline_unix_ms: deadline,
             selection: ClientSelection::Clients(selected.clone()),
-            task: self.cfg.task.params(),
+            task: {
+                let mut t = self.cfg.task.params();
+                if self.cfg.round.head_per_direction > 0 {
+                    t.extra.push((
+                        "head_per_direction".into(),
+                        self.cfg.round.head_per_direction.to_string(),
+                    ));
+                }
+                t
+            },
             seed_base: self.state.seed_base,
             extend: 0,
         };
@@ -639,7 +648,7 @@ impl Coordinator {
         let bytes = wire::encode(&open.announce);
         info!(
             "round {round}: z = {:.2} < {} with {} pairs; extend #{extend}",
-            self.pool.as_ref().map_or(0.0, Pool::z),
+            self.pool.as_ref().map_or(0.0, RoundPool::z),
             self.cfg.pacing.target_z,
             open.pairs.len()
         );
@@ -684,7 +693,8 @@ impl Coordinator {
             &self.cfg.step,
             self.state.version,
             &open.pairs,
-            pool.u_norm(),
+            pool.mean_norm(),
+            &|seed| pool.block_pairs(seed),
             theta_norm,
         );
         apply_commit(&mut self.weights, &step.pairs);

@@ -25,14 +25,26 @@
 //! gradient), or at the cap/deadline. We also report the gradient noise scale
 //! `B = d·m/S` (McCandlish et al. 2018: the K beyond which more pairs per step stop paying).
 
+//!
+//! A block-wise layout (`lora.blockwise`) gets one pool per direction block ([`RoundPool`]):
+//! the statistic above holds within a block (its directions are Rademacher over the block's
+//! d_b values and zero elsewhere). Pacing reads the adapter block, whose directions cost a
+//! forward pass each; head-block directions ride along at no pass.
+
+use fwdllm_shared::lora::{DirectionBlock, LoraLayout};
+#[cfg(test)]
 use fwdllm_shared::perturb::direction;
+use fwdllm_shared::perturb::direction_at;
 use fwdllm_shared::wire::SeedScalar;
 
-/// Running pool of one round: U accumulated in f64 (order-independent enough for a statistic;
-/// the committed step itself is replayed in f32 from the pairs, not from U).
+/// Running pool of one direction block in one round: U accumulated in f64 (order-independent
+/// enough for a statistic; the committed step itself is replayed in f32 from the pairs, not
+/// from U).
 #[derive(Debug, Clone)]
 pub struct Pool {
     d: usize,
+    /// Direction index of the block's first value.
+    start: u64,
     u: Vec<f64>,
     q: f64,
     k: usize,
@@ -41,17 +53,23 @@ pub struct Pool {
 
 impl Pool {
     pub fn new(trainable_len: usize) -> Pool {
+        Pool::for_span(0, trainable_len)
+    }
+
+    /// A pool over direction indices `start .. start + len`.
+    pub fn for_span(start: u64, len: usize) -> Pool {
         Pool {
-            d: trainable_len,
-            u: vec![0.0; trainable_len],
+            d: len,
+            start,
+            u: vec![0.0; len],
             q: 0.0,
             k: 0,
-            scratch: vec![0.0; trainable_len],
+            scratch: vec![0.0; len],
         }
     }
 
     pub fn add(&mut self, p: SeedScalar) {
-        direction(p.seed, &mut self.scratch);
+        direction_at(p.seed, self.start, &mut self.scratch);
         let g = f64::from(p.g);
         for (u, &v) in self.u.iter_mut().zip(&self.scratch) {
             *u += g * f64::from(v);
@@ -110,6 +128,94 @@ impl Pool {
             Some(s) if s > 0.0 => self.d as f64 * self.mean_g2() / s,
             _ => f64::INFINITY,
         }
+    }
+}
+
+/// The pools of one round, one per direction block of the layout (one for a dense layout).
+/// The first pool is the pacing block: the whole vector, or the adapter of a block-wise layout.
+#[derive(Debug, Clone)]
+pub struct RoundPool {
+    layout: LoraLayout,
+    pools: Vec<(DirectionBlock, Pool)>,
+}
+
+impl RoundPool {
+    pub fn new(layout: &LoraLayout) -> RoundPool {
+        let blocks: &[DirectionBlock] = if layout.config().blockwise {
+            &[DirectionBlock::Adapter, DirectionBlock::Head]
+        } else {
+            &[DirectionBlock::All]
+        };
+        let pools = blocks
+            .iter()
+            .map(|&b| {
+                let span = layout.block_span(b);
+                (
+                    b,
+                    Pool::for_span(span.start, (span.end - span.start) as usize),
+                )
+            })
+            .collect();
+        RoundPool {
+            layout: layout.clone(),
+            pools,
+        }
+    }
+
+    fn pool_of(&mut self, seed: u64) -> &mut Pool {
+        let b = self.layout.block_of(seed);
+        let i = self.pools.iter().position(|(pb, _)| *pb == b).unwrap_or(0);
+        &mut self.pools[i].1
+    }
+
+    pub fn add(&mut self, p: SeedScalar) {
+        self.pool_of(p.seed).add(p);
+    }
+
+    /// The pacing block's pool.
+    pub fn pacing(&self) -> &Pool {
+        &self.pools[0].1
+    }
+
+    /// Pairs in the pacing block (the perturbations that cost a forward pass).
+    pub fn len(&self) -> usize {
+        self.pacing().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pools.iter().all(|(_, p)| p.is_empty())
+    }
+
+    /// Pairs in every block.
+    pub fn total_pairs(&self) -> usize {
+        self.pools.iter().map(|(_, p)| p.len()).sum()
+    }
+
+    pub fn z(&self) -> f64 {
+        self.pacing().z()
+    }
+
+    pub fn mean_g2(&self) -> f64 {
+        self.pacing().mean_g2()
+    }
+
+    /// K_b: pairs in the block of `seed` (at least 1).
+    pub fn block_pairs(&self, seed: u64) -> usize {
+        let b = self.layout.block_of(seed);
+        self.pools
+            .iter()
+            .find(|(pb, _)| *pb == b)
+            .map_or(1, |(_, p)| p.len().max(1))
+    }
+
+    /// ‖Σ_b U_b / K_b‖: the norm of the per-block mean estimate (blocks are disjoint).
+    pub fn mean_norm(&self) -> f64 {
+        self.pools
+            .iter()
+            .filter(|(_, p)| !p.is_empty())
+            .map(|(_, p)| (p.u_norm() / p.len() as f64).powi(2))
+            .sum::<f64>()
+            .sqrt()
     }
 }
 

@@ -2,8 +2,10 @@
 //! coefficients so that any schedule survives replay (replicas only ever see (seed, coeff)).
 //!
 //! Commit of K pooled pairs at commit index t:
-//! `c_k = −η(t) · s · g_k / K` where η(t) is the scheduled rate and
-//! `s = min(1, trust_region · ‖θ‖ / ‖Δθ‖)` with ‖Δθ‖ = η(t)/K · ‖Σ g_k v_k‖ and θ the whole
+//! `c_k = −η(t) · s · g_k / K_b` where η(t) is the scheduled rate, K_b the pairs in seed k's
+//! direction block (K for a dense layout; each block's mean is an unbiased estimate of its
+//! gradient) and `s = min(1, trust_region · ‖θ‖ / ‖Δθ‖)` with
+//! ‖Δθ‖ = η(t) · ‖Σ_b (Σ_{k∈b} g_k v_k) / K_b‖ and θ the whole
 //! LoRA vector (A and B: with B = 0 at init, ‖θ_B‖ alone would forbid the first step).
 //! The clamp bounds every step relative to the weights, which keeps long runs from diverging
 //! when the noisy estimate is occasionally huge; the decaying schedule makes the total movement
@@ -44,19 +46,19 @@ pub struct Step {
     pub clamped: bool,
 }
 
-/// Builds commit coefficients from pooled pairs. `u_norm` = ‖Σ g_k v_k‖ (from the pool),
-/// `theta_norm` = ‖θ‖ before the step.
+/// Builds commit coefficients from pooled pairs. `mean_norm` = ‖Σ_b U_b / K_b‖ (from the
+/// pool), `block_pairs(seed)` = K_b, `theta_norm` = ‖θ‖ before the step.
 pub fn make_step(
     cfg: &StepConfig,
     t: u64,
     pairs: &[SeedScalar],
-    u_norm: f64,
+    mean_norm: f64,
+    block_pairs: &dyn Fn(u64) -> usize,
     theta_norm: f64,
 ) -> Step {
-    let k = pairs.len().max(1) as f64;
     let lr = lr_at(cfg, t);
-    let raw_norm = lr / k * u_norm;
-    let max_norm = cfg.trust_region * theta_norm;
+    let raw_norm = lr * mean_norm;
+    let max_norm = cfg.trust_region * theta_norm.max(cfg.trust_floor);
     let (scale, clamped) = if raw_norm > max_norm && raw_norm > 0.0 {
         (max_norm / raw_norm, true)
     } else {
@@ -66,7 +68,7 @@ pub fn make_step(
         .iter()
         .map(|p| SeedCoeff {
             seed: p.seed,
-            coeff: (-lr * scale * f64::from(p.g) / k) as f32,
+            coeff: (-lr * scale * f64::from(p.g) / block_pairs(p.seed).max(1) as f64) as f32,
         })
         .collect();
     Step {
@@ -98,6 +100,7 @@ mod tests {
             min_lr_ratio: 0.1,
             warmup_commits: 0,
             trust_region: 0.5,
+            trust_floor: 0.0,
         }
     }
 
@@ -126,12 +129,13 @@ mod tests {
             SeedScalar { seed: 2, g: -2.0 },
         ];
         // Unclamped: ‖Δθ‖ = lr/K·‖U‖ = 1/2·10 = 5 > 0.5·2 = 1.
-        let s = make_step(&cfg(Schedule::Constant), 0, &pairs, 10.0, 2.0);
+        let two = |_: u64| 2usize;
+        let s = make_step(&cfg(Schedule::Constant), 0, &pairs, 10.0 / 2.0, &two, 2.0);
         assert!(s.clamped);
         assert!((s.step_norm - 1.0).abs() < 1e-12);
         assert!((s.pairs[0].coeff - (-4.0 / 2.0 / 5.0)).abs() < 1e-7);
         assert!((s.pairs[1].coeff - (2.0 / 2.0 / 5.0)).abs() < 1e-7);
-        let free = make_step(&cfg(Schedule::Constant), 0, &pairs, 1.0, 2.0);
+        let free = make_step(&cfg(Schedule::Constant), 0, &pairs, 1.0 / 2.0, &two, 2.0);
         assert!(!free.clamped);
         assert_eq!(free.pairs[0].coeff, -2.0);
     }

@@ -92,6 +92,14 @@ pub struct TaskArgs {
 
 impl TaskArgs {
     pub fn load(&self) -> anyhow::Result<(TaskConfig, data::Split)> {
+        let task = self.config()?;
+        let examples = task.load_examples(&self.root)?;
+        let split = data::split(examples, task.split_seed, task.heldout, task.dev);
+        Ok((task, split))
+    }
+
+    /// The task config with the overrides applied, validated (no data read).
+    pub fn config(&self) -> anyhow::Result<TaskConfig> {
         let mut task = TaskConfig::from_file(&self.task)?;
         if let Some(p) = &self.prompt {
             task.prompt = p.replace("\\n", "\n");
@@ -103,9 +111,7 @@ impl TaskArgs {
             task.max_text_tokens = m;
         }
         task.validate(&self.task)?;
-        let examples = task.load_examples(&self.root)?;
-        let split = data::split(examples, task.split_seed, task.heldout, task.dev);
-        Ok((task, split))
+        Ok(task)
     }
 }
 
@@ -127,6 +133,8 @@ pub enum EngineCommand {
     PromptSearch(Box<PromptSearchArgs>),
     /// Split a task's training examples into client shards (JSONL files).
     Shard(Box<ShardArgs>),
+    /// Classify texts with a trained adapter (GGUF or an agent's replica); writes JSONL.
+    Predict(Box<crate::predict::PredictArgs>),
 }
 
 /// Convert the model once to the training precision (cached, verified by a stamp).
@@ -210,6 +218,27 @@ pub struct TrainLocalArgs {
     pub modules: Option<Vec<String>>,
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Which LoRA matrices are trained: b (A fixed at its seeded init) or ab.
+    #[arg(long, value_parser = ["b", "ab"])]
+    pub trainable: Option<String>,
+    /// Add verbalizer head rows (deltas on the label words' output rows plus a bias per
+    /// label; the count is taken from the task) to the LoRA layout.
+    #[arg(long)]
+    pub head_rows: bool,
+    /// Train the head rows alone (no LoRA tensors). This is the default recipe when neither
+    /// --config nor a LoRA flag (--rank, --layers, --modules, --trainable, --blockwise,
+    /// --head-rows) is given.
+    #[arg(long)]
+    pub head_only: bool,
+    /// Scale of the head parameters (`lora.head_alpha`).
+    #[arg(long)]
+    pub head_alpha: Option<f32>,
+    /// Block-wise perturbation: each direction perturbs the adapter or the head, not both.
+    #[arg(long)]
+    pub blockwise: bool,
+    /// Head-block directions per step (block-wise layouts); they cost no forward pass.
+    #[arg(long)]
+    pub head_directions: Option<u32>,
     /// Output directory (metrics.json, steps.csv, adapter.gguf).
     #[arg(long, default_value = "target/train-local")]
     pub out: PathBuf,
@@ -295,6 +324,7 @@ impl EngineCommand {
                 println!("{} ({:.1} s)", path.display(), t.elapsed().as_secs_f64());
                 Ok(())
             }
+            EngineCommand::Predict(args) => crate::predict::run(*args),
             EngineCommand::Eval(args) => {
                 let EvalArgs {
                     engine,
@@ -377,16 +407,32 @@ impl EngineCommand {
                     rank,
                     modules,
                     seed,
+                    trainable,
+                    head_rows,
+                    head_only,
+                    head_alpha,
+                    blockwise,
+                    head_directions,
                     out,
                     check_quantized,
                     no_progress,
                 } = *args;
+                let (tcfg, split) = task.load()?;
+                // Without a config file or a LoRA flag, the head-rows recipe; any LoRA flag
+                // starts from the LoRA layout of TrainConfig::default().
+                let lora_flags = rank.is_some()
+                    || layers.is_some()
+                    || modules.is_some()
+                    || trainable.is_some()
+                    || blockwise
+                    || head_rows;
                 let mut tc = match &config {
                     Some(p) => toml::from_str(
                         &std::fs::read_to_string(p).with_context(|| p.display().to_string())?,
                     )
                     .with_context(|| format!("parsing {}", p.display()))?,
-                    None => TrainConfig::default(),
+                    None if lora_flags => TrainConfig::default(),
+                    None => TrainConfig::head_rows_recipe(tcfg.labels.len()),
                 };
                 if let Some(v) = lr {
                     tc.lr = v;
@@ -441,7 +487,26 @@ impl EngineCommand {
                         .collect::<Result<_, _>>()
                         .map_err(|e| anyhow::anyhow!("--modules: {e}"))?;
                 }
-                let (tcfg, split) = task.load()?;
+                match trainable.as_deref() {
+                    Some("ab") => tc.lora.trainable = fwdllm_shared::lora::Trainable::AB,
+                    Some(_) => tc.lora.trainable = fwdllm_shared::lora::Trainable::B,
+                    None => {}
+                }
+                if let Some(v) = head_alpha {
+                    tc.lora.head_alpha = v;
+                }
+                if blockwise {
+                    tc.lora.blockwise = true;
+                }
+                if let Some(v) = head_directions {
+                    tc.head_directions = v;
+                }
+                if head_only {
+                    tc.lora.modules.clear();
+                }
+                if head_rows || head_only || tc.lora.blockwise {
+                    tc.lora.head_rows = u32::try_from(tcfg.labels.len())?;
+                }
                 let mut e = Engine::load(&engine.config_for(&tc.lora))?;
                 e.set_task(&tcfg)?;
                 println!(
@@ -456,7 +521,9 @@ impl EngineCommand {
                 );
                 let (mut report, best) =
                     engine::train::train_local(&mut e, &split, &tc, &out, !no_progress)?;
-                if check_quantized {
+                if check_quantized && tc.lora.head_rows > 0 {
+                    log::warn!("--check-quantized skipped: head rows need the tail path (F32 tail), which the quantised model does not take");
+                } else if check_quantized {
                     drop(e);
                     let mut qcfg = engine.config_for(&tc.lora);
                     qcfg.precision = Precision::Quantized;

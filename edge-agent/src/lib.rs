@@ -7,4 +7,5 @@ pub mod config;
 pub mod daemon;
 pub mod data;
 pub mod engine;
+pub mod predict;
 pub mod service;

@@ -468,3 +468,240 @@ fn prefix_states_on_disk_are_reused_by_a_new_engine_with_the_same_losses() {
     assert_eq!((hits1, misses1), (4, 0), "every prompt read back from disk");
     assert_eq!(first, second, "same loss to the bit");
 }
+
+/// The default layout plus verbalizer head rows for the BBC task's 5 labels.
+fn head_lora(blockwise: bool, modules: bool) -> fwdllm_shared::lora::LoraConfig {
+    let mut l = TrainConfig::default().lora;
+    l.head_rows = 5;
+    l.head_alpha = 0.05;
+    l.blockwise = blockwise;
+    if !modules {
+        l.modules.clear();
+    }
+    l
+}
+
+#[test]
+fn head_rows_shift_the_label_logits_by_alpha_times_delta_dot_hidden() {
+    // Zero head rows give exactly the loss of the same adapter without them (the unit rows
+    // of the label head leave the label logits alone); a bias on one label raises its logit.
+    let mut e = tail_engine(Precision::Q8_0);
+    let t = e.task().cloned().unwrap();
+    let (_, s) = task();
+    let batch = &s.train[..8];
+    let plain = weights(&e, 5, 2e-2);
+    let layout = LoraLayout::new(&e.model_shape(), &head_lora(false, true)).unwrap();
+    let mut params = plain.params().to_vec();
+    params.resize(layout.total_len(), 0.0);
+    let zero_head = LoraWeights::from_params(layout.clone(), params.clone()).unwrap();
+    e.set_adapter(&plain).unwrap();
+    let l_plain = e.loss(&t, batch).unwrap();
+    e.set_adapter(&zero_head).unwrap();
+    let l_zero = e.loss(&t, batch).unwrap();
+    assert_eq!(l_plain.mean.to_bits(), l_zero.mean.to_bits());
+    let bias = layout.head().unwrap().bias.clone();
+    params[bias.start + 2] = 4.0; // label 2 ("politics") gains 0.05 * 4 = 0.2 nats of logit
+    let biased = LoraWeights::from_params(layout, params).unwrap();
+    e.set_adapter(&biased).unwrap();
+    let l_bias = e.loss(&t, batch).unwrap();
+    assert_ne!(l_bias.mean, l_plain.mean);
+    // Raising label 2's logit lowers the loss of label-2 examples and raises every other.
+    for (i, ex) in batch.iter().enumerate() {
+        let d = l_bias.per_example[i] - l_plain.per_example[i];
+        if ex.label == 2 {
+            assert!(
+                d < 0.0,
+                "example {i}: the true label's logit rose, loss must fall ({d})"
+            );
+        } else {
+            assert!(
+                d > 0.0,
+                "example {i}: another label's logit rose, loss must rise ({d})"
+            );
+        }
+    }
+}
+
+#[test]
+fn head_block_directions_cost_no_pass_and_equal_the_full_evaluation() {
+    // A block-wise layout: head-block directions are evaluated from the unperturbed pass's
+    // features; the same g must come out of setting the perturbed adapter and evaluating
+    // the loss through the model.
+    let mut e = tail_engine(Precision::Q8_0);
+    let t = e.task().cloned().unwrap();
+    let (_, s) = task();
+    let batch = &s.train[..8];
+    let layout = LoraLayout::new(&e.model_shape(), &head_lora(true, true)).unwrap();
+    let mut w = LoraWeights::init(layout.clone());
+    fwdllm_shared::update::add_direction(&mut w, 4, 2e-2); // adapter block
+    fwdllm_shared::update::add_direction(&mut w, 7, 1e-1); // head block
+    let seeds = [11u64, 13, 12]; // two head directions, one adapter direction
+    assert_eq!(
+        seeds.map(|s| layout.block_of(s)),
+        [
+            fwdllm_shared::lora::DirectionBlock::Head,
+            fwdllm_shared::lora::DirectionBlock::Head,
+            fwdllm_shared::lora::DirectionBlock::Adapter
+        ]
+    );
+    let eps = 1e-2;
+    let (g, l0) = e
+        .forward_gradients_with_loss(&w, batch, &seeds, eps, true)
+        .unwrap();
+    e.set_adapter(&w).unwrap();
+    let base = e.loss(&t, batch).unwrap().mean;
+    assert_eq!(base.to_bits(), l0.to_bits());
+    for (k, &seed) in seeds.iter().enumerate() {
+        let mut p = w.clone();
+        fwdllm_shared::update::add_direction(&mut p, seed, eps);
+        e.set_adapter(&p).unwrap();
+        let lp = e.loss(&t, batch).unwrap().mean;
+        let want = ((lp - base) / eps as f64) as f32;
+        assert_eq!(
+            g[k].to_bits(),
+            want.to_bits(),
+            "seed {seed}: {} vs {want}",
+            g[k]
+        );
+        assert!(g[k] != 0.0);
+    }
+}
+
+#[test]
+fn head_rows_travel_in_the_exported_adapter_and_a_wrong_task_is_refused() {
+    let mut e = tail_engine(Precision::Q8_0);
+    let t = e.task().cloned().unwrap();
+    let (_, s) = task();
+    let batch = &s.heldout[..8];
+    for modules in [true, false] {
+        let layout = LoraLayout::new(&e.model_shape(), &head_lora(false, modules)).unwrap();
+        let mut w = LoraWeights::init(layout);
+        fwdllm_shared::update::add_direction(&mut w, 9, 5e-2);
+        let direct = e.evaluate(Some(&w), batch).unwrap();
+        let bytes = fwdllm_shared::gguf::write_lora_adapter(&w);
+        e.set_adapter_bytes(&bytes).unwrap();
+        let from_file = e.loss(&t, batch).unwrap();
+        assert_eq!(
+            from_file.mean.to_bits(),
+            direct.loss.to_bits(),
+            "modules {modules}"
+        );
+        e.clear_adapter();
+        let base = e.loss(&t, batch).unwrap();
+        assert_ne!(base.mean, direct.loss);
+    }
+    // A task with another label count cannot use 5 head rows.
+    let mut other = t.config.clone();
+    other.labels.truncate(4);
+    other.words.truncate(4);
+    let four = e.prepare_task(&other).unwrap();
+    let layout = LoraLayout::new(&e.model_shape(), &head_lora(false, false)).unwrap();
+    e.set_adapter(&LoraWeights::init(layout)).unwrap();
+    let err = e
+        .loss(
+            &four,
+            &batch[..2]
+                .iter()
+                .map(|x| Example {
+                    label: 0,
+                    ..x.clone()
+                })
+                .collect::<Vec<_>>(),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            EngineError::HeadMismatch {
+                rows: 5,
+                n_labels: 4
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn predict_gives_evals_labels_and_probabilities_for_an_exported_adapter() {
+    // Head rows with a bias towards one label, exported as a GGUF; `fwdllm-agent predict` on
+    // held-out texts (JSONL) must predict what the engine's loss predicts, with probabilities
+    // that sum to 1, and refuse a missing adapter with a message naming the fix.
+    let mut e = tail_engine(Precision::Q8_0);
+    let (_, s) = task();
+    let held = &s.heldout[..12];
+    let layout = LoraLayout::new(&e.model_shape(), &head_lora(false, false)).unwrap();
+    let mut w = LoraWeights::init(layout.clone());
+    fwdllm_shared::update::add_direction(&mut w, 21, 0.5);
+    let report = e.evaluate(Some(&w), held).unwrap();
+    let t = e.task().cloned().unwrap();
+    let want = e.loss(&t, held).unwrap().predictions;
+    let dir = std::env::temp_dir().join(format!("fwdllm-predict-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let adapter = dir.join("adapter.gguf");
+    std::fs::write(&adapter, fwdllm_shared::gguf::write_lora_adapter(&w)).unwrap();
+    let input = dir.join("texts.jsonl");
+    let lines: Vec<String> = held
+        .iter()
+        .map(|x| serde_json::json!({ "body": x.text }).to_string())
+        .collect();
+    std::fs::write(&input, lines.join("\n")).unwrap();
+    let r = root();
+    let run = |adapter: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_fwdllm-agent"))
+            .args([
+                "predict",
+                "--threads",
+                "1",
+                "--no-prefix-cache-disk",
+                "--max-text-tokens",
+                "24",
+            ])
+            .arg("--model")
+            .arg(r.join(".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"))
+            .arg("--cache-dir")
+            .arg(r.join(".cache/prepared"))
+            .arg("--task")
+            .arg(r.join("edge-agent/tasks/bbc.toml"))
+            .arg("--root")
+            .arg(&r)
+            .arg("--adapter")
+            .arg(adapter)
+            .arg("--input")
+            .arg(&input)
+            .args(["--text-field", "body"])
+            .output()
+            .unwrap()
+    };
+    let out = run(&adapter);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let labels = &t.config.labels;
+    let got: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(got.len(), held.len());
+    let mut correct = 0;
+    for (i, g) in got.iter().enumerate() {
+        assert_eq!(g["line"], i + 1);
+        assert_eq!(g["label"], labels[want[i]].as_str(), "text {i}");
+        let p = g["probabilities"].as_object().unwrap();
+        assert_eq!(p.len(), labels.len());
+        let sum: f64 = p.values().map(|v| v.as_f64().unwrap()).sum();
+        assert!((sum - 1.0).abs() < 1e-9, "{sum}");
+        correct += usize::from(g["label"] == labels[held[i].label].as_str());
+    }
+    assert_eq!(correct as f64 / held.len() as f64, report.accuracy);
+    let missing = run(&dir.join("nope.gguf"));
+    assert!(!missing.status.success());
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        err.contains("nope.gguf") && err.contains("does not exist"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

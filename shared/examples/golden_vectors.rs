@@ -62,6 +62,7 @@ fn main() {
         layers: None,
         trainable: Trainable::AB,
         init_seed: 42,
+        ..LoraConfig::default()
     };
     let mut w = LoraWeights::init(LoraLayout::new(&shape, &config).expect("valid layout"));
     out.insert("init_hash".into(), w.hash().to_string().into());

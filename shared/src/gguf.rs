@@ -344,6 +344,10 @@ pub enum GgufError {
     BadTensor { name: String, reason: String },
     #[error("GGUF metadata key `{0}` is missing; is this a llama-family model file?")]
     MissingKey(String),
+    #[error(
+        "GGUF metadata key `{key}` {problem}; the adapter is corrupt or was not written by fwdllm"
+    )]
+    BadMetadata { key: String, problem: String },
     #[error("GGUF metadata key `{key}` has type {found}, expected {expected}")]
     WrongType {
         key: String,
@@ -754,13 +758,92 @@ pub fn write_gguf_f32(kv: &[(String, GgufValue)], tensors: &[F32Tensor<'_>]) -> 
 }
 
 /// Metadata keys written into every adapter made by [`write_lora_adapter`], in order.
+/// With head rows, also `fwdllm.head.rows` (u32), `fwdllm.head.alpha` (f32),
+/// `fwdllm.head.delta` (f32 array, row-major `rows x n_embd`) and `fwdllm.head.bias` (f32 array):
+/// stock llama.cpp has no tensor for a delta on a few output rows (an adapter on the tied
+/// `token_embd.weight` would also move the input embeddings of those words), and it ignores
+/// metadata it does not know, so it loads the LoRA tensors and skips the head; fwdllm's engine
+/// reads it back with [`read_adapter_head`].
 pub fn adapter_kv(weights: &LoraWeights) -> Vec<(String, GgufValue)> {
     let mut kv = base_adapter_kv(weights.layout());
     kv.push((
         "fwdllm.weights_hash".into(),
         GgufValue::String(weights.hash().to_string()),
     ));
+    if let Some(h) = weights.layout().head() {
+        let floats = |r: std::ops::Range<usize>| GgufValue::Array {
+            elem_type: ty::F32,
+            values: weights.params()[r]
+                .iter()
+                .map(|&x| GgufValue::F32(x))
+                .collect(),
+        };
+        kv.push(("fwdllm.head.rows".into(), GgufValue::U32(h.rows)));
+        kv.push(("fwdllm.head.alpha".into(), GgufValue::F32(h.alpha)));
+        kv.push(("fwdllm.head.delta".into(), floats(h.delta.clone())));
+        kv.push(("fwdllm.head.bias".into(), floats(h.bias.clone())));
+    }
     kv
+}
+
+/// Verbalizer head rows stored in an adapter by [`adapter_kv`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdapterHead {
+    pub rows: u32,
+    pub alpha: f32,
+    /// Row-major `rows x n_embd`.
+    pub delta: Vec<f32>,
+    pub bias: Vec<f32>,
+}
+
+/// The head rows of an adapter file's metadata: `Ok(None)` when it has none, an error naming
+/// the key when they are present but malformed (wrong type, lengths, non-finite values).
+pub fn read_adapter_head(file: &GgufFile, n_embd: u32) -> Result<Option<AdapterHead>, GgufError> {
+    let Some(rows) = file.get("fwdllm.head.rows") else {
+        return Ok(None);
+    };
+    let bad = |key: &str, problem: String| GgufError::BadMetadata {
+        key: key.to_string(),
+        problem,
+    };
+    let rows = rows
+        .as_u64()
+        .and_then(|r| u32::try_from(r).ok())
+        .filter(|&r| r > 0)
+        .ok_or_else(|| bad("fwdllm.head.rows", "not a positive u32".into()))?;
+    let alpha = match file.get("fwdllm.head.alpha") {
+        Some(GgufValue::F32(a)) if a.is_finite() && *a > 0.0 => *a,
+        _ => {
+            return Err(bad(
+                "fwdllm.head.alpha",
+                "missing or not a finite f32 > 0".into(),
+            ))
+        }
+    };
+    let floats = |key: &str, len: usize| -> Result<Vec<f32>, GgufError> {
+        let Some(GgufValue::Array { values, .. }) = file.get(key) else {
+            return Err(bad(key, "missing or not an array".into()));
+        };
+        if values.len() != len {
+            return Err(bad(
+                key,
+                format!("has {} values, expected {len}", values.len()),
+            ));
+        }
+        values
+            .iter()
+            .map(|v| match v {
+                GgufValue::F32(x) if x.is_finite() => Ok(*x),
+                _ => Err(bad(key, "holds a value that is not a finite f32".into())),
+            })
+            .collect()
+    };
+    Ok(Some(AdapterHead {
+        rows,
+        alpha,
+        delta: floats("fwdllm.head.delta", rows as usize * n_embd as usize)?,
+        bias: floats("fwdllm.head.bias", rows as usize)?,
+    }))
 }
 
 fn base_adapter_kv(layout: &LoraLayout) -> Vec<(String, GgufValue)> {
@@ -893,6 +976,7 @@ mod tests {
             layers: Some((1, 3)),
             trainable: Trainable::AB,
             init_seed: 5,
+            ..LoraConfig::default()
         };
         let mut w = LoraWeights::init(LoraLayout::new(&shape, &config).unwrap());
         apply_commit(
@@ -903,6 +987,57 @@ mod tests {
             }],
         );
         w
+    }
+
+    #[test]
+    fn head_rows_round_trip_through_adapter_metadata() {
+        let shape = ModelShape {
+            arch: "llama".into(),
+            n_layer: 4,
+            n_embd: 8,
+            n_head: 2,
+            n_head_kv: 1,
+            n_ff: 16,
+        };
+        let config = LoraConfig {
+            layers: Some((2, 4)),
+            head_rows: 3,
+            head_alpha: 0.25,
+            ..LoraConfig::default()
+        };
+        let mut w = LoraWeights::init(LoraLayout::new(&shape, &config).unwrap());
+        apply_commit(
+            &mut w,
+            &[SeedCoeff {
+                seed: 11,
+                coeff: 0.5,
+            }],
+        );
+        let bytes = write_lora_adapter(&w);
+        let f = read_gguf(&bytes).unwrap();
+        let head = read_adapter_head(&f, 8).unwrap().unwrap();
+        let block = w.layout().head().unwrap();
+        assert_eq!(head.rows, 3);
+        assert_eq!(head.alpha, 0.25);
+        assert_eq!(head.delta, w.params()[block.delta.clone()]);
+        assert_eq!(head.bias, w.params()[block.bias.clone()]);
+        // Only the LoRA tensors are tensors, so stock llama.cpp's loader sees a plain adapter.
+        assert!(f
+            .tensors
+            .iter()
+            .all(|t| t.name.ends_with(".lora_a") || t.name.ends_with(".lora_b")));
+        // The wrong model width is an error naming the key, not a silent misread.
+        let err = read_adapter_head(&f, 9).unwrap_err();
+        assert!(err.to_string().contains("fwdllm.head.delta"), "{err}");
+        // Adapters without head rows have none.
+        assert_eq!(
+            read_adapter_head(
+                &read_gguf(&write_lora_adapter(&adapter_weights())).unwrap(),
+                8
+            )
+            .unwrap(),
+            None
+        );
     }
 
     #[test]

@@ -168,7 +168,8 @@ pub enum Trainable {
 }
 
 /// LoRA hyper-parameters. Defaults: rank 2, alpha 2.0 (so llama.cpp's scale `alpha / rank`
-/// is 1), modules `[attn_q, attn_v]`, all layers, only B trainable, init seed 0.
+/// is 1), modules `[attn_q, attn_v]`, all layers, only B trainable, init seed 0, no head rows,
+/// dense perturbations.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LoraConfig {
@@ -179,6 +180,18 @@ pub struct LoraConfig {
     pub layers: Option<(u32, u32)>,
     pub trainable: Trainable,
     pub init_seed: u64,
+    /// Verbalizer head rows: trainable deltas on the output-head rows of the task's `head_rows`
+    /// label words, plus one bias per label (0 = none). Must equal the task's label count.
+    /// With only these trainable the features are fixed per example, so a perturbation costs a
+    /// `head_rows x n_embd` product instead of a forward pass.
+    pub head_rows: u32,
+    /// Scale of the head parameters: the logit of label k is `z_k + head_alpha · (Δ_k·h + b_k)`
+    /// (as `alpha / rank` scales the adapter), so one learning rate suits both blocks.
+    pub head_alpha: f32,
+    /// Block-wise perturbation: a seed perturbs either the adapter block (even seed) or the
+    /// head block (odd seed), never both. Needs modules and head rows. Head-block
+    /// perturbations reuse the unperturbed pass's features, so they cost no forward pass.
+    pub blockwise: bool,
 }
 
 impl Default for LoraConfig {
@@ -190,8 +203,35 @@ impl Default for LoraConfig {
             layers: None,
             trainable: Trainable::B,
             init_seed: 0,
+            head_rows: 0,
+            head_alpha: 1.0,
+            blockwise: false,
         }
     }
+}
+
+/// Which trainable values a direction perturbs (see [`LoraLayout::block_of`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DirectionBlock {
+    /// Every trainable value (dense perturbation).
+    All,
+    /// The adapter's trainable values only.
+    Adapter,
+    /// The head rows and biases only.
+    Head,
+}
+
+/// Where the head rows live in the flat parameter vector (after every adapter tensor).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeadBlock {
+    /// Number of label rows K.
+    pub rows: u32,
+    pub n_embd: u32,
+    /// Row-major `K x n_embd` deltas on the label rows.
+    pub delta: Range<usize>,
+    /// K biases.
+    pub bias: Range<usize>,
+    pub alpha: f32,
 }
 
 /// Invalid LoRA layout or parameter vector. Messages name the field and the fix.
@@ -203,8 +243,12 @@ pub enum LoraError {
     RankTooLarge { rank: u32, min_dim: u32 },
     #[error("lora.alpha is {0}; set alpha to a finite number > 0 (alpha = rank gives scale 1)")]
     BadAlpha(f32),
-    #[error("lora.modules is empty; list at least one of attn_q, attn_k, attn_v, attn_output, ffn_gate, ffn_up, ffn_down")]
+    #[error("lora.modules is empty and lora.head_rows is 0; list at least one of attn_q, attn_k, attn_v, attn_output, ffn_gate, ffn_up, ffn_down, or set head_rows to the task's label count")]
     NoModules,
+    #[error("lora.head_alpha is {0}; set head_alpha to a finite number > 0")]
+    BadHeadAlpha(f32),
+    #[error("lora.blockwise needs both an adapter (modules) and head rows (head_rows > 0); set blockwise = false")]
+    BlockwiseNeedsTwoBlocks,
     #[error("lora.modules lists `{0}` twice; list each module once")]
     DuplicateModule(LoraModule),
     #[error("lora.layers [{start}, {end}) is empty; use start < end (half-open range)")]
@@ -256,9 +300,11 @@ pub struct LoraLayout {
     shape: ModelShape,
     config: LoraConfig,
     tensors: Vec<LoraTensor>,
+    head: Option<HeadBlock>,
     trainable: Vec<Range<usize>>,
     total_len: usize,
     trainable_len: usize,
+    adapter_trainable_len: usize,
 }
 
 impl LoraLayout {
@@ -271,8 +317,14 @@ impl LoraLayout {
         if !config.alpha.is_finite() || config.alpha <= 0.0 {
             return Err(LoraError::BadAlpha(config.alpha));
         }
-        if config.modules.is_empty() {
+        if config.modules.is_empty() && config.head_rows == 0 {
             return Err(LoraError::NoModules);
+        }
+        if !config.head_alpha.is_finite() || config.head_alpha <= 0.0 {
+            return Err(LoraError::BadHeadAlpha(config.head_alpha));
+        }
+        if config.blockwise && (config.modules.is_empty() || config.head_rows == 0) {
+            return Err(LoraError::BlockwiseNeedsTwoBlocks);
         }
         for (i, m) in config.modules.iter().enumerate() {
             if config.modules[..i].contains(m) {
@@ -298,7 +350,7 @@ impl LoraLayout {
                 i.min(o)
             })
             .min()
-            .unwrap_or(0);
+            .unwrap_or(u32::MAX);
         if config.rank > min_dim {
             return Err(LoraError::RankTooLarge {
                 rank: config.rank,
@@ -314,7 +366,8 @@ impl LoraLayout {
                 u128::from(config.rank) * (u128::from(i) + u128::from(o))
             })
             .sum();
-        let total = per_layer * u128::from(end - start);
+        let head_len = u128::from(config.head_rows) * (u128::from(shape.n_embd) + 1);
+        let total = per_layer * u128::from(end - start) + head_len;
         if total > isize::MAX as u128 / 4 {
             return Err(LoraError::TooLarge(total));
         }
@@ -348,15 +401,81 @@ impl LoraLayout {
                 });
             }
         }
+        let adapter_trainable_len: usize = tensors
+            .iter()
+            .map(|t| if config.trainable == Trainable::AB { t.a.len() } else { 0 } + t.b.len())
+            .sum();
+        let head = (config.head_rows > 0).then(|| {
+            let k = config.head_rows as usize;
+            let delta = off..off + k * shape.n_embd as usize;
+            let bias = delta.end..delta.end + k;
+            off = bias.end;
+            push_trainable(delta.start..bias.end);
+            HeadBlock {
+                rows: config.head_rows,
+                n_embd: shape.n_embd,
+                delta,
+                bias,
+                alpha: config.head_alpha,
+            }
+        });
         let trainable_len = trainable.iter().map(|r| r.len()).sum();
         Ok(LoraLayout {
             shape: shape.clone(),
             config: config.clone(),
             tensors,
+            head,
             trainable,
             total_len: off,
             trainable_len,
+            adapter_trainable_len,
         })
+    }
+
+    /// The head rows block, if the layout has one.
+    pub fn head(&self) -> Option<&HeadBlock> {
+        self.head.as_ref()
+    }
+
+    /// The block a direction seed perturbs: [`DirectionBlock::All`] unless the layout is
+    /// block-wise, then odd seeds perturb the head and even seeds the adapter (pinned: part
+    /// of the replay protocol).
+    pub fn block_of(&self, seed: u64) -> DirectionBlock {
+        if !self.config.blockwise {
+            DirectionBlock::All
+        } else if seed & 1 == 1 {
+            DirectionBlock::Head
+        } else {
+            DirectionBlock::Adapter
+        }
+    }
+
+    /// A seed in `block` made from a raw (uniformly random) seed: bit 0 cleared for the adapter
+    /// block, set for the head block, unchanged for [`DirectionBlock::All`]. Two raw seeds that
+    /// differ only in bit 0 then give the same direction, a 2^-63 event for random seeds that
+    /// costs nothing but a repeated direction.
+    pub fn seed_in_block(raw: u64, block: DirectionBlock) -> u64 {
+        match block {
+            DirectionBlock::All => raw,
+            DirectionBlock::Adapter => raw & !1,
+            DirectionBlock::Head => raw | 1,
+        }
+    }
+
+    /// Direction indices (positions in the trainable concatenation) a block covers: the head
+    /// block is the last `head_rows·(n_embd+1)` trainable values.
+    pub fn block_span(&self, block: DirectionBlock) -> Range<u64> {
+        let split = self.adapter_trainable_len as u64;
+        match block {
+            DirectionBlock::All => 0..self.trainable_len as u64,
+            DirectionBlock::Adapter => 0..split,
+            DirectionBlock::Head => split..self.trainable_len as u64,
+        }
+    }
+
+    /// Number of trainable values of the adapter tensors (all of them without head rows).
+    pub fn adapter_trainable_len(&self) -> usize {
+        self.adapter_trainable_len
     }
 
     /// The lowest layer this layout adapts (`None` for an empty layout). Layers below it are
@@ -393,7 +512,9 @@ impl LoraLayout {
     /// `"fwdllm-lora-layout-v1"`, arch as u32 LE length + UTF-8, n_layer, n_embd, n_head,
     /// n_head_kv, n_ff, rank (u32 LE), alpha (f32 bits LE), module count (u32 LE) + one tag
     /// byte per module (canonical order index), layer start, end (u32 LE, resolved), trainable
-    /// tag byte (0 = B, 1 = AB), init_seed (u64 LE).
+    /// tag byte (0 = B, 1 = AB), init_seed (u64 LE); then, only when the layout has head rows,
+    /// `"head"`, head_rows (u32 LE), head_alpha (f32 bits LE), blockwise byte — so the hash of
+    /// every layout without head rows is what it was before head rows existed.
     pub fn descriptor_bytes(&self) -> Vec<u8> {
         let s = &self.shape;
         let c = &self.config;
@@ -415,6 +536,12 @@ impl LoraLayout {
             Trainable::AB => 1,
         });
         out.extend_from_slice(&c.init_seed.to_le_bytes());
+        if c.head_rows > 0 {
+            out.extend_from_slice(b"head");
+            out.extend_from_slice(&c.head_rows.to_le_bytes());
+            out.extend_from_slice(&c.head_alpha.to_bits().to_le_bytes());
+            out.push(u8::from(c.blockwise));
+        }
         out
     }
 }
@@ -588,6 +715,7 @@ mod tests {
             layers: None,
             trainable: Trainable::AB,
             init_seed: 42,
+            ..LoraConfig::default()
         }
     }
 

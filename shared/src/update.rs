@@ -8,9 +8,11 @@
 //! are never touched. Two replicas that start from the same bits and apply the same commits
 //! in the same order hold the same bits (and the same [`crate::lora::WeightsHash`]).
 
+use std::ops::Range;
+
 use serde::{Deserialize, Serialize};
 
-use crate::lora::LoraWeights;
+use crate::lora::{LoraLayout, LoraWeights};
 use crate::perturb;
 
 /// One committed step: move the weights by `coeff` along the direction of `seed`.
@@ -20,15 +22,62 @@ pub struct SeedCoeff {
     pub coeff: f32,
 }
 
-/// `θ_trainable[j] = θ_trainable[j] + coeff * v_j(seed)` for every trainable `j`.
-/// Allocation-free: signs are generated 64 at a time on the stack.
-pub fn add_direction(weights: &mut LoraWeights, seed: u64, coeff: f32) {
-    let (layout, params) = weights.layout_and_params_mut();
+/// Calls `f(param_range, j)` for each piece of the parameter vector that the direction of
+/// `seed` perturbs, with `j` the direction index of the piece's first element: every
+/// trainable range for a dense layout, the seed's block ([`LoraLayout::block_of`]) for a
+/// block-wise one.
+pub fn for_each_direction_range(
+    layout: &LoraLayout,
+    seed: u64,
+    mut f: impl FnMut(Range<usize>, u64),
+) {
+    let span = layout.block_span(layout.block_of(seed));
     let mut j = 0u64;
     for r in layout.trainable_ranges() {
-        perturb::add_scaled_direction_at(seed, j, coeff, &mut params[r.clone()]);
-        j += r.len() as u64;
+        let len = r.len() as u64;
+        let (lo, hi) = (span.start.max(j), span.end.min(j + len));
+        if lo < hi {
+            f(r.start + (lo - j) as usize..r.start + (hi - j) as usize, lo);
+        }
+        j += len;
     }
+}
+
+/// The direction of `seed` over the trainable values (`out.len()` = `trainable_len`):
+/// `v_j(seed)` inside the seed's block, 0 outside it.
+pub fn direction(layout: &LoraLayout, seed: u64, out: &mut [f32]) {
+    let span = layout.block_span(layout.block_of(seed));
+    let (lo, hi) = (span.start as usize, span.end as usize);
+    out[..lo].fill(0.0);
+    out[hi..].fill(0.0);
+    perturb::direction_at(seed, span.start, &mut out[lo..hi]);
+}
+
+/// `out[j] += coeff * v_j(seed)` over the trainable values the seed's direction covers
+/// (`out.len()` = `trainable_len`).
+pub fn accumulate_direction(layout: &LoraLayout, seed: u64, coeff: f32, out: &mut [f32]) {
+    let span = layout.block_span(layout.block_of(seed));
+    perturb::add_scaled_direction_at(
+        seed,
+        span.start,
+        coeff,
+        &mut out[span.start as usize..span.end as usize],
+    );
+}
+
+/// Squared norm of the direction of `seed` (the number of values it perturbs).
+pub fn direction_norm_sq(layout: &LoraLayout, seed: u64) -> f64 {
+    let span = layout.block_span(layout.block_of(seed));
+    (span.end - span.start) as f64
+}
+
+/// `θ_trainable[j] = θ_trainable[j] + coeff * v_j(seed)` for every trainable `j` the seed's
+/// direction covers. Allocation-free: signs are generated 64 at a time on the stack.
+pub fn add_direction(weights: &mut LoraWeights, seed: u64, coeff: f32) {
+    let (layout, params) = weights.layout_and_params_mut();
+    for_each_direction_range(layout, seed, |r, j| {
+        perturb::add_scaled_direction_at(seed, j, coeff, &mut params[r]);
+    });
 }
 
 /// Applies each pair with [`add_direction`], in order.
@@ -44,11 +93,9 @@ pub fn apply_commit(weights: &mut LoraWeights, pairs: &[SeedCoeff]) {
 pub fn perturbed_params(weights: &LoraWeights, seed: u64, eps: f32, scratch: &mut Vec<f32>) {
     scratch.clear();
     scratch.extend_from_slice(weights.params());
-    let mut j = 0u64;
-    for r in weights.layout().trainable_ranges() {
-        perturb::add_scaled_direction_at(seed, j, eps, &mut scratch[r.clone()]);
-        j += r.len() as u64;
-    }
+    for_each_direction_range(weights.layout(), seed, |r, j| {
+        perturb::add_scaled_direction_at(seed, j, eps, &mut scratch[r]);
+    });
 }
 
 #[cfg(test)]
@@ -73,6 +120,7 @@ mod tests {
             layers: None,
             trainable,
             init_seed: 42,
+            ..LoraConfig::default()
         };
         LoraLayout::new(&shape, &config).unwrap()
     }
@@ -264,5 +312,88 @@ mod tests {
         };
         let bytes = postcard::to_allocvec(&p).unwrap();
         assert_eq!(postcard::from_bytes::<SeedCoeff>(&bytes).unwrap(), p);
+    }
+
+    fn head_layout(blockwise: bool) -> LoraLayout {
+        let shape = ModelShape {
+            arch: "llama".into(),
+            n_layer: 2,
+            n_embd: 8,
+            n_head: 2,
+            n_head_kv: 1,
+            n_ff: 16,
+        };
+        let config = LoraConfig {
+            rank: 2,
+            alpha: 4.0,
+            modules: vec![LoraModule::AttnQ],
+            layers: Some((1, 2)),
+            trainable: Trainable::B,
+            init_seed: 3,
+            head_rows: 3,
+            head_alpha: 0.5,
+            blockwise,
+        };
+        LoraLayout::new(&shape, &config).unwrap()
+    }
+
+    #[test]
+    fn blockwise_directions_touch_only_their_block() {
+        let layout = head_layout(true);
+        let head = layout.head().unwrap().clone();
+        assert_eq!(head.delta.len(), 3 * 8);
+        assert_eq!(head.bias.len(), 3);
+        let adapter = layout.adapter_trainable_len();
+        assert_eq!(adapter, 8 * 2); // B of one q tensor
+        assert_eq!(layout.trainable_len(), adapter + 27);
+        for seed in [2u64, 3] {
+            let mut w = LoraWeights::init(layout.clone());
+            let before = w.params().to_vec();
+            add_direction(&mut w, seed, 0.25);
+            let changed: Vec<usize> = (0..before.len())
+                .filter(|&i| w.params()[i] != before[i])
+                .collect();
+            let in_head = |i: &usize| head.delta.start <= *i && *i < head.bias.end;
+            if seed % 2 == 1 {
+                assert_eq!(changed.len(), 27);
+                assert!(changed.iter().all(in_head));
+            } else {
+                assert_eq!(changed.len(), adapter);
+                assert!(!changed.iter().any(in_head));
+            }
+            // The layout-aware direction is the same vector, zero outside the block.
+            let mut v = vec![0f32; layout.trainable_len()];
+            super::direction(&layout, seed, &mut v);
+            let nonzero = v.iter().filter(|x| **x != 0.0).count();
+            assert_eq!(nonzero as f64, direction_norm_sq(&layout, seed));
+            let moved: Vec<f32> = w
+                .trainable_values()
+                .zip(
+                    LoraWeights::from_params(layout.clone(), before.clone())
+                        .unwrap()
+                        .trainable_values()
+                        .collect::<Vec<_>>(),
+                )
+                .map(|(a, b)| a - b)
+                .collect();
+            assert_eq!(moved, v.iter().map(|x| x * 0.25).collect::<Vec<_>>());
+        }
+        // Dense: every seed touches both blocks.
+        let dense = head_layout(false);
+        let mut v = vec![0f32; dense.trainable_len()];
+        super::direction(&dense, 3, &mut v);
+        assert!(v.iter().all(|x| *x != 0.0));
+    }
+
+    #[test]
+    fn head_rows_change_the_hash_and_headless_layouts_keep_theirs() {
+        let with = LoraWeights::init(head_layout(false));
+        let blockwise = LoraWeights::init(head_layout(true));
+        assert_ne!(with.hash(), blockwise.hash());
+        let mut config = head_layout(false).config().clone();
+        config.head_rows = 0;
+        let headless = LoraLayout::new(head_layout(false).shape(), &config).unwrap();
+        assert!(!headless.descriptor_bytes().windows(4).any(|w| w == b"head"));
+        assert!(headless.head().is_none());
     }
 }

@@ -28,7 +28,8 @@ use crate::lora::{LoraConfig, LoraError, LoraLayout, LoraWeights, ModelShape, We
 use crate::update::SeedCoeff;
 
 /// Version carried by every binary message. Bump on any incompatible change to a message body.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// 2: `LoraConfig` (inside `Checkpoint`) gained `head_rows`, `head_alpha`, `blockwise`.
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Bytes of the fixed envelope header (version u16 LE + kind u8).
 pub const HEADER_LEN: usize = 3;

@@ -84,6 +84,7 @@ fn adapter_for_every_module_satisfies_llama_cpp_shape_checks() {
         layers: Some((28, 30)),
         trainable: Trainable::AB,
         init_seed: 1,
+        ..LoraConfig::default()
     };
     let layout = LoraLayout::new(&model.model_shape().unwrap(), &config).unwrap();
     let adapter = read_gguf(&write_lora_adapter(&LoraWeights::init(layout))).unwrap();

@@ -47,6 +47,7 @@ fn layout_strategy() -> impl Strategy<Value = LoraLayout> {
                     layers: Some((start, end)),
                     trainable: if ab { Trainable::AB } else { Trainable::B },
                     init_seed: seed,
+                    ..LoraConfig::default()
                 };
                 LoraLayout::new(&shape, &config).ok()
             },

@@ -135,10 +135,10 @@ fn check_malformed<T: WireMessage + std::fmt::Debug + PartialEq>(msg: &T, extra:
             WireError::TrailingBytes(extra.len())
         );
     }
-    let mut v2 = bytes.clone();
-    v2[0] = 2;
-    v2[1] = 0;
-    assert_eq!(decode::<T>(&v2).unwrap_err(), WireError::UnknownVersion(2));
+    let mut v1 = bytes.clone();
+    v1[0] = 1;
+    v1[1] = 0;
+    assert_eq!(decode::<T>(&v1).unwrap_err(), WireError::UnknownVersion(1));
     let mut vbig = bytes.clone();
     vbig[0] = 0x34;
     vbig[1] = 0x12;
@@ -281,7 +281,7 @@ fn peek_kind_checks_header() {
     assert_eq!(peek_kind(&[1]), Err(WireError::Truncated));
     assert_eq!(peek_kind(&[9, 0, 1]), Err(WireError::UnknownVersion(9)));
     assert!(matches!(
-        peek_kind(&[1, 0, 77]),
+        peek_kind(&[2, 0, 77]),
         Err(WireError::Malformed(_))
     ));
     assert_eq!(
@@ -310,7 +310,7 @@ fn header_layout_is_pinned() {
     assert_eq!(
         bytes,
         [
-            1, 0, 2, // version 1 LE, kind ClientUpdate
+            2, 0, 2, // version 2 LE, kind ClientUpdate
             1, b'a', // client_id
             1, 2, 3, // round, base_version, seq (varints)
             1, 8, 7, 6, 5, 4, 3, 2, 1, 0, 0, 0x80,

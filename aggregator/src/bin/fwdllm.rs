@@ -25,7 +25,7 @@ use fwdllm_agent::engine::TrainConfig;
 use fwdllm_agent::engine::{Engine, EngineConfig};
 use fwdllm_aggregator::broker::EmbeddedBroker;
 use fwdllm_aggregator::config::{AggregatorConfig, Schedule};
-use fwdllm_aggregator::coordinator::{AggEvent, UpdateOutcome};
+use fwdllm_aggregator::coordinator::AggEvent;
 use fwdllm_aggregator::server::{self, BrokerTarget, Hooks};
 use fwdllm_aggregator::{export, metrics, monitor, sim};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -66,10 +66,11 @@ struct FedArgs {
     /// Model file (GGUF).
     #[arg(long, default_value = ".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf")]
     model: PathBuf,
-    /// Perturbations per agent per round. Each agent also evaluates L(θ) once per round
-    /// (one-sided estimator), so 2 gives 2 directions per 3 loss evaluations.
-    #[arg(long, default_value_t = 2)]
-    perturbations: u32,
+    /// Perturbations per agent per round (default: the recipe's directions per step shared
+    /// among the agents, so a commit pools one local step's worth). Each agent also evaluates
+    /// L(θ) once per round (one-sided estimator).
+    #[arg(long)]
+    perturbations: Option<u32>,
     /// Held-out examples evaluated (0 = the task's whole held-out split).
     #[arg(long, default_value_t = 0)]
     heldout: usize,
@@ -367,7 +368,10 @@ async fn federate(fed: &FedArgs, task_path: &Path, name: &str) -> anyhow::Result
             .with_context(|| format!("clearing {}", state_dir.display()))?;
     }
     std::fs::create_dir_all(&out_dir)?;
-    let train = TrainConfig::default();
+    let train = TrainConfig::head_rows_recipe(task.labels.len());
+    let perturbations = fed
+        .perturbations
+        .unwrap_or_else(|| (train.directions / fed.agents as u32).max(1));
 
     // Evaluation engine (held-out split lives only here).
     println!("loading the evaluation engine and measuring zero-shot accuracy on {} held-out examples ...", heldout.len());
@@ -387,7 +391,7 @@ async fn federate(fed: &FedArgs, task_path: &Path, name: &str) -> anyhow::Result
     cfg.state.dir = state_dir.clone();
     cfg.state.checkpoint_every = 20;
     cfg.state.plot_every = 20;
-    cfg.round.perturbations_per_client = fed.perturbations;
+    cfg.round.perturbations_per_client = perturbations;
     cfg.round.eps = train.eps;
     cfg.round.min_clients = n;
     cfg.round.quorum = n.div_ceil(2);
@@ -397,23 +401,26 @@ async fn federate(fed: &FedArgs, task_path: &Path, name: &str) -> anyhow::Result
     // K = agents x perturbations pairs per commit, like the engine's tuned local training
     // (K directions per step); the z gate rarely passes at this K (z ≈ ρK/√(2d)), so the
     // round commits once every selected agent answered.
-    cfg.pacing.max_perturbations = n * fed.perturbations;
-    cfg.pacing.min_perturbations = n * fed.perturbations;
+    cfg.pacing.max_perturbations = n * perturbations;
+    cfg.pacing.min_perturbations = n * perturbations;
     cfg.pacing.max_extends = 0;
     // A commit of K pairs is, to first order, K / train.directions local steps: scaling the
     // learning rate (and the clamp below) by that ratio keeps the progress and the noise per
     // direction equal to the tuned local recipe (E[Δθ] ∝ lr, Var ∝ lr²·d/K).
-    let k_ratio = f64::from(n * fed.perturbations) / f64::from(train.directions.max(1));
+    let k_ratio = f64::from(n * perturbations) / f64::from(train.directions.max(1));
     cfg.step.lr = f64::from(train.lr) * k_ratio;
     cfg.step.schedule = Schedule::Cosine;
-    cfg.step.total_commits = 600;
+    // The cosine horizon: as many commits as the local recipe's steps to its half-life and
+    // half again (a commit pools about one local step).
+    cfg.step.total_commits = ((1.5 * train.lr_half_life) as u64).max(600);
     cfg.step.min_lr_ratio = 0.2;
     // ≈ the engine's absolute clamp (max_update_norm) at the initial ‖θ‖ of this layout.
     let layout = cfg.layout().map_err(anyhow::Error::msg)?;
     let theta0 = fwdllm_aggregator::step::params_norm(
         fwdllm_shared::lora::LoraWeights::init(layout.clone()).params(),
     );
-    cfg.step.trust_region = f64::from(train.max_update_norm) * k_ratio / theta0.max(1e-6);
+    cfg.step.trust_region =
+        f64::from(train.max_update_norm) * k_ratio / theta0.max(cfg.step.trust_floor).max(1e-6);
     let problems = cfg.validate();
     if !problems.is_empty() {
         bail!("internal aggregator config invalid: {problems:?}");
@@ -466,16 +473,21 @@ async fn federate(fed: &FedArgs, task_path: &Path, name: &str) -> anyhow::Result
         agents.push((info, stop, task));
     }
 
-    // Progress: one bar per round, until the time budget is spent.
+    // Progress: one bar over the time budget, its message the latest commit. indicatif draws
+    // nothing when stdout is not a terminal (CI, `make bench | tee`): then a plain line per
+    // commit, at most one every 5 s (head-row rounds commit several times a second).
     let t_train = Instant::now();
     let budget = Duration::from_secs_f64(fed.minutes * 60.0);
-    let style = ProgressStyle::with_template("{prefix:>10} [{bar:30}] {pos}/{len} {msg}")
+    let style = ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {msg}")
         .expect("template")
         .progress_chars("=> ");
-    let mut bar: Option<ProgressBar> = None;
-    // indicatif draws nothing when stdout is not a terminal (CI, `make bench | tee`): then one
-    // plain line per commit instead.
     let plain = !std::io::stdout().is_terminal();
+    let bar = if plain {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(budget.as_secs().max(1)).with_style(style)
+    };
+    let mut last_line = Instant::now() - Duration::from_secs(10);
     let mut commits = 0u64;
     let deadline = tokio::time::Instant::now() + budget;
     loop {
@@ -484,25 +496,6 @@ async fn federate(fed: &FedArgs, task_path: &Path, name: &str) -> anyhow::Result
             e = ev_rx.recv() => match e { Ok(e) => e, Err(broadcast::error::RecvError::Lagged(_)) => continue, Err(_) => break },
         };
         match ev {
-            AggEvent::RoundOpened {
-                round,
-                version,
-                selected,
-            } => {
-                let b =
-                    ProgressBar::new(u64::from(n * fed.perturbations)).with_style(style.clone());
-                b.set_prefix(format!("round {round}"));
-                b.set_message(format!("v{version}, {selected} agents"));
-                bar = Some(b);
-            }
-            AggEvent::Update {
-                outcome: UpdateOutcome::Accepted { pairs },
-                ..
-            } => {
-                if let Some(b) = &bar {
-                    b.inc(pairs as u64);
-                }
-            }
             AggEvent::Committed {
                 version,
                 perturbations,
@@ -510,32 +503,28 @@ async fn federate(fed: &FedArgs, task_path: &Path, name: &str) -> anyhow::Result
             } => {
                 commits = version;
                 let msg = format!(
-                    "-> v{version} ({perturbations} pairs, {:.0}s elapsed)",
+                    "v{version} ({perturbations} pairs in the last commit, {:.0}s elapsed)",
                     t_train.elapsed().as_secs_f64()
                 );
-                if plain {
+                if plain && last_line.elapsed() >= Duration::from_secs(5) {
                     println!("commit {msg}");
+                    last_line = Instant::now();
                 }
-                if let Some(b) = bar.take() {
-                    b.finish_with_message(msg);
-                }
+                bar.set_position(t_train.elapsed().as_secs());
+                bar.set_message(msg);
             }
             AggEvent::Abandoned { round } => {
+                let msg = format!("round {round} abandoned (deadline without quorum)");
                 if plain {
-                    println!("round {round} abandoned (deadline without quorum)");
-                }
-                if let Some(b) = bar.take() {
-                    b.abandon_with_message(format!(
-                        "round {round} abandoned (deadline without quorum)"
-                    ));
+                    println!("{msg}");
+                } else {
+                    bar.println(msg);
                 }
             }
             _ => {}
         }
     }
-    if let Some(b) = bar.take() {
-        b.abandon_with_message("time budget spent; round left open");
-    }
+    bar.finish_and_clear();
     let train_wall_s = t_train.elapsed().as_secs_f64();
     agg_stop.cancel();
     let summary = agg_task.await??;

@@ -167,7 +167,8 @@ impl GradientSource for SyntheticSource {
         let mut g = Vec::with_capacity(req.seeds.len());
         let mut stats = LossStats::default();
         for &seed in req.seeds {
-            perturb::direction(seed, &mut self.scratch);
+            fwdllm_shared::update::direction(req.weights.layout(), seed, &mut self.scratch);
+            let n = fwdllm_shared::update::direction_norm_sq(req.weights.layout(), seed);
             let dot: f64 = req
                 .weights
                 .trainable_values()
@@ -176,7 +177,7 @@ impl GradientSource for SyntheticSource {
                 .map(|((x, t), v)| f64::from(x - t) * f64::from(*v))
                 .sum();
             let bias = if req.task.one_sided {
-                f64::from(req.eps) * n as f64 / 2.0
+                f64::from(req.eps) * n / 2.0
             } else {
                 0.0
             };

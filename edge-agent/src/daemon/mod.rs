@@ -732,36 +732,24 @@ impl Daemon {
         // Discriminative sampling: candidates k·c .. k·c+c-1, keep the one best aligned with
         // the commit that produced this version (rebuilt from its (seed, coeff) pairs). With
         // c = 1 the single candidate is seed k itself and no direction is built.
+        let layout = self
+            .replica
+            .weights()
+            .expect("synced replica has weights")
+            .layout()
+            .clone();
         let previous = (c > 1)
             .then(|| self.replica.last_commit())
             .flatten()
             .map(|pairs| {
-                let n = self
-                    .replica
-                    .weights()
-                    .map_or(0, |w| w.layout().trainable_len());
-                let mut d = vec![0f32; n];
+                let mut d = vec![0f32; layout.trainable_len()];
                 for p in pairs {
-                    fwdllm_shared::perturb::add_scaled_direction_at(p.seed, 0, p.coeff, &mut d);
+                    fwdllm_shared::update::accumulate_direction(&layout, p.seed, p.coeff, &mut d);
                 }
                 d
             });
         let mut scratch = Vec::new();
-        let seeds: Vec<u64> = (k0..k0.saturating_add(a.perturbations_per_client))
-            .map(|k| {
-                let cands: Vec<u64> = (0..c)
-                    .map(|j| {
-                        derive_seed(
-                            a.seed_base,
-                            a.round,
-                            index,
-                            k.wrapping_mul(c).wrapping_add(j),
-                        )
-                    })
-                    .collect();
-                crate::engine::train::most_aligned_seed(&cands, previous.as_deref(), &mut scratch)
-            })
-            .collect();
+        let seeds = request_seeds(&a, index, k0, c, &layout, previous.as_deref(), &mut scratch);
         let weights = Arc::new(
             self.replica
                 .weights()
@@ -1086,4 +1074,70 @@ fn unix_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// Raw-seed index bit that separates head-block seeds from adapter seeds in
+/// `derive_seed(seed_base, round, client, index)`.
+const HEAD_SEED_INDEX: u32 = 1 << 31;
+
+/// Head-block directions per adapter direction an announcement asks for (its
+/// `task.extra["head_per_direction"]`; 0 when absent, capped so a bad value cannot stall an
+/// agent).
+pub fn head_per_direction(a: &wire::RoundAnnounce) -> u32 {
+    a.task
+        .extra
+        .iter()
+        .find(|(k, _)| k == "head_per_direction")
+        .and_then(|(_, v)| v.parse::<u32>().ok())
+        .unwrap_or(0)
+        .min(1024)
+}
+
+/// The seeds of one request, in order: for each k in `k0..k0 + perturbations_per_client`, the
+/// adapter (or dense) direction k, then, for a block-wise layout, its `head_per_direction`
+/// head-block directions. Each is the most aligned of `c` candidates
+/// `derive_seed(seed_base, round, client, i·c + j)` (head direction `k·R + r` with
+/// `HEAD_SEED_INDEX` set in the index), moved into its block.
+fn request_seeds(
+    a: &wire::RoundAnnounce,
+    client_index: u32,
+    k0: u32,
+    c: u32,
+    layout: &fwdllm_shared::lora::LoraLayout,
+    previous: Option<&[f32]>,
+    scratch: &mut Vec<f32>,
+) -> Vec<u64> {
+    use fwdllm_shared::lora::{DirectionBlock, LoraLayout};
+    let blockwise = layout.config().blockwise;
+    let r = if blockwise { head_per_direction(a) } else { 0 };
+    let pick = |index: u32, block: DirectionBlock, scratch: &mut Vec<f32>| {
+        let cands: Vec<u64> = (0..c)
+            .map(|j| {
+                let mut i = index.wrapping_mul(c).wrapping_add(j);
+                if block == DirectionBlock::Head {
+                    i |= HEAD_SEED_INDEX;
+                }
+                let raw = derive_seed(a.seed_base, a.round, client_index, i);
+                LoraLayout::seed_in_block(raw, block)
+            })
+            .collect();
+        crate::engine::train::most_aligned_seed(layout, &cands, previous, scratch)
+    };
+    let mut seeds = Vec::new();
+    for k in k0..k0.saturating_add(a.perturbations_per_client) {
+        let block = if blockwise {
+            DirectionBlock::Adapter
+        } else {
+            DirectionBlock::All
+        };
+        seeds.push(pick(k, block, scratch));
+        for i in 0..r {
+            seeds.push(pick(
+                k.wrapping_mul(r).wrapping_add(i),
+                DirectionBlock::Head,
+                scratch,
+            ));
+        }
+    }
+    seeds
 }

@@ -14,10 +14,15 @@
 
 pub mod bench;
 pub mod calibrate;
+mod head;
 pub mod llama;
 pub mod prepare;
 pub mod tail;
 pub mod train;
+
+use head::{
+    label_logits, loss_from_features, FeatureCache, Features, HeadParams, FEATURE_CACHE_BYTES,
+};
 
 use std::path::{Path, PathBuf};
 
@@ -126,7 +131,8 @@ pub struct EngineConfig {
     /// perturbation of a batch and cancels in ΔL, so the shipped quantised file is enough.
     pub prefix_precision: Precision,
     /// The layout's first adapted layer when the caller knows it before any adapter is set,
-    /// so that evaluations of the base model already take the tail path.
+    /// so that evaluations of the base model already take the tail path (values past the last
+    /// layer mean the last layer: a layout of head rows only).
     pub tail_layer: Option<u32>,
     /// Budget for cached prefix hidden states, MiB (per prompt, least recently used).
     pub prefix_cache_mib: u32,
@@ -163,7 +169,11 @@ impl EngineConfig {
 
     /// This config with `tail_layer` set from a LoRA config's layer range (`None`: all layers).
     pub fn for_lora(mut self, lora: &fwdllm_shared::lora::LoraConfig) -> Self {
-        self.tail_layer = lora.layers.map(|(start, _)| start);
+        self.tail_layer = if lora.modules.is_empty() {
+            Some(u32::MAX) // head rows only: the last layer (clamped once the model is loaded)
+        } else {
+            lora.layers.map(|(start, _)| start)
+        };
         self
     }
 
@@ -214,6 +224,12 @@ pub enum EngineError {
     Lora(#[from] fwdllm_shared::lora::LoraError),
     #[error("tail model from {path}: {problem}")]
     Tail { path: PathBuf, problem: String },
+    #[error("the adapter has {rows} verbalizer head rows but the task has {n_labels} labels; train the adapter on this task's labels (lora.head_rows = {n_labels})")]
+    HeadMismatch { rows: u32, n_labels: usize },
+    #[error("verbalizer head rows need the tail path (the final hidden state comes from the tail model); use engine.precision = \"f32\" with forward_path = \"auto\" or \"tail\", and a layout that does not adapt layer 0")]
+    HeadNeedsTail,
+    #[error("adapter metadata: {0}")]
+    AdapterHead(String),
 }
 
 impl EngineError {
@@ -261,6 +277,9 @@ pub struct EvalReport {
     pub n: usize,
 }
 
+/// Receives `(prompt, position, logits, hidden state if the path has it)` from a decode.
+type OnLogits<'a> = dyn FnMut(usize, usize, &[f32], Option<&[f32]>) + 'a;
+
 /// Which logits a decode hands back.
 #[derive(Clone, Copy)]
 enum Want<'a> {
@@ -271,12 +290,14 @@ enum Want<'a> {
 }
 
 /// The tail path's state: first adapted layer, the tail model for the head in use, the
-/// adapter set on it (renumbered for the tail), and cached prefix hidden states.
+/// adapter set on it (renumbered for the tail), cached prefix hidden states, and cached
+/// features (label logits + final hidden state) of prompts run with no adapter on the tail.
 struct TailState {
     first_layer: u32,
     model: Option<(tail::TailHead, llama::Llama)>,
     adapter: Option<Vec<u8>>,
     cache: tail::PrefixCache,
+    features: FeatureCache,
 }
 
 /// A loaded model plus context and the current adapter. On the full path `llama` is the model
@@ -300,6 +321,10 @@ pub struct Engine {
     scratch: Vec<f32>,
     /// Hash of the weights whose adapter is currently set (skip identical re-sets).
     current: Option<fwdllm_shared::WeightsHash>,
+    /// Hash of the LoRA tensors' part of those weights (a head-only change keeps the adapter).
+    current_lora: Option<fwdllm_shared::WeightsHash>,
+    /// Head rows of the adapter in use (applied in Rust to the tail's hidden state).
+    head: Option<HeadParams>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -339,7 +364,7 @@ impl Engine {
         e.base_precision = base_precision;
         e.base_kv_f32 = kv_f32;
         if let Some(l) = config.tail_layer.filter(|_| config.tail_capable()) {
-            e.route(Some(l))?;
+            e.route(Some(l.min(e.shape.n_layer.saturating_sub(1))))?;
         }
         Ok(e)
     }
@@ -405,6 +430,8 @@ impl Engine {
             add_bos,
             scratch: Vec::new(),
             current: None,
+            current_lora: None,
+            head: None,
         })
     }
 
@@ -496,8 +523,10 @@ impl Engine {
                         self.config.prefix_cache_mib as usize * (1 << 20),
                     )
                     .with_dir(dir),
+                    features: FeatureCache::new(FEATURE_CACHE_BYTES),
                 });
                 self.current = None;
+                self.current_lora = None;
             }
             _ => {
                 self.tail = None;
@@ -520,6 +549,7 @@ impl Engine {
                     self.base_kv_f32 = true;
                     self.prefix_id = None;
                     self.current = None;
+                    self.current_lora = None;
                 } else {
                     self.llama
                         .capture_layer_input(None)
@@ -590,30 +620,29 @@ impl Engine {
         Ok(out.into_iter().map(|v| v.expect("filled")).collect())
     }
 
-    /// Runs `prompts` (in chunks of `seqs_per_decode`) and calls `on(prompt, pos, logits)` for
-    /// every position `pos >= first[prompt]`, on whichever path is in use. `want` says which
-    /// logits `on` receives.
+    /// Runs `prompts` (in chunks of `seqs_per_decode`) and calls `on(prompt, pos, logits,
+    /// hidden)` for every position `pos >= first[prompt]`, on whichever path is in use. `want`
+    /// says which logits `on` receives; `hidden` is the final hidden state when the path has
+    /// it (the tail with a label head), else `None`.
     fn run_prompts(
         &mut self,
         prompts: &[Vec<llama::Token>],
         first: &[usize],
         want: Want<'_>,
-        on: &mut dyn FnMut(usize, usize, &[f32]),
+        on: &mut OnLogits<'_>,
     ) -> Result<(), EngineError> {
         let per = self.config.seqs_per_decode.max(1) as usize;
         let mut gathered = Vec::new();
         // Hands `on` the logits it wants from a row indexed by token id.
-        let mut by_token =
-            |i: usize, pos: usize, logits: &[f32], on: &mut dyn FnMut(usize, usize, &[f32])| {
-                match want {
-                    Want::Labels(lt) => {
-                        gathered.clear();
-                        gathered.extend(lt.iter().map(|&t| logits[t as usize]));
-                        on(i, pos, &gathered);
-                    }
-                    Want::Vocab => on(i, pos, logits),
-                }
-            };
+        let mut by_token = |i: usize, pos: usize, logits: &[f32], on: &mut OnLogits<'_>| match want
+        {
+            Want::Labels(lt) => {
+                gathered.clear();
+                gathered.extend(lt.iter().map(|&t| logits[t as usize]));
+                on(i, pos, &gathered, None);
+            }
+            Want::Vocab => on(i, pos, logits, None),
+        };
         if self.tail.is_none() {
             for (c, chunk) in prompts.chunks(per).enumerate() {
                 let seqs: Vec<&[llama::Token]> = chunk.iter().map(|p| p.as_slice()).collect();
@@ -634,20 +663,21 @@ impl Engine {
         self.ensure_tail_model(&head)?;
         let states = self.prefix_states(prompts)?;
         let t = self.tail.as_mut().expect("tail path");
-        let (have, model) = t.model.as_mut().expect("tail model loaded");
-        let direct = *have == head;
+        let (_, model) = t.model.as_mut().expect("tail model loaded");
+        // A label head's rows are the K labels, then the unit rows (the hidden state).
+        let n_label_rows = match want {
+            Want::Labels(lt) => Some(lt.len()),
+            Want::Vocab => None,
+        };
         for (c, chunk) in states.chunks(per).enumerate() {
             let seqs: Vec<&[f32]> = chunk.iter().map(|s| &s[..]).collect();
             model
                 .decode_embd(
                     &seqs,
                     &first[c * per..c * per + chunk.len()],
-                    |s, pos, l| {
-                        if direct {
-                            on(c * per + s, pos, l)
-                        } else {
-                            by_token(c * per + s, pos, l, on)
-                        }
+                    |s, pos, l| match n_label_rows {
+                        Some(k) => on(c * per + s, pos, &l[..k], Some(&l[k..])),
+                        None => on(c * per + s, pos, l, None),
                     },
                 )
                 .map_err(EngineError::Llama)?;
@@ -753,30 +783,68 @@ impl Engine {
     /// Also picks the forward path for the weights' layout (see [`ForwardPath`]).
     pub fn set_adapter(&mut self, weights: &LoraWeights) -> Result<(), EngineError> {
         self.check_shape(weights)?;
+        let layout = weights.layout();
         let hash = weights.hash();
-        self.route(weights.layout().first_layer())?;
+        self.route(self.layout_first_layer(layout))?;
         if self.current == Some(hash) {
             return Ok(());
         }
         self.current = None;
-        match &self.tail {
-            Some(t) => {
-                let bytes = fwdllm_shared::gguf::write_lora_adapter_params_from_layer(
-                    weights.layout(),
-                    weights.params(),
-                    t.first_layer,
-                )?;
-                self.install_tail_adapter(bytes)?;
+        if layout.head().is_some() && self.tail.is_none() {
+            return Err(EngineError::HeadNeedsTail);
+        }
+        self.head = layout.head().map(|h| HeadParams::of(weights.params(), h));
+        // Head rows sit after every LoRA tensor; a change to them alone keeps the adapter.
+        let lora_end = layout.head().map_or(layout.total_len(), |h| h.delta.start);
+        let lora_hash = fwdllm_shared::WeightsHash::compute(
+            &layout.descriptor_bytes(),
+            &weights.params()[..lora_end],
+        );
+        if self.current_lora != Some(lora_hash) {
+            self.current_lora = None;
+            if layout.tensors().is_empty() {
+                self.clear_lora();
+            } else {
+                match &self.tail {
+                    Some(t) => {
+                        let bytes = fwdllm_shared::gguf::write_lora_adapter_params_from_layer(
+                            layout,
+                            weights.params(),
+                            t.first_layer,
+                        )?;
+                        self.install_tail_adapter(bytes)?;
+                    }
+                    None => {
+                        let bytes = fwdllm_shared::gguf::write_lora_adapter(weights);
+                        self.llama
+                            .set_adapter_bytes(&bytes)
+                            .map_err(EngineError::Llama)?;
+                    }
+                }
             }
-            None => {
-                let bytes = fwdllm_shared::gguf::write_lora_adapter(weights);
-                self.llama
-                    .set_adapter_bytes(&bytes)
-                    .map_err(EngineError::Llama)?;
-            }
+            self.current_lora = Some(lora_hash);
         }
         self.current = Some(hash);
         Ok(())
+    }
+
+    /// First layer of the tail a layout needs: its first adapted layer, or the last layer for a
+    /// layout of head rows only (their features are the final hidden state).
+    fn layout_first_layer(&self, layout: &fwdllm_shared::lora::LoraLayout) -> Option<u32> {
+        layout
+            .first_layer()
+            .or_else(|| layout.head().map(|_| self.shape.n_layer.saturating_sub(1)))
+    }
+
+    /// Removes the LoRA tensors (keeps the head rows).
+    fn clear_lora(&mut self) {
+        self.llama.clear_adapter();
+        if let Some(t) = &mut self.tail {
+            t.adapter = None;
+            if let Some((_, m)) = &mut t.model {
+                m.clear_adapter();
+            }
+        }
     }
 
     fn install_tail_adapter(&mut self, bytes: Vec<u8>) -> Result<(), EngineError> {
@@ -792,8 +860,28 @@ impl Engine {
     /// tail-capable config the adapter's lowest layer picks the path, as for [`Engine::set_adapter`].
     pub fn set_adapter_bytes(&mut self, bytes: &[u8]) -> Result<(), EngineError> {
         self.current = None;
+        self.current_lora = None;
+        let file = fwdllm_shared::gguf::read_gguf(bytes)
+            .map_err(|e| EngineError::Llama(format!("LoRA adapter: {e}")))?;
+        let head = fwdllm_shared::gguf::read_adapter_head(&file, self.shape.n_embd)
+            .map_err(|e| EngineError::AdapterHead(e.to_string()))?;
         if self.config.tail_capable() {
-            self.route(tail::adapter_first_layer(bytes))?;
+            let first = tail::adapter_first_layer(bytes)
+                .or_else(|| head.as_ref().map(|_| self.shape.n_layer.saturating_sub(1)));
+            self.route(first)?;
+        }
+        if head.is_some() && self.tail.is_none() {
+            return Err(EngineError::HeadNeedsTail);
+        }
+        self.head = head.map(|h| HeadParams {
+            rows: h.rows,
+            alpha: h.alpha,
+            delta: h.delta,
+            bias: h.bias,
+        });
+        if file.tensors.is_empty() {
+            self.clear_lora();
+            return Ok(());
         }
         match &self.tail {
             Some(t) => {
@@ -826,6 +914,8 @@ impl Engine {
     /// Removes the adapter (base model).
     pub fn clear_adapter(&mut self) {
         self.current = None;
+        self.current_lora = None;
+        self.head = None;
         self.llama.clear_adapter();
         if let Some(t) = &mut self.tail {
             t.adapter = None;
@@ -846,7 +936,7 @@ impl Engine {
             texts.iter().map(|t| self.prompt_tokens(task, t)).collect();
         let first: Vec<usize> = prompts.iter().map(|p| p.len() - 1).collect();
         let mut out = vec![Vec::new(); prompts.len()];
-        self.run_prompts(&prompts, &first, Want::Vocab, &mut |i, _, logits| {
+        self.run_prompts(&prompts, &first, Want::Vocab, &mut |i, _, logits, _| {
             out[i] = logits.to_vec()
         })?;
         Ok(out)
@@ -867,45 +957,96 @@ impl Engine {
                 });
             }
         }
+        let features = self.features(task, examples)?;
+        let head = self.head.take();
+        let result = loss_from_features(&features, examples, head.as_ref());
+        self.head = head;
+        result
+    }
+
+    /// Probabilities of each label (softmax over the label words' logits, head rows applied)
+    /// for each text under the currently set adapter: what `predict` reports.
+    pub fn label_probabilities(
+        &mut self,
+        task: &Task,
+        texts: &[&str],
+    ) -> Result<Vec<Vec<f64>>, EngineError> {
+        if texts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let examples: Vec<Example> = texts
+            .iter()
+            .map(|t| Example {
+                text: t.to_string(),
+                label: 0,
+            })
+            .collect();
+        let features = self.features(task, &examples)?;
+        let z = label_logits(&features, self.head.as_ref())?;
+        Ok(z.into_iter()
+            .map(|z| {
+                let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = z.iter().map(|x| (x - m).exp()).collect();
+                let sum: f64 = e.iter().sum();
+                e.into_iter().map(|x| x / sum).collect()
+            })
+            .collect())
+    }
+
+    /// Label logits and hidden states of `examples` under the currently set LoRA adapter (the
+    /// head rows are not applied). Served from the feature cache when the tail has no adapter.
+    fn features(
+        &mut self,
+        task: &Task,
+        examples: &[Example],
+    ) -> Result<Vec<std::sync::Arc<Features>>, EngineError> {
         let prompts: Vec<Vec<llama::Token>> = examples
             .iter()
             .map(|e| self.prompt_tokens(task, &e.text))
             .collect();
-        let mut label_logits = vec![vec![0f64; n_labels]; examples.len()];
-        let first: Vec<usize> = prompts.iter().map(|p| p.len() - 1).collect();
-        self.run_prompts(
-            &prompts,
-            &first,
-            Want::Labels(&task.label_tokens),
-            &mut |i, _, logits| {
-                for (k, &z) in logits.iter().enumerate() {
-                    label_logits[i][k] = z as f64;
-                }
-            },
-        )?;
-        let mut per_example = Vec::with_capacity(examples.len());
-        let mut predictions = Vec::with_capacity(examples.len());
-        for (e, z) in examples.iter().zip(&label_logits) {
-            let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            let lse = m + z.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
-            per_example.push(lse - z[e.label]);
-            // First maximum wins: deterministic tie-break.
-            let mut best = 0;
-            for k in 1..z.len() {
-                if z[k] > z[best] {
-                    best = k;
-                }
-            }
-            predictions.push(best);
+        let cacheable = self.tail.as_ref().is_some_and(|t| t.adapter.is_none());
+        if let Some(t) = &mut self.tail {
+            t.features.use_labels(&task.label_tokens);
         }
-        let mean = per_example.iter().sum::<f64>() / examples.len() as f64;
-        Ok(BatchLoss {
-            mean,
-            per_example,
-            predictions,
-        })
+        let mut out: Vec<Option<std::sync::Arc<Features>>> = match (&self.tail, cacheable) {
+            (Some(t), true) => prompts.iter().map(|p| t.features.get(p)).collect(),
+            _ => vec![None; prompts.len()],
+        };
+        let missing: Vec<usize> = (0..prompts.len()).filter(|&i| out[i].is_none()).collect();
+        if !missing.is_empty() {
+            let run: Vec<Vec<llama::Token>> = missing.iter().map(|&i| prompts[i].clone()).collect();
+            let first: Vec<usize> = run.iter().map(|p| p.len() - 1).collect();
+            let mut got: Vec<Option<Features>> = vec![None; run.len()];
+            self.run_prompts(
+                &run,
+                &first,
+                Want::Labels(&task.label_tokens),
+                &mut |i, _, logits, hidden| {
+                    got[i] = Some(Features {
+                        logits: logits.to_vec(),
+                        hidden: hidden.map(<[f32]>::to_vec),
+                    })
+                },
+            )?;
+            for (j, &i) in missing.iter().enumerate() {
+                let f = std::sync::Arc::new(
+                    got[j]
+                        .take()
+                        .ok_or_else(|| EngineError::Llama("a prompt returned no logits".into()))?,
+                );
+                if cacheable {
+                    if let Some(t) = &mut self.tail {
+                        t.features.insert(prompts[i].clone(), f.clone());
+                    }
+                }
+                out[i] = Some(f);
+            }
+        }
+        Ok(out.into_iter().map(|f| f.expect("filled")).collect())
     }
+}
 
+impl Engine {
     fn active_task(&self) -> Result<Task, EngineError> {
         self.task.clone().ok_or(EngineError::NoTask)
     }
@@ -938,9 +1079,76 @@ impl Engine {
         one_sided: bool,
     ) -> Result<(Vec<f32>, f64), EngineError> {
         let task = self.active_task()?;
+        if weights.layout().head().is_some() {
+            return self.head_forward_gradients(&task, weights, batch, seeds, eps, one_sided);
+        }
         self.forward_gradients_by(weights, seeds, eps, one_sided, &mut |engine| {
             engine.loss(&task, batch).map(|l| l.mean)
         })
+    }
+
+    /// The estimator for a layout with head rows. A direction that perturbs only the head
+    /// (block-wise layouts, or a layout of head rows only) leaves the features of the batch
+    /// unchanged, so its loss is computed from the unperturbed pass's features, without a
+    /// forward pass; any other direction runs the tail as usual.
+    fn head_forward_gradients(
+        &mut self,
+        task: &Task,
+        weights: &LoraWeights,
+        batch: &[Example],
+        seeds: &[u64],
+        eps: f32,
+        one_sided: bool,
+    ) -> Result<(Vec<f32>, f64), EngineError> {
+        if !eps.is_finite() || eps == 0.0 {
+            return Err(EngineError::BadEps(eps));
+        }
+        if batch.is_empty() {
+            return Err(EngineError::EmptyBatch);
+        }
+        let layout = weights.layout().clone();
+        let block = layout.head().expect("caller checked").clone();
+        let head_only = |seed: u64| {
+            layout.tensors().is_empty()
+                || layout.block_of(seed) == fwdllm_shared::lora::DirectionBlock::Head
+        };
+        self.set_adapter(weights)?;
+        let head0 = self.head.clone();
+        let base = self.features(task, batch)?;
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let result = (|| {
+            let mut loss_at =
+                |engine: &mut Engine, seed: u64, e: f32| -> Result<f64, EngineError> {
+                    fwdllm_shared::update::perturbed_params(weights, seed, e, &mut scratch);
+                    if head_only(seed) {
+                        let h = HeadParams::of(&scratch, &block);
+                        return loss_from_features(&base, batch, Some(&h)).map(|l| l.mean);
+                    }
+                    let w = LoraWeights::from_params(layout.clone(), scratch.clone())?;
+                    engine.set_adapter(&w)?;
+                    engine.loss(task, batch).map(|l| l.mean)
+                };
+            let mut gs = Vec::with_capacity(seeds.len());
+            if one_sided {
+                let l0 = loss_from_features(&base, batch, head0.as_ref())?.mean;
+                for &s in seeds {
+                    let lp = loss_at(self, s, eps)?;
+                    gs.push(((lp - l0) / eps as f64) as f32);
+                }
+                Ok((gs, l0))
+            } else {
+                let mut sum = 0.0;
+                for &s in seeds {
+                    let lp = loss_at(self, s, eps)?;
+                    let lm = loss_at(self, s, -eps)?;
+                    sum += lp + lm;
+                    gs.push(((lp - lm) / (2.0 * eps as f64)) as f32);
+                }
+                Ok((gs, sum / (2 * seeds.len()).max(1) as f64))
+            }
+        })();
+        self.scratch = scratch;
+        result
     }
 
     /// Forward gradients of the instruction-tuning loss ([`Engine::sft_loss`]) on `batch`;
@@ -1041,7 +1249,7 @@ impl Engine {
         let (toks, first): (Vec<Vec<llama::Token>>, Vec<usize>) =
             seqs.into_iter().map(|(t, n)| (t, n - 1)).unzip();
         let targets = &toks;
-        self.run_prompts(targets, &first, Want::Vocab, &mut |s, pos, logits| {
+        self.run_prompts(targets, &first, Want::Vocab, &mut |s, pos, logits, _| {
             let Some(&target) = targets[s].get(pos + 1) else {
                 return; // the last token predicts nothing we score
             };

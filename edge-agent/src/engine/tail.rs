@@ -13,7 +13,10 @@
 //!
 //! The head of a tail model is either the rows of the task's label words only ([`TailHead::Labels`],
 //! for the verbalizer loss, whose value is unchanged: it reads only those logits) or the whole
-//! vocabulary ([`TailHead::Full`], for the instruction-tuning loss). Tail models are derived
+//! vocabulary ([`TailHead::Full`], for the instruction-tuning loss). A label head also carries
+//! `n_embd` unit rows after the label rows, so its "logits" `K..K+n_embd` are the final hidden
+//! state itself (a dot product with a one-hot row is exact in f32): the verbalizer head rows of
+//! a layout ([`fwdllm_shared::lora::HeadBlock`]) are applied to it in Rust, with no extra API. Tail models are derived
 //! from the model file with ggml's own dequantisers (bit-identical to the prepared F32 copy)
 //! and cached next to a stamp like the prepared copy ([`super::prepare::cached_derivation`]).
 //! The tail's GGUF uses llama.cpp's `tokenizer.ggml.model = "none"` with
@@ -34,7 +37,8 @@ use super::EngineError;
 /// Which output rows a tail model keeps.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum TailHead {
-    /// The rows of these tokens, in this order (logit `k` is token `ids[k]`).
+    /// The rows of these tokens, in this order (logit `k` is token `ids[k]`), then `n_embd`
+    /// unit rows (logit `K + i` is hidden-state element `i`).
     Labels(Vec<Token>),
     /// Every row: logit `t` is token `t`.
     Full,
@@ -50,14 +54,15 @@ impl TailHead {
                 for t in ids {
                     h.update(&t.to_le_bytes());
                 }
-                format!("labels{}-{}", ids.len(), &h.finalize().to_hex()[..12])
+                format!("labels{}h-{}", ids.len(), &h.finalize().to_hex()[..12])
             }
         }
     }
 
-    /// Whether logits of this head can answer a request for `want`.
+    /// Whether logits of this head can answer a request for `want` (a full head has no
+    /// hidden-state rows, so it does not serve a label head).
     pub fn serves(&self, want: &TailHead) -> bool {
-        self == want || *self == TailHead::Full
+        self == want
     }
 }
 
@@ -84,7 +89,7 @@ pub fn prepare_tail(
     let (source_size, source_blake3) = hash_file(model)?;
     let identity = serde_json::json!({
         "kind": "tail",
-        "format": 1,
+        "format": 2,
         "source_size": source_size,
         "source_blake3": source_blake3,
         "first_layer": first_layer,
@@ -115,6 +120,8 @@ struct Planned<'a> {
     source: &'a GgufTensorInfo,
     /// Rows of the source to take, in order (`None` = all).
     rows: Option<Vec<u64>>,
+    /// Unit rows appended after `rows` (row `i` is 1.0 at column `i`).
+    unit_rows: u64,
 }
 
 /// Writes the tail model of `src` (see the module docs) to `dst`, streaming one row block at a
@@ -162,6 +169,7 @@ fn build_tail(
                 dims: t.dims.clone(),
                 source: t,
                 rows: None,
+                unit_rows: 0,
             });
         } else {
             plan.push(Planned {
@@ -169,6 +177,7 @@ fn build_tail(
                 dims: t.dims.clone(),
                 source: t,
                 rows: None,
+                unit_rows: 0,
             });
         }
     }
@@ -205,7 +214,11 @@ fn build_tail(
                 .collect::<Result<_, _>>()?
         }
     };
-    let n_rows = rows.len() as u64;
+    let unit_rows = match head {
+        TailHead::Full => 0,
+        TailHead::Labels(_) => n_embd,
+    };
+    let n_rows = rows.len() as u64 + unit_rows;
     // Written as the tied embedding: llama.cpp then uses it as the output matrix too, and the
     // tail never looks a token up (its input is hidden states).
     plan.push(Planned {
@@ -213,6 +226,7 @@ fn build_tail(
         dims: vec![n_embd, n_rows],
         source: head_src,
         rows: Some(rows),
+        unit_rows,
     });
 
     let mut kv: Vec<(String, GgufValue)> = Vec::new();
@@ -321,6 +335,14 @@ fn build_tail(
             bytes.clear();
             for v in &vals {
                 bytes.extend_from_slice(&v.to_le_bytes());
+            }
+            w.write_all(&bytes).map_err(io)?;
+            written += bytes.len();
+        }
+        for i in 0..p.unit_rows {
+            bytes.clear();
+            for c in 0..ne0 {
+                bytes.extend_from_slice(&(if c == i { 1f32 } else { 0f32 }).to_le_bytes());
             }
             w.write_all(&bytes).map_err(io)?;
             written += bytes.len();
@@ -616,6 +638,6 @@ mod tests {
         assert_eq!(a.id(), TailHead::Labels(vec![1, 2, 3]).id());
         assert_ne!(a.id(), b.id());
         assert_eq!(TailHead::Full.id(), "full");
-        assert!(TailHead::Full.serves(&a) && a.serves(&a) && !a.serves(&b));
+        assert!(!TailHead::Full.serves(&a) && a.serves(&a) && !a.serves(&b));
     }
 }

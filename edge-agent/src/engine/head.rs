@@ -1,0 +1,153 @@
+//! Verbalizer head rows on the engine side: the features the verbalizer loss reads from a
+//! prompt (label logits and the final hidden state, from the tail's label head and its unit
+//! rows), the per-prompt feature cache of head-rows-only layouts, and the loss with the head
+//! rows applied (`z_k + alpha·(Δ_k·h + b_k)`). See ARCHITECTURE.md, "Verbalizer head rows".
+
+use std::sync::Arc;
+
+use super::llama;
+use super::{BatchLoss, EngineError};
+use crate::data::Example;
+
+/// What the verbalizer loss reads from one prompt: the label words' base logits and, on the
+/// tail path, the final hidden state (for the head rows).
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Features {
+    pub(super) logits: Vec<f32>,
+    pub(super) hidden: Option<Vec<f32>>,
+}
+
+/// Features of prompts through the tail with no adapter: they depend only on the prompt, so a
+/// head-rows-only layout runs each example through the model once. Bounded by bytes; past the
+/// budget new entries are not kept (a full epoch fits for the task sizes we train on).
+#[derive(Debug, Default)]
+pub(super) struct FeatureCache {
+    /// The label tokens the cached logits are for (a task with other labels clears it).
+    labels: Vec<llama::Token>,
+    budget_bytes: usize,
+    used_bytes: usize,
+    map: std::collections::HashMap<Vec<llama::Token>, Arc<Features>>,
+}
+
+impl FeatureCache {
+    pub(super) fn new(budget_bytes: usize) -> Self {
+        FeatureCache {
+            budget_bytes,
+            ..Default::default()
+        }
+    }
+    /// Empties the cache unless it holds features for exactly these label tokens.
+    pub(super) fn use_labels(&mut self, labels: &[llama::Token]) {
+        if self.labels != labels {
+            self.labels = labels.to_vec();
+            self.used_bytes = 0;
+            self.map.clear();
+        }
+    }
+
+    pub(super) fn get(&self, prompt: &[llama::Token]) -> Option<Arc<Features>> {
+        self.map.get(prompt).cloned()
+    }
+    pub(super) fn insert(&mut self, prompt: Vec<llama::Token>, f: Arc<Features>) {
+        let bytes = 4 * (prompt.len() + f.logits.len() + f.hidden.as_ref().map_or(0, Vec::len));
+        if self.used_bytes + bytes <= self.budget_bytes {
+            self.used_bytes += bytes;
+            self.map.insert(prompt, f);
+        }
+    }
+}
+
+/// The verbalizer head rows of the adapter in use: logit `k` gains
+/// `alpha · (delta[k]·h + bias[k])`.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct HeadParams {
+    pub(super) rows: u32,
+    pub(super) alpha: f32,
+    pub(super) delta: Vec<f32>,
+    pub(super) bias: Vec<f32>,
+}
+
+impl HeadParams {
+    pub(super) fn of(weights_params: &[f32], block: &fwdllm_shared::lora::HeadBlock) -> HeadParams {
+        HeadParams {
+            rows: block.rows,
+            alpha: block.alpha,
+            delta: weights_params[block.delta.clone()].to_vec(),
+            bias: weights_params[block.bias.clone()].to_vec(),
+        }
+    }
+}
+
+/// Feature-cache budget: ~2.3 KB per prompt for SmolLM2 (5 labels + 576 hidden), so about
+/// 28,000 prompts.
+pub(super) const FEATURE_CACHE_BYTES: usize = 64 << 20;
+
+/// Label logits from features (f64), with the head rows applied when there are any.
+pub(super) fn label_logits(
+    features: &[Arc<Features>],
+    head: Option<&HeadParams>,
+) -> Result<Vec<Vec<f64>>, EngineError> {
+    {
+        let n_labels = features.first().map_or(0, |f| f.logits.len());
+        if let Some(h) = head {
+            if h.rows as usize != n_labels {
+                return Err(EngineError::HeadMismatch {
+                    rows: h.rows,
+                    n_labels,
+                });
+            }
+        }
+        let mut label_logits = vec![vec![0f64; n_labels]; features.len()];
+        for (z, f) in label_logits.iter_mut().zip(features) {
+            for (zk, &l) in z.iter_mut().zip(&f.logits) {
+                *zk = l as f64;
+            }
+            if let Some(h) = head {
+                let hidden = f.hidden.as_deref().ok_or(EngineError::HeadNeedsTail)?;
+                let n_embd = hidden.len();
+                for (k, zk) in z.iter_mut().enumerate() {
+                    let row = &h.delta[k * n_embd..(k + 1) * n_embd];
+                    let dot: f64 = row
+                        .iter()
+                        .zip(hidden)
+                        .map(|(&d, &x)| f64::from(d) * f64::from(x))
+                        .sum();
+                    *zk += f64::from(h.alpha) * (dot + f64::from(h.bias[k]));
+                }
+            }
+        }
+        Ok(label_logits)
+    }
+}
+
+/// The verbalizer loss from features, with the head rows applied when there are any.
+pub(super) fn loss_from_features(
+    features: &[Arc<Features>],
+    examples: &[Example],
+    head: Option<&HeadParams>,
+) -> Result<BatchLoss, EngineError> {
+    {
+        let label_logits = label_logits(features, head)?;
+        let mut per_example = Vec::with_capacity(examples.len());
+        let mut predictions = Vec::with_capacity(examples.len());
+        for (e, z) in examples.iter().zip(&label_logits) {
+            let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let lse = m + z.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
+            per_example.push(lse - z[e.label]);
+            // First maximum wins: deterministic tie-break.
+            let mut best = 0;
+            for k in 1..z.len() {
+                if z[k] > z[best] {
+                    best = k;
+                }
+            }
+            predictions.push(best);
+        }
+        let mean = per_example.iter().sum::<f64>() / examples.len() as f64;
+        Ok(BatchLoss {
+            mean,
+            per_example,
+            predictions,
+        })
+    }
+}
