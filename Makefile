@@ -29,7 +29,7 @@ bench: setup
 	$(RELEASE_BUILD)
 	target/release/examples/wire_bench --out target/bench/wire.json
 	target/release/examples/perturb_bench --out target/bench/perturb.json
-	target/release/fwdllm-agent train-local --threads 2 --max-wall-s 300 --dev-every 20 --heldout-every 10 --no-prefix-cache-disk --check-quantized --no-progress --out target/train-local
+	target/release/fwdllm-agent train-local --threads 2 --max-steps 2000 --max-wall-s 900 --dev-every 20 --heldout-every 10 --no-prefix-cache-disk --check-quantized --no-progress --out target/train-local
 	target/release/fwdllm-agent bench-engine --threads 2 --out target/bench/engine.json
 	target/release/fwdllm bench-federation --out target/bench/federation.json
 
