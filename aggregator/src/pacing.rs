@@ -285,4 +285,59 @@ mod tests {
         assert_eq!(p.z(), 0.0);
         assert!(p.noise_scale().is_infinite());
     }
+
+    fn blockwise_layout() -> LoraLayout {
+        let shape = fwdllm_shared::lora::ModelShape {
+            arch: "llama".into(),
+            n_layer: 2,
+            n_embd: 8,
+            n_head: 2,
+            n_head_kv: 1,
+            n_ff: 16,
+        };
+        let config = fwdllm_shared::lora::LoraConfig {
+            layers: Some((1, 2)),
+            head_rows: 3,
+            blockwise: true,
+            ..Default::default()
+        };
+        LoraLayout::new(&shape, &config).unwrap()
+    }
+
+    #[test]
+    fn blockwise_round_pool_paces_on_the_adapter_and_averages_each_block_apart() {
+        let layout = blockwise_layout();
+        let mut pool = RoundPool::new(&layout);
+        let adapter = [2u64, 4];
+        let head = [1u64, 3, 5, 7];
+        for &seed in &adapter {
+            pool.add(SeedScalar { seed, g: 1.0 });
+        }
+        for &seed in &head {
+            pool.add(SeedScalar { seed, g: 0.5 });
+        }
+        // Pacing counts the directions that cost a forward pass.
+        assert_eq!(pool.len(), 2);
+        assert_eq!(pool.total_pairs(), 6);
+        assert_eq!(pool.block_pairs(4), 2);
+        assert_eq!(pool.block_pairs(7), 4);
+        // The norm of the per-block means, from the layout-aware directions.
+        let n = layout.trainable_len();
+        let mut mean = vec![0f64; n];
+        let mut v = vec![0f32; n];
+        for (seeds, g, k) in [(&adapter[..], 1.0, 2.0), (&head[..], 0.5, 4.0)] {
+            for &seed in seeds {
+                fwdllm_shared::update::direction(&layout, seed, &mut v);
+                for (m, x) in mean.iter_mut().zip(&v) {
+                    *m += g * f64::from(*x) / k;
+                }
+            }
+        }
+        let want = mean.iter().map(|x| x * x).sum::<f64>().sqrt();
+        assert!(
+            (pool.mean_norm() - want).abs() < 1e-9 * want,
+            "{} vs {want}",
+            pool.mean_norm()
+        );
+    }
 }

@@ -1141,3 +1141,67 @@ fn request_seeds(
     }
     seeds
 }
+
+#[cfg(test)]
+mod request_seed_tests {
+    use super::*;
+    use fwdllm_shared::lora::{DirectionBlock, LoraConfig, LoraLayout, ModelShape};
+
+    fn announce(head: Option<&str>) -> wire::RoundAnnounce {
+        let mut task = wire::TaskParams::default();
+        if let Some(h) = head {
+            task.extra.push(("head_per_direction".into(), h.into()));
+        }
+        wire::RoundAnnounce {
+            job: "j".into(),
+            round: 3,
+            model_version: 0,
+            weights_hash: fwdllm_shared::WeightsHash([0; 32]),
+            perturbations_per_client: 2,
+            eps: 1e-2,
+            deadline_unix_ms: 0,
+            selection: wire::ClientSelection::All,
+            task,
+            seed_base: 7,
+            extend: 0,
+        }
+    }
+
+    fn layout(blockwise: bool) -> LoraLayout {
+        let config = LoraConfig {
+            layers: Some((28, 30)),
+            head_rows: 4,
+            blockwise,
+            ..LoraConfig::default()
+        };
+        LoraLayout::new(&ModelShape::smollm2_135m(), &config).unwrap()
+    }
+
+    #[test]
+    fn blockwise_requests_interleave_head_directions_and_stay_deterministic() {
+        let l = layout(true);
+        let mut scratch = Vec::new();
+        let a = announce(Some("3"));
+        let seeds = request_seeds(&a, 5, 0, 1, &l, None, &mut scratch);
+        assert_eq!(seeds.len(), 2 * (1 + 3));
+        let blocks: Vec<DirectionBlock> = seeds.iter().map(|&s| l.block_of(s)).collect();
+        use DirectionBlock::{Adapter as A, Head as H};
+        assert_eq!(blocks, [A, H, H, H, A, H, H, H]);
+        let mut unique = seeds.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), seeds.len());
+        assert_eq!(seeds, request_seeds(&a, 5, 0, 1, &l, None, &mut scratch));
+        // An extend continues at k0 with new seeds.
+        let more = request_seeds(&a, 5, 2, 1, &l, None, &mut scratch);
+        assert!(more.iter().all(|s| !seeds.contains(s)));
+        // A dense layout ignores head_per_direction; a missing or bad value means 0.
+        assert_eq!(
+            request_seeds(&a, 5, 0, 1, &layout(false), None, &mut scratch).len(),
+            2
+        );
+        assert_eq!(head_per_direction(&announce(None)), 0);
+        assert_eq!(head_per_direction(&announce(Some("lots"))), 0);
+        assert_eq!(head_per_direction(&announce(Some("99999"))), 1024);
+    }
+}
