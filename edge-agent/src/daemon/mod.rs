@@ -1107,21 +1107,18 @@ fn request_seeds(
     previous: Option<&[f32]>,
     scratch: &mut Vec<f32>,
 ) -> Vec<u64> {
-    use fwdllm_shared::lora::{DirectionBlock, LoraLayout};
+    use fwdllm_shared::lora::DirectionBlock;
     let blockwise = layout.config().blockwise;
     let r = if blockwise { head_per_direction(a) } else { 0 };
     let pick = |index: u32, block: DirectionBlock, scratch: &mut Vec<f32>| {
-        let cands: Vec<u64> = (0..c)
-            .map(|j| {
-                let mut i = index.wrapping_mul(c).wrapping_add(j);
-                if block == DirectionBlock::Head {
-                    i |= HEAD_SEED_INDEX;
-                }
-                let raw = derive_seed(a.seed_base, a.round, client_index, i);
-                LoraLayout::seed_in_block(raw, block)
-            })
-            .collect();
-        crate::engine::train::most_aligned_seed(layout, &cands, previous, scratch)
+        let raw = (0..c).map(|j| {
+            let mut i = index.wrapping_mul(c).wrapping_add(j);
+            if block == DirectionBlock::Head {
+                i |= HEAD_SEED_INDEX;
+            }
+            derive_seed(a.seed_base, a.round, client_index, i)
+        });
+        crate::engine::train::aligned_seed_in_block(layout, block, raw, previous, scratch)
     };
     let mut seeds = Vec::new();
     for k in k0..k0.saturating_add(a.perturbations_per_client) {

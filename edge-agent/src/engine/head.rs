@@ -87,37 +87,35 @@ pub(super) fn label_logits(
     features: &[Arc<Features>],
     head: Option<&HeadParams>,
 ) -> Result<Vec<Vec<f64>>, EngineError> {
-    {
-        let n_labels = features.first().map_or(0, |f| f.logits.len());
-        if let Some(h) = head {
-            if h.rows as usize != n_labels {
-                return Err(EngineError::HeadMismatch {
-                    rows: h.rows,
-                    n_labels,
-                });
-            }
+    let n_labels = features.first().map_or(0, |f| f.logits.len());
+    if let Some(h) = head {
+        if h.rows as usize != n_labels {
+            return Err(EngineError::HeadMismatch {
+                rows: h.rows,
+                n_labels,
+            });
         }
-        let mut label_logits = vec![vec![0f64; n_labels]; features.len()];
-        for (z, f) in label_logits.iter_mut().zip(features) {
-            for (zk, &l) in z.iter_mut().zip(&f.logits) {
-                *zk = l as f64;
-            }
-            if let Some(h) = head {
-                let hidden = f.hidden.as_deref().ok_or(EngineError::HeadNeedsTail)?;
-                let n_embd = hidden.len();
-                for (k, zk) in z.iter_mut().enumerate() {
-                    let row = &h.delta[k * n_embd..(k + 1) * n_embd];
-                    let dot: f64 = row
-                        .iter()
-                        .zip(hidden)
-                        .map(|(&d, &x)| f64::from(d) * f64::from(x))
-                        .sum();
-                    *zk += f64::from(h.alpha) * (dot + f64::from(h.bias[k]));
-                }
-            }
-        }
-        Ok(label_logits)
     }
+    let mut label_logits = vec![vec![0f64; n_labels]; features.len()];
+    for (z, f) in label_logits.iter_mut().zip(features) {
+        for (zk, &l) in z.iter_mut().zip(&f.logits) {
+            *zk = l as f64;
+        }
+        if let Some(h) = head {
+            let hidden = f.hidden.as_deref().ok_or(EngineError::HeadNeedsTail)?;
+            let n_embd = hidden.len();
+            for (k, zk) in z.iter_mut().enumerate() {
+                let row = &h.delta[k * n_embd..(k + 1) * n_embd];
+                let dot: f64 = row
+                    .iter()
+                    .zip(hidden)
+                    .map(|(&d, &x)| f64::from(d) * f64::from(x))
+                    .sum();
+                *zk += f64::from(h.alpha) * (dot + f64::from(h.bias[k]));
+            }
+        }
+    }
+    Ok(label_logits)
 }
 
 /// The verbalizer loss from features, with the head rows applied when there are any.
@@ -126,28 +124,26 @@ pub(super) fn loss_from_features(
     examples: &[Example],
     head: Option<&HeadParams>,
 ) -> Result<BatchLoss, EngineError> {
-    {
-        let label_logits = label_logits(features, head)?;
-        let mut per_example = Vec::with_capacity(examples.len());
-        let mut predictions = Vec::with_capacity(examples.len());
-        for (e, z) in examples.iter().zip(&label_logits) {
-            let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            let lse = m + z.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
-            per_example.push(lse - z[e.label]);
-            // First maximum wins: deterministic tie-break.
-            let mut best = 0;
-            for k in 1..z.len() {
-                if z[k] > z[best] {
-                    best = k;
-                }
+    let label_logits = label_logits(features, head)?;
+    let mut per_example = Vec::with_capacity(examples.len());
+    let mut predictions = Vec::with_capacity(examples.len());
+    for (e, z) in examples.iter().zip(&label_logits) {
+        let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let lse = m + z.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
+        per_example.push(lse - z[e.label]);
+        // First maximum wins: deterministic tie-break.
+        let mut best = 0;
+        for k in 1..z.len() {
+            if z[k] > z[best] {
+                best = k;
             }
-            predictions.push(best);
         }
-        let mean = per_example.iter().sum::<f64>() / examples.len() as f64;
-        Ok(BatchLoss {
-            mean,
-            per_example,
-            predictions,
-        })
+        predictions.push(best);
     }
+    let mean = per_example.iter().sum::<f64>() / examples.len() as f64;
+    Ok(BatchLoss {
+        mean,
+        per_example,
+        predictions,
+    })
 }

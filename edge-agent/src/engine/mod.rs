@@ -280,6 +280,9 @@ pub struct EvalReport {
 /// Receives `(prompt, position, logits, hidden state if the path has it)` from a decode.
 type OnLogits<'a> = dyn FnMut(usize, usize, &[f32], Option<&[f32]>) + 'a;
 
+/// `L(θ + e·v(seed))` for `Some((seed, e))`, `L(θ)` for `None` (see `Engine::finite_differences`).
+type LossAt<'a> = dyn FnMut(&mut Engine, Option<(u64, f32)>) -> Result<f64, EngineError> + 'a;
+
 /// Which logits a decode hands back.
 #[derive(Clone, Copy)]
 enum Want<'a> {
@@ -1116,37 +1119,19 @@ impl Engine {
         let head0 = self.head.clone();
         let base = self.features(task, batch)?;
         let mut scratch = std::mem::take(&mut self.scratch);
-        let result = (|| {
-            let mut loss_at =
-                |engine: &mut Engine, seed: u64, e: f32| -> Result<f64, EngineError> {
-                    fwdllm_shared::update::perturbed_params(weights, seed, e, &mut scratch);
-                    if head_only(seed) {
-                        let h = HeadParams::of(&scratch, &block);
-                        return loss_from_features(&base, batch, Some(&h)).map(|l| l.mean);
-                    }
-                    let w = LoraWeights::from_params(layout.clone(), scratch.clone())?;
-                    engine.set_adapter(&w)?;
-                    engine.loss(task, batch).map(|l| l.mean)
-                };
-            let mut gs = Vec::with_capacity(seeds.len());
-            if one_sided {
-                let l0 = loss_from_features(&base, batch, head0.as_ref())?.mean;
-                for &s in seeds {
-                    let lp = loss_at(self, s, eps)?;
-                    gs.push(((lp - l0) / eps as f64) as f32);
-                }
-                Ok((gs, l0))
-            } else {
-                let mut sum = 0.0;
-                for &s in seeds {
-                    let lp = loss_at(self, s, eps)?;
-                    let lm = loss_at(self, s, -eps)?;
-                    sum += lp + lm;
-                    gs.push(((lp - lm) / (2.0 * eps as f64)) as f32);
-                }
-                Ok((gs, sum / (2 * seeds.len()).max(1) as f64))
+        let result = self.finite_differences(seeds, eps, one_sided, &mut |engine, perturbation| {
+            let Some((seed, e)) = perturbation else {
+                return Ok(loss_from_features(&base, batch, head0.as_ref())?.mean);
+            };
+            fwdllm_shared::update::perturbed_params(weights, seed, e, &mut scratch);
+            if head_only(seed) {
+                let h = HeadParams::of(&scratch, &block);
+                return loss_from_features(&base, batch, Some(&h)).map(|l| l.mean);
             }
-        })();
+            let w = LoraWeights::from_params(layout.clone(), scratch.clone())?;
+            engine.set_adapter(&w)?;
+            engine.loss(task, batch).map(|l| l.mean)
+        });
         self.scratch = scratch;
         result
     }
@@ -1180,40 +1165,51 @@ impl Engine {
         }
         self.check_shape(weights)?;
         let layout = weights.layout().clone();
-        let mut gs = Vec::with_capacity(seeds.len());
         let mut scratch = std::mem::take(&mut self.scratch);
-        // Sets the adapter of θ + e·v(seed).
-        let set_perturbed = |engine: &mut Engine, seed: u64, e: f32, scratch: &mut Vec<f32>| {
-            fwdllm_shared::update::perturbed_params(weights, seed, e, scratch);
+        let result = self.finite_differences(seeds, eps, one_sided, &mut |engine, perturbation| {
+            let Some((seed, e)) = perturbation else {
+                engine.set_adapter(weights)?;
+                return loss(engine);
+            };
+            // The adapter of θ + e·v(seed).
+            fwdllm_shared::update::perturbed_params(weights, seed, e, &mut scratch);
             let w = LoraWeights::from_params(layout.clone(), scratch.clone())?;
-            engine.set_adapter(&w)
-        };
-        let result = (|| {
-            if one_sided {
-                self.set_adapter(weights)?;
-                let l0 = loss(self)?;
-                for &s in seeds {
-                    set_perturbed(self, s, eps, &mut scratch)?;
-                    let lp = loss(self)?;
-                    gs.push(((lp - l0) / eps as f64) as f32);
-                }
-                Ok((gs, l0))
-            } else {
-                let mut sum = 0.0;
-                for &s in seeds {
-                    set_perturbed(self, s, eps, &mut scratch)?;
-                    let lp = loss(self)?;
-                    set_perturbed(self, s, -eps, &mut scratch)?;
-                    let lm = loss(self)?;
-                    sum += lp + lm;
-                    gs.push(((lp - lm) / (2.0 * eps as f64)) as f32);
-                }
-                let n = (2 * seeds.len()).max(1) as f64;
-                Ok((gs, sum / n))
-            }
-        })();
+            engine.set_adapter(&w)?;
+            loss(engine)
+        });
         self.scratch = scratch;
         result
+    }
+
+    /// The difference estimator both loss paths share: one-sided
+    /// `g = (L(θ+εv) − L(θ)) / ε` or central `g = (L(θ+εv) − L(θ−εv)) / 2ε`, with
+    /// `loss_at(Some((seed, e)))` = L(θ + e·v(seed)) and `loss_at(None)` = L(θ) (one-sided only).
+    /// Returns the g's and L(θ) (one-sided) or the mean of the L(θ±εv) (central).
+    fn finite_differences(
+        &mut self,
+        seeds: &[u64],
+        eps: f32,
+        one_sided: bool,
+        loss_at: &mut LossAt<'_>,
+    ) -> Result<(Vec<f32>, f64), EngineError> {
+        let mut gs = Vec::with_capacity(seeds.len());
+        if one_sided {
+            let l0 = loss_at(self, None)?;
+            for &s in seeds {
+                let lp = loss_at(self, Some((s, eps)))?;
+                gs.push(((lp - l0) / eps as f64) as f32);
+            }
+            Ok((gs, l0))
+        } else {
+            let mut sum = 0.0;
+            for &s in seeds {
+                let lp = loss_at(self, Some((s, eps)))?;
+                let lm = loss_at(self, Some((s, -eps)))?;
+                sum += lp + lm;
+                gs.push(((lp - lm) / (2.0 * eps as f64)) as f32);
+            }
+            Ok((gs, sum / (2 * seeds.len()).max(1) as f64))
+        }
     }
 
     /// Instruction-tuning loss under the currently set adapter: next-token cross-entropy over

@@ -229,12 +229,27 @@ pub fn block_seeds(
     plan.iter()
         .enumerate()
         .map(|(k, &block)| {
-            let cands: Vec<u64> = (0..c)
-                .map(|j| LoraLayout::seed_in_block(draw(k as u32 * c + j), block))
-                .collect();
-            most_aligned_seed(layout, &cands, previous, scratch)
+            let raw = (0..c).map(|j| draw(k as u32 * c + j));
+            aligned_seed_in_block(layout, block, raw, previous, scratch)
         })
         .collect()
+}
+
+/// Of raw candidate seeds, each moved into `block` ([`LoraLayout::seed_in_block`]), the one
+/// best aligned with `previous` ([`most_aligned_seed`]): one direction's discriminative pick,
+/// shared by local training and the agent daemon.
+pub fn aligned_seed_in_block(
+    layout: &LoraLayout,
+    block: fwdllm_shared::lora::DirectionBlock,
+    raw: impl IntoIterator<Item = u64>,
+    previous: Option<&[f32]>,
+    scratch: &mut Vec<f32>,
+) -> u64 {
+    let cands: Vec<u64> = raw
+        .into_iter()
+        .map(|s| LoraLayout::seed_in_block(s, block))
+        .collect();
+    most_aligned_seed(layout, &cands, previous, scratch)
 }
 
 /// Of `candidates`, the seed whose direction is best aligned (largest |v·d|; directions of one
