@@ -23,6 +23,7 @@ pub struct AggregatorConfig {
     pub step: StepConfig,
     pub task: TaskConfig,
     pub state: StateConfig,
+    pub selection: SelectionConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -276,6 +277,21 @@ impl Default for StateConfig {
             checkpoint_every: 10,
             plot_every: 10,
         }
+    }
+}
+
+/// Model selection: which version `export` writes (see `crate::selection`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SelectionConfig {
+    /// Ask the agents to evaluate their dev subsets at every version that is a multiple of
+    /// this (0 = never: export the last version).
+    pub eval_every: u64,
+}
+
+impl Default for SelectionConfig {
+    fn default() -> Self {
+        SelectionConfig { eval_every: 20 }
     }
 }
 

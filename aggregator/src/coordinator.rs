@@ -23,12 +23,13 @@ use fwdllm_shared::topics::Topics;
 use fwdllm_shared::update::apply_commit;
 use fwdllm_shared::wire::{
     self, AgentState, AgentStatus, AggregatorMetrics, Checkpoint, ClientSelection, ClientUpdate,
-    RoundAnnounce, RoundCommit,
+    EvalReport, RoundAnnounce, RoundCommit,
 };
 use log::{debug, info, warn};
 
 use crate::config::AggregatorConfig;
 use crate::pacing::RoundPool;
+use crate::selection::{BestRecord, Selection, SelectionError};
 use crate::state::{Counters, DurableState, LossStats, OpenRound, StateError, Store, STATE_FORMAT};
 use crate::step::{make_step, params_norm};
 
@@ -94,6 +95,13 @@ pub enum AggEvent {
     Finished {
         version: u64,
     },
+    /// The dev tally of a version is complete (model selection); `best` if it is the best so far.
+    DevEvaluated {
+        version: u64,
+        accuracy: f64,
+        loss: f64,
+        best: bool,
+    },
 }
 
 /// Why a round ended with a commit.
@@ -127,6 +135,8 @@ pub struct Coordinator {
     last_metrics_ms: u64,
     /// Latest held-out evaluation (set by the demo), attached to the next commit record.
     eval: Option<(f64, f64)>,
+    /// Dev-score tallies and the best version on disk (model selection).
+    selection: Selection,
 }
 
 impl Coordinator {
@@ -189,6 +199,7 @@ impl Coordinator {
         };
         // Also true when resuming from the legacy single checkpoint file: rewrite it versioned.
         let checkpoint_dirty = !store.has_checkpoint(checkpoint.model_version);
+        let selection = Selection::open(&cfg.state.dir, cfg.selection.eval_every);
         let mut c = Coordinator {
             cfg,
             topics,
@@ -207,6 +218,7 @@ impl Coordinator {
             seen_seeds: HashSet::new(),
             last_metrics_ms: 0,
             eval: None,
+            selection,
         };
         c.rebuild_pool();
         c.persist()?;
@@ -255,6 +267,55 @@ impl Coordinator {
     /// Records a held-out evaluation to attach to the next metrics record.
     pub fn set_eval(&mut self, accuracy: f64, loss: f64) {
         self.eval = Some((accuracy, loss));
+    }
+
+    /// The best version on the agents' dev subsets so far (model selection), if any.
+    pub fn best(&self) -> Option<&BestRecord> {
+        self.selection.best()
+    }
+
+    /// Scores the dev tallies still open with the reports they have (at shutdown).
+    pub fn close_selection(&mut self) -> Result<(), StateError> {
+        if let Some(rec) = self.selection.close_all()? {
+            self.dev_evaluated(&rec);
+        }
+        Ok(())
+    }
+
+    fn dev_evaluated(&mut self, rec: &BestRecord) {
+        let best = self.selection.best().map(|b| b.model_version) == Some(rec.model_version);
+        self.events.push(AggEvent::DevEvaluated {
+            version: rec.model_version,
+            accuracy: rec.dev_accuracy,
+            loss: rec.dev_loss,
+            best,
+        });
+    }
+
+    /// A dev evaluation arrived on `eval/{client_id}` (model selection). Bad or unexpected
+    /// reports are logged and dropped; they never touch the training state.
+    pub fn on_eval(&mut self, client_id: &str, payload: &[u8]) {
+        let r = match wire::decode::<EvalReport>(payload) {
+            Ok(r) if r.client_id == client_id => r,
+            Ok(r) => {
+                warn!(client = client_id; "eval report on the topic of {client_id} names client {:?}; ignored", r.client_id);
+                return;
+            }
+            Err(e) => {
+                warn!(client = client_id; "undecodable eval report from {client_id}: {e}");
+                return;
+            }
+        };
+        match self.selection.on_report(&r) {
+            Ok(Some(rec)) => self.dev_evaluated(&rec),
+            Ok(None) => {}
+            Err(SelectionError::Rejected(why)) => {
+                warn!(client = client_id; "eval report from {client_id} ignored: {why}")
+            }
+            Err(SelectionError::State(e)) => {
+                warn!("writing the best version: {e}; export falls back to the last version")
+            }
+        }
     }
 
     pub fn take_outgoing(&mut self) -> Vec<Outgoing> {
@@ -602,6 +663,12 @@ impl Coordinator {
                         self.cfg.round.head_per_direction.to_string(),
                     ));
                 }
+                if self.selection.wants(self.state.version) {
+                    t.extra.push((
+                        wire::EVAL_EVERY_KEY.into(),
+                        self.selection.eval_every().to_string(),
+                    ));
+                }
                 t
             },
             seed_base: self.state.seed_base,
@@ -618,6 +685,14 @@ impl Coordinator {
             selected: selected.len(),
         });
         self.publish(self.topics.round(), wire::encode(&announce), true, 1);
+        match self
+            .selection
+            .round_opened(self.state.version, &self.weights, selected.len())
+        {
+            Ok(Some(rec)) => self.dev_evaluated(&rec),
+            Ok(None) => {}
+            Err(e) => warn!("writing the best version: {e}; export falls back to the last version"),
+        }
         self.state.round = round;
         self.state.open = Some(OpenRound {
             round,

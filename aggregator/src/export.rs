@@ -1,10 +1,12 @@
-//! GGUF LoRA export of the aggregator's current weights (from its state directory).
+//! GGUF LoRA export from an aggregator state directory: the best version on the agents' dev
+//! subsets when model selection recorded one (`crate::selection`), else the current weights.
 
 use std::path::Path;
 
 use fwdllm_shared::gguf::write_lora_adapter;
 use fwdllm_shared::lora::LoraWeights;
 
+use crate::selection::BestRecord;
 use crate::state::{StateError, Store};
 
 /// Current weights and version from a state directory (checkpoint + replayed log).
@@ -12,6 +14,21 @@ pub fn load_weights(state_dir: &Path) -> Result<(u64, LoraWeights), StateError> 
     let store = Store::new(state_dir)?;
     let (state, weights, _) = store.load()?;
     Ok((state.version, weights))
+}
+
+/// What an export writes: the selected version (if model selection recorded one and `last` is
+/// false) or the current one. The third value is the selection record when it was used.
+pub fn load_for_export(
+    state_dir: &Path,
+    last: bool,
+) -> Result<(u64, LoraWeights, Option<BestRecord>), String> {
+    if !last {
+        if let Some((rec, w)) = crate::selection::load_best(state_dir)? {
+            return Ok((rec.model_version, w, Some(rec)));
+        }
+    }
+    let (v, w) = load_weights(state_dir).map_err(|e| e.to_string())?;
+    Ok((v, w, None))
 }
 
 /// Writes `weights` as a GGUF LoRA adapter to `out` (atomically).

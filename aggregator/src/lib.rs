@@ -19,6 +19,7 @@ pub mod export;
 pub mod metrics;
 pub mod monitor;
 pub mod pacing;
+pub mod selection;
 pub mod server;
 pub mod sim;
 pub mod state;

@@ -39,6 +39,9 @@ enum Cmd {
         config: PathBuf,
         #[arg(long)]
         out: PathBuf,
+        /// Export the last version even when model selection recorded a better one on dev.
+        #[arg(long)]
+        last: bool,
     },
     /// Simulated clients against the real aggregator on an embedded broker; measures ingest.
     Sim {
@@ -79,14 +82,18 @@ fn main() -> anyhow::Result<()> {
             }
             bail!("{} problem(s) in {}", problems.len(), config.display());
         }
-        Cmd::Export { config, out } => {
+        Cmd::Export { config, out, last } => {
             let cfg = AggregatorConfig::load(&config)?;
-            let (version, weights) = fwdllm_aggregator::export::load_weights(&cfg.state.dir)
-                .with_context(|| format!("loading state from {}", cfg.state.dir.display()))?;
+            let (version, weights, best) =
+                fwdllm_aggregator::export::load_for_export(&cfg.state.dir, last).map_err(|e| {
+                    anyhow::anyhow!("loading state from {}: {e}", cfg.state.dir.display())
+                })?;
             let n = fwdllm_aggregator::export::export_gguf(&weights, &out)?;
             println!(
-                "wrote {} ({n} bytes, version {version}, hash {})",
+                "wrote {} ({n} bytes, version {version}{}, hash {})",
                 out.display(),
+                best.map(|b| format!(", best on dev: accuracy {:.4}", b.dev_accuracy))
+                    .unwrap_or_default(),
                 weights.hash()
             );
             Ok(())

@@ -56,7 +56,7 @@ impl View {
                 self.updates_seen += 1;
                 self.update_bytes += payload.len() as u64;
             }
-            TopicKind::CommitLog(_) | TopicKind::Checkpoint => {}
+            TopicKind::CommitLog(_) | TopicKind::Checkpoint | TopicKind::Eval(_) => {}
         }
     }
 

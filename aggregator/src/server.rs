@@ -261,6 +261,11 @@ pub async fn run(
                         client
                             .subscribe(topics.status_filter(), QoS::AtMostOnce)
                             .await?;
+                        if cfg.selection.eval_every > 0 {
+                            client
+                                .subscribe(topics.evals_filter(), QoS::AtLeastOnce)
+                                .await?;
+                        }
                         coord.republish_retained(now);
                         if !ready_sent {
                             fwdllm_shared::service::notify_ready();
@@ -276,6 +281,7 @@ pub async fn run(
                                 debug!("update from {id}: {o:?}");
                             }
                             Some(TopicKind::Status(id)) => coord.on_status(&id, &p.payload, now),
+                            Some(TopicKind::Eval(id)) => coord.on_eval(&id, &p.payload),
                             _ => debug!("ignoring publish on {topic}"),
                         }
                         acks.push(p);
@@ -324,6 +330,9 @@ pub async fn run(
     .await;
     fwdllm_shared::service::notify_stopping();
     // Final state, plot and a graceful "offline".
+    if let Err(e) = coord.close_selection() {
+        warn!("scoring the last dev evaluations: {e}; export falls back to the last version");
+    }
     coord.persist()?;
     sink.plot();
     let mut st = AgentStatus::new(cfg.broker.client_id.clone(), AgentState::Offline);

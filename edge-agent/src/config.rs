@@ -223,6 +223,10 @@ pub struct EngineSection {
     /// Also keep prefix hidden states on disk under the cache directory, so that each example
     /// of the shard runs the frozen prefix once ever (about 200 KB per 90-token example).
     pub prefix_cache_disk: bool,
+    /// Examples of the shard kept out of training as this agent's fixed dev subset, scored when
+    /// the aggregator asks (model selection, aggregator key selection.eval_every). A shard of
+    /// fewer than twice as many keeps everything for training. 0 = no dev subset.
+    pub dev_examples: u32,
 }
 
 impl Default for EngineSection {
@@ -241,6 +245,7 @@ impl Default for EngineSection {
             prefix_precision: "q8_0".into(),
             prefix_cache_mib: 32,
             prefix_cache_disk: true,
+            dev_examples: 32,
         }
     }
 }

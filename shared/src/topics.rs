@@ -14,6 +14,7 @@
 //! | `fwdllm/v1/{job}/update/{client_id}`   | agent      | `ClientUpdate`       | no       | 1   |
 //! | `fwdllm/v1/{job}/status/{client_id}`   | agent      | `AgentStatus` JSON   | yes, LWT | 1   |
 //! | `fwdllm/v1/{job}/telemetry/{client_id}`| agent      | `Telemetry` JSON     | no       | 0   |
+//! | `fwdllm/v1/{job}/eval/{client_id}`     | agent      | `EvalReport`         | no       | 1   |
 //! | `fwdllm/v1/{job}/metrics`              | aggregator | `AggregatorMetrics` JSON | yes  | 0   |
 //! | `fwdllm/v1/{job}/aggregator`           | aggregator | `AgentStatus` JSON (client_id "aggregator") | yes, LWT | 1 |
 //!
@@ -92,6 +93,7 @@ pub enum TopicKind {
     Update(String),
     Status(String),
     Telemetry(String),
+    Eval(String),
     Metrics,
     Aggregator,
 }
@@ -171,6 +173,16 @@ impl Topics {
         format!("{}/telemetry/+", self.base)
     }
 
+    /// A client's dev-set evaluation of one model version (model selection).
+    pub fn eval(&self, client_id: &str) -> String {
+        format!("{}/eval/{client_id}", self.base)
+    }
+
+    /// All clients' dev-set evaluations (aggregator subscription).
+    pub fn evals_filter(&self) -> String {
+        format!("{}/eval/+", self.base)
+    }
+
     /// Aggregator metrics (retained).
     pub fn metrics(&self) -> String {
         format!("{}/metrics", self.base)
@@ -222,6 +234,7 @@ impl Topics {
             ("update", t) => client(t).map(TopicKind::Update),
             ("status", t) => client(t).map(TopicKind::Status),
             ("telemetry", t) => client(t).map(TopicKind::Telemetry),
+            ("eval", t) => client(t).map(TopicKind::Eval),
             _ => None,
         }
     }
@@ -245,6 +258,8 @@ mod tests {
         assert_eq!(t.status_filter(), "fwdllm/v1/bbc/status/+");
         assert_eq!(t.telemetry("pi-1"), "fwdllm/v1/bbc/telemetry/pi-1");
         assert_eq!(t.telemetry_filter(), "fwdllm/v1/bbc/telemetry/+");
+        assert_eq!(t.eval("pi-1"), "fwdllm/v1/bbc/eval/pi-1");
+        assert_eq!(t.evals_filter(), "fwdllm/v1/bbc/eval/+");
         assert_eq!(t.metrics(), "fwdllm/v1/bbc/metrics");
         assert_eq!(t.aggregator(), "fwdllm/v1/bbc/aggregator");
         assert_eq!(t.all_filter(), "fwdllm/v1/bbc/#");
@@ -261,6 +276,7 @@ mod tests {
             (t.update("a"), TopicKind::Update("a".into())),
             (t.status("b.c"), TopicKind::Status("b.c".into())),
             (t.telemetry("d_e"), TopicKind::Telemetry("d_e".into())),
+            (t.eval("f"), TopicKind::Eval("f".into())),
             (t.metrics(), TopicKind::Metrics),
             (t.aggregator(), TopicKind::Aggregator),
         ];

@@ -59,6 +59,7 @@ pub enum MessageKind {
     ClientUpdate = 2,
     RoundCommit = 3,
     Checkpoint = 4,
+    EvalReport = 5,
 }
 
 impl MessageKind {
@@ -68,6 +69,7 @@ impl MessageKind {
             2 => Some(MessageKind::ClientUpdate),
             3 => Some(MessageKind::RoundCommit),
             4 => Some(MessageKind::Checkpoint),
+            5 => Some(MessageKind::EvalReport),
             _ => None,
         }
     }
@@ -89,6 +91,8 @@ pub const MAX_COMMIT_BYTES: usize = 8 << 20;
 pub const MAX_ANNOUNCE_BYTES: usize = 256 << 10;
 /// Largest checkpoint accepted: 64 MiB of f32 parameters (SmolLM2-135M rank 8 q+v is ~1.8 MB).
 pub const MAX_CHECKPOINT_BYTES: usize = 64 << 20;
+/// Largest evaluation report accepted (a client id and a few numbers).
+pub const MAX_EVAL_BYTES: usize = 1 << 10;
 /// Largest JSON message accepted on human-facing topics.
 pub const MAX_JSON_BYTES: usize = 64 << 10;
 
@@ -354,6 +358,35 @@ impl WireMessage for Checkpoint {
     const KIND: MessageKind = MessageKind::Checkpoint;
     const MAX_BYTES: usize = MAX_CHECKPOINT_BYTES;
 }
+
+/// A client's evaluation of model version `model_version` on its fixed dev subset, sent when
+/// the round announcement asks for one (`TaskParams::extra` key [`EVAL_EVERY_KEY`]). The
+/// aggregator sums the reports of a version into its dev accuracy and keeps the best version's
+/// weights for export (model selection). Agents never see held-out data; dev examples are
+/// never trained on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalReport {
+    pub client_id: String,
+    pub model_version: u64,
+    /// Hash of the weights evaluated; a report for other weights than the aggregator's at that
+    /// version is ignored.
+    pub weights_hash: WeightsHash,
+    /// Dev examples evaluated.
+    pub examples: u32,
+    /// How many of them were predicted right (classification; 0 for other tasks).
+    pub correct: u32,
+    /// Sum of the per-example losses (lower is better; what SFT tasks select on).
+    pub loss_sum: f64,
+}
+
+impl WireMessage for EvalReport {
+    const KIND: MessageKind = MessageKind::EvalReport;
+    const MAX_BYTES: usize = MAX_EVAL_BYTES;
+}
+
+/// `TaskParams::extra` key: evaluate the dev subset at every model version that is a multiple
+/// of this value (absent or 0: never).
+pub const EVAL_EVERY_KEY: &str = "eval_every";
 
 /// Why a checkpoint could not be turned back into weights.
 #[derive(Debug, Error)]

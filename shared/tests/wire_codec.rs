@@ -108,6 +108,19 @@ prop_compose! {
 }
 
 prop_compose! {
+    fn arb_eval()(
+        client_id in "[a-z0-9-]{1,16}",
+        model_version in any::<u64>(),
+        weights_hash in arb_hash(),
+        examples in any::<u32>(),
+        correct in any::<u32>(),
+        loss_sum in any::<f64>().prop_filter("finite", |x| x.is_finite()),
+    ) -> EvalReport {
+        EvalReport { client_id, model_version, weights_hash, examples, correct, loss_sum }
+    }
+}
+
+prop_compose! {
     fn arb_checkpoint()(model_version in any::<u64>(), salt in any::<u64>()) -> Checkpoint {
         let layout = LoraLayout::new(&tiny_shape(), &LoraConfig { init_seed: salt, ..tiny_config() }).unwrap();
         let w = LoraWeights::init(layout);
@@ -179,6 +192,12 @@ proptest! {
     #[test]
     fn commit_round_trips(msg in arb_commit(), extra in prop::collection::vec(any::<u8>(), 1..8)) {
         check_malformed(&msg, &extra);
+    }
+
+    #[test]
+    fn eval_report_round_trips(msg in arb_eval(), extra in prop::collection::vec(any::<u8>(), 1..8)) {
+        check_malformed(&msg, &extra);
+        prop_assert_eq!(peek_kind(&encode(&msg)), Ok(MessageKind::EvalReport));
     }
 
     #[test]

@@ -77,6 +77,10 @@ struct FedArgs {
     /// Output directory (state, metrics, plot, adapter).
     #[arg(long)]
     out_dir: Option<PathBuf>,
+    /// Agents score their dev subsets every this many commits; the exported adapter is the
+    /// best version on dev (0 = export the last version).
+    #[arg(long, default_value_t = 20)]
+    eval_every: u64,
 }
 
 #[derive(Subcommand)]
@@ -106,6 +110,9 @@ enum Cmd {
         state_dir: PathBuf,
         #[arg(long)]
         out: PathBuf,
+        /// Export the last version even when model selection recorded a better one on dev.
+        #[arg(long)]
+        last: bool,
     },
     /// Federation on AG News + simulated-client ingest; writes flat JSON.
     BenchFederation {
@@ -153,13 +160,19 @@ fn main() -> anyhow::Result<()> {
                 .await
                 .map_err(anyhow::Error::msg)
         }),
-        Cmd::Export { state_dir, out } => {
-            let (version, w) = export::load_weights(&state_dir)
-                .with_context(|| format!("loading {}", state_dir.display()))?;
+        Cmd::Export {
+            state_dir,
+            out,
+            last,
+        } => {
+            let (version, w, best) = export::load_for_export(&state_dir, last)
+                .map_err(|e| anyhow::anyhow!("loading {}: {e}", state_dir.display()))?;
             let n = export::export_gguf(&w, &out)?;
             println!(
-                "wrote {} ({n} bytes, version {version}, hash {})",
+                "wrote {} ({n} bytes, version {version}{}, hash {})",
                 out.display(),
+                best.map(|b| format!(", best on dev: accuracy {:.4}", b.dev_accuracy))
+                    .unwrap_or_default(),
                 w.hash()
             );
             Ok(())
@@ -186,6 +199,9 @@ fn main() -> anyhow::Result<()> {
                 "split": r.split,
                 "zero_shot_accuracy": r.zero_shot,
                 "final_accuracy": r.final_acc,
+                "selected_version": r.selected_version,
+                "selected_dev_accuracy": r.selected_dev_acc,
+                "selected_accuracy": r.selected_acc,
                 "exported_adapter_accuracy": r.exported_acc,
                 "heldout_examples": r.heldout_n,
                 "commits": r.commits,
@@ -227,6 +243,10 @@ struct FedResult {
     split: String,
     zero_shot: f64,
     final_acc: f64,
+    /// The version model selection kept (best dev accuracy), what adapter.gguf holds.
+    selected_version: u64,
+    selected_dev_acc: Option<f64>,
+    selected_acc: f64,
     exported_acc: f64,
     heldout_n: usize,
     commits: u64,
@@ -259,8 +279,19 @@ impl FedResult {
         );
         println!(
             "{:<40} {:>22}",
-            "held-out accuracy, trained",
+            "held-out accuracy, last version",
             format!("{:.3}", self.final_acc)
+        );
+        println!(
+            "{:<40} {:>22}",
+            format!("held-out accuracy, v{} (best dev)", self.selected_version),
+            format!(
+                "{:.3}{}",
+                self.selected_acc,
+                self.selected_dev_acc
+                    .map(|d| format!(" (dev {d:.3})"))
+                    .unwrap_or_default()
+            )
         );
         println!(
             "{:<40} {:>22}",
@@ -358,6 +389,11 @@ async fn federate(fed: &FedArgs, task_path: &Path, name: &str) -> anyhow::Result
         Split::Dirichlet => Partition::Dirichlet { alpha: fed.alpha },
     };
     let shards = data::shard(&split.train, fed.agents, partition, task.split_seed);
+    // Model selection: the task's dev split dealt round-robin, a fixed subset per agent.
+    let mut dev_sets: Vec<Vec<Example>> = vec![Vec::new(); fed.agents];
+    for (i, e) in split.dev.iter().enumerate() {
+        dev_sets[i % fed.agents].push(e.clone());
+    }
     let out_dir = fed
         .out_dir
         .clone()
@@ -391,6 +427,7 @@ async fn federate(fed: &FedArgs, task_path: &Path, name: &str) -> anyhow::Result
     cfg.state.dir = state_dir.clone();
     cfg.state.checkpoint_every = 20;
     cfg.state.plot_every = 20;
+    cfg.selection.eval_every = fed.eval_every;
     cfg.round.perturbations_per_client = perturbations;
     cfg.round.eps = train.eps;
     cfg.round.min_clients = n;
@@ -448,11 +485,11 @@ async fn federate(fed: &FedArgs, task_path: &Path, name: &str) -> anyhow::Result
         / fed.agents)
         .max(1) as u32;
     let mut agents = Vec::new();
-    for (i, shard) in shards.into_iter().enumerate() {
+    for (i, (shard, dev)) in shards.into_iter().zip(dev_sets).enumerate() {
         let id = format!("agent-{i}");
         let mut engine = Engine::load(&engine_config(&fed.model, threads, &train.lora))?;
         engine.set_task(&task)?;
-        let source = EngineSource::new(engine, shard, i as u64 + 1)?;
+        let source = EngineSource::new(engine, shard, i as u64 + 1)?.with_dev(dev);
         let mut ac = AgentConfig::default();
         ac.agent.client_id = id.clone();
         ac.agent.job = cfg.job.name.clone();
@@ -548,13 +585,22 @@ async fn federate(fed: &FedArgs, task_path: &Path, name: &str) -> anyhow::Result
         let _ = tokio::time::timeout(Duration::from_secs(30), task).await;
         per_agent.push(info.borrow().clone());
     }
-    let adapter = out_dir.join("adapter.gguf");
-    export::export_gguf(&weights, &adapter)?;
     println!(
         "evaluating version {version} on {} held-out examples ...",
         heldout.len()
     );
     let (final_acc, _) = evaluate(&mut eval_engine, Some(&weights), &heldout)?;
+    // The export is the version model selection kept (best on the agents' dev subsets).
+    let (selected_version, selected_weights, best) =
+        export::load_for_export(&state_dir, false).map_err(anyhow::Error::msg)?;
+    let selected_acc = if selected_version == version {
+        final_acc
+    } else {
+        println!("evaluating version {selected_version} (best on dev) ...");
+        evaluate(&mut eval_engine, Some(&selected_weights), &heldout)?.0
+    };
+    let adapter = out_dir.join("adapter.gguf");
+    export::export_gguf(&selected_weights, &adapter)?;
     // The exported file, loaded by llama.cpp as a LoRA adapter, must give the same predictions.
     eval_engine.set_adapter_file(&adapter)?;
     let eval_task = eval_engine.task().cloned().context("evaluation task")?;
@@ -583,7 +629,11 @@ async fn federate(fed: &FedArgs, task_path: &Path, name: &str) -> anyhow::Result
         .and_then(|records| {
             metrics::plot_with_evals(
                 &records,
-                &[(0, zero_shot), (version, final_acc)],
+                &[
+                    (0, zero_shot),
+                    (selected_version, selected_acc),
+                    (version, final_acc),
+                ],
                 &out_dir.join(metrics::PLOT_FILE),
             )
             .map_err(|e| e.to_string())
@@ -603,6 +653,9 @@ async fn federate(fed: &FedArgs, task_path: &Path, name: &str) -> anyhow::Result
         },
         zero_shot,
         final_acc,
+        selected_version,
+        selected_dev_acc: best.map(|b| b.dev_accuracy),
+        selected_acc,
         exported_acc,
         heldout_n: heldout.len(),
         commits: commits.max(summary.version),

@@ -2,11 +2,15 @@
 
 use std::path::Path;
 
+use fwdllm_shared::lora::LoraWeights;
+
 use crate::config::AgentConfig;
 use crate::data::{self, Example, SplitMix64, TaskConfig};
 use crate::engine::{Engine, EngineConfig, Precision};
 
-use super::gradient::{GradientBatch, GradientError, GradientRequest, GradientSource, LossStats};
+use super::gradient::{
+    DevScore, GradientBatch, GradientError, GradientRequest, GradientSource, LossStats,
+};
 
 /// Why the engine source could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +35,8 @@ pub struct EngineSource {
     engine: Engine,
     examples: Vec<Example>,
     order: Vec<usize>,
+    /// Fixed dev subset (never trained on) scored when the aggregator asks (model selection).
+    dev: Vec<Example>,
     label: String,
 }
 
@@ -65,8 +71,33 @@ impl EngineSource {
             engine,
             examples,
             order,
+            dev: Vec::new(),
             label,
         })
+    }
+
+    /// Sets the dev subset model selection scores (examples the source does not train on).
+    pub fn with_dev(mut self, dev: Vec<Example>) -> Self {
+        self.dev = dev;
+        self
+    }
+
+    /// Moves the last `n` examples of the shard's fixed shuffle into the dev subset (see
+    /// [`split_dev`]).
+    fn split_dev(&mut self, n: usize) {
+        if n > 0 && self.examples.len() < 2 * n {
+            log::warn!(
+                "engine.dev_examples = {n} needs a shard of at least {} examples (it has {}); no dev subset, this agent will not score versions for model selection",
+                2 * n,
+                self.examples.len()
+            );
+        }
+        let (train, order, dev) = split_dev(
+            std::mem::take(&mut self.examples),
+            std::mem::take(&mut self.order),
+            n,
+        );
+        (self.examples, self.order, self.dev) = (train, order, dev);
     }
 
     /// Builds the source the `[engine]` section describes: loads the model (converting it once to
@@ -110,11 +141,13 @@ impl EngineSource {
         engine.set_task(&task)?;
         let seed = u64::from(fwdllm_shared::wire::client_index(&config.client_id()));
         let mut src = EngineSource::new(engine, examples, seed)?;
+        src.split_dev(e.dev_examples as usize);
         src.label = format!(
-            "engine {} on {} ({} examples)",
+            "engine {} on {} ({} examples, {} dev)",
             e.model,
             e.shard,
-            src.examples.len()
+            src.examples.len(),
+            src.dev.len()
         );
         Ok(src)
     }
@@ -127,6 +160,36 @@ impl EngineSource {
             .map(|i| self.examples[self.order[(start + i) % n]].clone())
             .collect()
     }
+}
+
+/// Splits a shard and its fixed training order into (training examples, their order, dev
+/// subset): the last `n` positions of the order become the dev subset, so which examples are
+/// dev is fixed by the shuffle seed. A shard with fewer than `2n` examples keeps everything for
+/// training (no dev subset).
+fn split_dev(
+    examples: Vec<Example>,
+    mut order: Vec<usize>,
+    n: usize,
+) -> (Vec<Example>, Vec<usize>, Vec<Example>) {
+    if n == 0 || examples.len() < 2 * n {
+        return (examples, order, Vec::new());
+    }
+    let dev_idx = order.split_off(order.len() - n);
+    let dev = dev_idx.iter().map(|&i| examples[i].clone()).collect();
+    let mut is_dev = vec![false; examples.len()];
+    for &i in &dev_idx {
+        is_dev[i] = true;
+    }
+    let mut new_index = vec![usize::MAX; examples.len()];
+    let mut train = Vec::with_capacity(examples.len() - n);
+    for (i, e) in examples.into_iter().enumerate() {
+        if !is_dev[i] {
+            new_index[i] = train.len();
+            train.push(e);
+        }
+    }
+    let order = order.iter().map(|&i| new_index[i]).collect();
+    (train, order, dev)
 }
 
 impl GradientSource for EngineSource {
@@ -156,5 +219,50 @@ impl GradientSource for EngineSource {
 
     fn describe(&self) -> String {
         self.label.clone()
+    }
+
+    fn evaluate_dev(&mut self, weights: &LoraWeights) -> Result<Option<DevScore>, GradientError> {
+        if self.dev.is_empty() {
+            return Ok(None);
+        }
+        let r = self
+            .engine
+            .evaluate(Some(weights), &self.dev)
+            .map_err(|e| GradientError::Engine(e.to_string()))?;
+        Ok(Some(DevScore {
+            examples: r.n as u32,
+            correct: (r.accuracy * r.n as f64).round() as u32,
+            loss_sum: r.loss * r.n as f64,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ex(i: usize) -> Example {
+        Example {
+            text: format!("text {i}"),
+            label: i % 3,
+        }
+    }
+
+    #[test]
+    fn dev_subset_is_the_tail_of_the_fixed_order_and_never_trained_on() {
+        let examples: Vec<Example> = (0..10).map(ex).collect();
+        let order = vec![3, 9, 0, 7, 1, 8, 2, 6, 4, 5];
+        let (train, order2, dev) = split_dev(examples.clone(), order, 3);
+        assert_eq!(dev, vec![ex(6), ex(4), ex(5)]);
+        // The training order walks the same examples in the same order, minus the dev ones.
+        let walked: Vec<Example> = order2.iter().map(|&i| train[i].clone()).collect();
+        assert_eq!(walked, [3, 9, 0, 7, 1, 8, 2].map(ex).to_vec());
+        assert_eq!(train.len(), 7);
+        assert!(dev.iter().all(|d| !train.contains(d)));
+        // Too small a shard, or n = 0: no dev subset, nothing moved.
+        for n in [0, 6] {
+            let (t, o, d) = split_dev(examples.clone(), (0..10).collect(), n);
+            assert_eq!((t.len(), o.len(), d.len()), (10, 10, 0), "n = {n}");
+        }
     }
 }

@@ -88,6 +88,23 @@ pub trait GradientSource: Send {
 
     /// Short description for logs ("synthetic quadratic", "engine SmolLM2 on shard-0.jsonl").
     fn describe(&self) -> String;
+
+    /// Scores `weights` on this source's fixed dev subset (model selection; the aggregator asks
+    /// for it every `selection.eval_every` versions). `None`: this source has no dev subset.
+    fn evaluate_dev(&mut self, weights: &LoraWeights) -> Result<Option<DevScore>, GradientError> {
+        let _ = weights;
+        Ok(None)
+    }
+}
+
+/// A dev-subset evaluation: what an `EvalReport` carries.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DevScore {
+    pub examples: u32,
+    /// Predicted right (0 where the task has no accuracy).
+    pub correct: u32,
+    /// Sum of per-example losses.
+    pub loss_sum: f64,
 }
 
 /// Cheap deterministic objective for tests and simulations:
@@ -196,6 +213,16 @@ impl GradientSource for SyntheticSource {
             "synthetic quadratic (target seed {}, scale {})",
             self.target_seed, self.scale
         )
+    }
+
+    /// The quadratic itself, as one "example" with no accuracy: lets model selection run end
+    /// to end without a model.
+    fn evaluate_dev(&mut self, weights: &LoraWeights) -> Result<Option<DevScore>, GradientError> {
+        Ok(Some(DevScore {
+            examples: 1,
+            correct: 0,
+            loss_sum: self.loss(weights),
+        }))
     }
 }
 

@@ -42,6 +42,7 @@
 
 pub mod backoff;
 pub mod cli;
+pub mod dev_eval;
 pub mod device;
 pub mod engine_source;
 pub mod gradient;
@@ -274,6 +275,7 @@ impl Agent {
             running: None,
             checkpoint_subscribed: false,
             sync_since: None,
+            last_dev_eval: None,
             busy: None,
             published_state: None,
             ready_sent: false,
@@ -422,6 +424,9 @@ struct Daemon {
     checkpoint_subscribed: bool,
     /// Since when the replica waits for commits of the pending announcement.
     sync_since: Option<Instant>,
+    /// Last version whose dev score this process sent (model selection; a restart may send
+    /// one twice, which the aggregator counts once).
+    last_dev_eval: Option<u64>,
     /// Current device-limit violation.
     busy: Option<String>,
     published_state: Option<AgentState>,
@@ -758,7 +763,17 @@ impl Daemon {
         );
         let source = self.source.take().expect("checked above");
         let chunk_len = (self.config.gradient.seeds_per_chunk as usize).min(seeds.len());
-        let chunk = spawn_chunk(source, weights.clone(), seeds[..chunk_len].to_vec(), &a);
+        let dev_eval = dev_eval::wanted(&a, self.last_dev_eval);
+        if dev_eval {
+            self.last_dev_eval = Some(a.model_version);
+        }
+        let chunk = spawn_chunk(
+            source,
+            weights.clone(),
+            seeds[..chunk_len].to_vec(),
+            &a,
+            dev_eval,
+        );
         debug!(
             "round {} extend {}: computing {} perturbations from k = {k0}",
             a.round,
@@ -790,9 +805,12 @@ impl Daemon {
     }
 
     async fn on_chunk_done(&mut self, done: ChunkResult) -> Result<(), AgentError> {
-        let (source, result) = done.map_err(|e| AgentError::SourcePanicked(e.to_string()))?;
+        let (source, result, dev) = done.map_err(|e| AgentError::SourcePanicked(e.to_string()))?;
         self.source = Some(source);
         let mut run = self.running.take().expect("a chunk was running");
+        if let Some(dev) = dev {
+            self.publish_dev_eval(&run.announce, dev).await;
+        }
         if run.abandoned {
             return Ok(());
         }
@@ -837,6 +855,7 @@ impl Daemon {
                 run.weights.clone(),
                 run.seeds[done_n..done_n + n].to_vec(),
                 &run.announce,
+                false,
             );
             run.chunk_len = n;
             run.chunk_started = Instant::now();
@@ -845,6 +864,44 @@ impl Daemon {
         }
         self.publish_update(run).await;
         Ok(())
+    }
+
+    /// Sends the dev score of the announced version (model selection); a failed evaluation or
+    /// publish is logged and the round goes on.
+    async fn publish_dev_eval(&mut self, a: &RoundAnnounce, dev: DevEvalResult) {
+        let score = match dev {
+            Ok(Some(s)) => s,
+            Ok(None) => return, // no dev subset on this agent
+            Err(e) => {
+                warn!("round {}: dev evaluation failed: {e}", a.round);
+                return;
+            }
+        };
+        let r = dev_eval::report(&self.client_id, a, score);
+        let bytes = wire::encode(&r);
+        match self
+            .client
+            .publish(
+                self.topics.eval(&self.client_id),
+                QoS::AtLeastOnce,
+                false,
+                bytes,
+            )
+            .await
+        {
+            Ok(()) => info!(
+                version = a.model_version;
+                "version {}: dev score {}/{} (loss {:.4})",
+                a.model_version,
+                score.correct,
+                score.examples,
+                score.loss_sum / f64::from(score.examples.max(1))
+            ),
+            Err(e) => warn!(
+                "version {}: publishing the dev score failed: {e}",
+                a.model_version
+            ),
+        }
     }
 
     async fn publish_update(&mut self, run: Running) {
@@ -1047,7 +1104,10 @@ impl Daemon {
 type ChunkOutput = (
     Box<dyn GradientSource + Send>,
     Result<GradientBatch, GradientError>,
+    Option<DevEvalResult>,
 );
+/// A dev evaluation run before a round's first chunk (model selection).
+type DevEvalResult = Result<Option<gradient::DevScore>, GradientError>;
 type ChunkResult = Result<ChunkOutput, tokio::task::JoinError>;
 
 fn spawn_chunk(
@@ -1055,9 +1115,11 @@ fn spawn_chunk(
     weights: Arc<LoraWeights>,
     seeds: Vec<u64>,
     a: &RoundAnnounce,
+    dev_eval: bool,
 ) -> JoinHandle<ChunkOutput> {
     let (eps, task, round) = (a.eps, a.task.clone(), a.round);
     tokio::task::spawn_blocking(move || {
+        let dev = dev_eval.then(|| source.evaluate_dev(&weights));
         let result = source.forward_gradients(&GradientRequest {
             weights: &weights,
             seeds: &seeds,
@@ -1065,7 +1127,7 @@ fn spawn_chunk(
             task: &task,
             round,
         });
-        (source, result)
+        (source, result, dev)
     })
 }
 

@@ -259,6 +259,15 @@ impl Task {
     }
 }
 
+/// Final hidden states of one prompt ([`Engine::pooled_hidden`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PooledHidden {
+    /// At the prompt's last position (what the verbalizer head reads).
+    pub last: Vec<f32>,
+    /// Mean over all prompt positions.
+    pub mean: Vec<f32>,
+}
+
 /// Loss of one batch.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BatchLoss {
@@ -943,6 +952,54 @@ impl Engine {
             out[i] = logits.to_vec()
         })?;
         Ok(out)
+    }
+
+    /// Final hidden states (after the output norm) of each text's prompt under the current
+    /// adapter: the last position's, and the mean over all prompt positions. Needs the tail
+    /// path with a label head (a layout with head rows routes there); diagnostics and feature
+    /// studies (`examples/probe_features.rs`).
+    pub fn pooled_hidden(
+        &mut self,
+        task: &Task,
+        texts: &[&str],
+    ) -> Result<Vec<PooledHidden>, EngineError> {
+        let prompts: Vec<Vec<llama::Token>> =
+            texts.iter().map(|t| self.prompt_tokens(task, t)).collect();
+        let first = vec![0usize; prompts.len()];
+        let mut out: Vec<(Vec<f32>, Vec<f32>, usize)> =
+            vec![(Vec::new(), Vec::new(), 0); prompts.len()];
+        let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
+        self.run_prompts(
+            &prompts,
+            &first,
+            Want::Labels(&task.label_tokens),
+            &mut |i, pos, _, hidden| {
+                if let Some(h) = hidden {
+                    let o = &mut out[i];
+                    if o.1.is_empty() {
+                        o.1 = vec![0f32; h.len()];
+                    }
+                    for (m, &x) in o.1.iter_mut().zip(h) {
+                        *m += x;
+                    }
+                    o.2 += 1;
+                    if pos + 1 == lens[i] {
+                        o.0 = h.to_vec();
+                    }
+                }
+            },
+        )?;
+        out.into_iter()
+            .map(|(last, mut mean, n)| {
+                if n == 0 || last.is_empty() {
+                    return Err(EngineError::HeadNeedsTail);
+                }
+                for m in &mut mean {
+                    *m /= n as f32;
+                }
+                Ok(PooledHidden { last, mean })
+            })
+            .collect()
     }
 
     /// Verbalizer loss of `examples` under the currently set adapter.

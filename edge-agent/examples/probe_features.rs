@@ -1,0 +1,188 @@
+//! Feature study for the verbalizer head: which frozen features a linear probe can use.
+//! Computes, for a task's train/dev/held-out split, the final hidden state at the prompt's
+//! last position and its mean over all prompt positions (through the tail path), then fits a
+//! softmax probe on each feature set by full-batch gradient descent (the backprop reference
+//! for a probe on those features) and prints held-out accuracy at the best dev epoch.
+//!
+//! `cargo run --release --example probe_features -- --task edge-agent/tasks/ag_news.toml --train 2000`
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use fwdllm_agent::data::{self, TaskConfig};
+use fwdllm_agent::engine::{Engine, EngineConfig, PooledHidden, TrainConfig};
+
+struct Args {
+    task: PathBuf,
+    model: PathBuf,
+    train: usize,
+    threads: u32,
+    epochs: usize,
+}
+
+fn parse() -> anyhow::Result<Args> {
+    let mut a = Args {
+        task: "edge-agent/tasks/bbc.toml".into(),
+        model: ".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf".into(),
+        train: 1000,
+        threads: 2,
+        epochs: 400,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        let v = it.next().with_context(|| format!("{k} needs a value"))?;
+        match k.as_str() {
+            "--task" => a.task = v.into(),
+            "--model" => a.model = v.into(),
+            "--train" => a.train = v.parse()?,
+            "--threads" => a.threads = v.parse()?,
+            "--epochs" => a.epochs = v.parse()?,
+            _ => anyhow::bail!("unknown argument {k}"),
+        }
+    }
+    Ok(a)
+}
+
+type Feats = Vec<PooledHidden>;
+
+fn features(e: &mut Engine, ex: &[data::Example]) -> anyhow::Result<Feats> {
+    let task = e.task().cloned().context("task")?;
+    let mut out = Vec::new();
+    for chunk in ex.chunks(8) {
+        let texts: Vec<&str> = chunk.iter().map(|x| x.text.as_str()).collect();
+        out.extend(e.pooled_hidden(&task, &texts)?);
+    }
+    Ok(out)
+}
+
+/// Softmax regression with standardised inputs; returns held-out accuracy at the epoch with
+/// the best dev accuracy, and that dev accuracy.
+fn fit(x: [&Vec<Vec<f32>>; 3], y: [&Vec<usize>; 3], k: usize, epochs: usize) -> (f64, f64, usize) {
+    let d = x[0][0].len();
+    let n = x[0].len() as f64;
+    let mut mu = vec![0f64; d];
+    let mut sd = vec![0f64; d];
+    for r in x[0] {
+        for j in 0..d {
+            mu[j] += r[j] as f64 / n;
+        }
+    }
+    for r in x[0] {
+        for j in 0..d {
+            sd[j] += (r[j] as f64 - mu[j]).powi(2) / n;
+        }
+    }
+    let sd: Vec<f64> = sd.iter().map(|v| v.sqrt().max(1e-6)).collect();
+    let z = |r: &Vec<f32>| -> Vec<f64> { (0..d).map(|j| (r[j] as f64 - mu[j]) / sd[j]).collect() };
+    let xs: Vec<Vec<Vec<f64>>> = x.iter().map(|s| s.iter().map(z).collect()).collect();
+    let mut w = vec![0f64; k * (d + 1)];
+    let (mut m1, mut m2) = (vec![0f64; w.len()], vec![0f64; w.len()]);
+    let acc = |w: &[f64], s: usize| -> f64 {
+        let mut c = 0;
+        for (r, &t) in xs[s].iter().zip(y[s]) {
+            let mut best = (f64::NEG_INFINITY, 0);
+            for c_ in 0..k {
+                let row = &w[c_ * (d + 1)..(c_ + 1) * (d + 1)];
+                let v: f64 = row[d] + row[..d].iter().zip(r).map(|(a, b)| a * b).sum::<f64>();
+                if v > best.0 {
+                    best = (v, c_);
+                }
+            }
+            c += usize::from(best.1 == t);
+        }
+        c as f64 / xs[s].len() as f64
+    };
+    let (mut best_dev, mut best_held, mut best_ep) = (-1.0, 0.0, 0);
+    for ep in 1..=epochs {
+        let mut g = vec![0f64; w.len()];
+        for (r, &t) in xs[0].iter().zip(y[0]) {
+            let logits: Vec<f64> = (0..k)
+                .map(|c_| {
+                    let row = &w[c_ * (d + 1)..(c_ + 1) * (d + 1)];
+                    row[d] + row[..d].iter().zip(r).map(|(a, b)| a * b).sum::<f64>()
+                })
+                .collect();
+            let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = logits.iter().map(|l| (l - m).exp()).collect();
+            let s: f64 = e.iter().sum();
+            for c_ in 0..k {
+                let p = e[c_] / s - f64::from(u8::from(c_ == t));
+                let row = &mut g[c_ * (d + 1)..(c_ + 1) * (d + 1)];
+                for j in 0..d {
+                    row[j] += p * r[j] / n;
+                }
+                row[d] += p / n;
+            }
+        }
+        for i in 0..w.len() {
+            g[i] += 1e-4 * w[i];
+            m1[i] = 0.9 * m1[i] + 0.1 * g[i];
+            m2[i] = 0.999 * m2[i] + 0.001 * g[i] * g[i];
+            let mh = m1[i] / (1.0 - 0.9f64.powi(ep as i32));
+            let vh = m2[i] / (1.0 - 0.999f64.powi(ep as i32));
+            w[i] -= 1e-2 * mh / (vh.sqrt() + 1e-8);
+        }
+        if ep % 10 == 0 {
+            let dv = acc(&w, 1);
+            if dv > best_dev {
+                best_dev = dv;
+                best_held = acc(&w, 2);
+                best_ep = ep;
+            }
+        }
+    }
+    (best_held, best_dev, best_ep)
+}
+
+fn main() -> anyhow::Result<()> {
+    let a = parse()?;
+    let task = TaskConfig::from_file(&a.task)?;
+    let root = std::env::current_dir()?;
+    let split = data::split(
+        task.load_examples(&root)?,
+        task.split_seed,
+        task.heldout,
+        task.dev,
+    );
+    let train: Vec<_> = split.train.into_iter().take(a.train).collect();
+    let recipe = TrainConfig::head_rows_recipe(task.labels.len());
+    let cfg = EngineConfig {
+        model: a.model.clone(),
+        threads: a.threads,
+        ..EngineConfig::default()
+    }
+    .for_lora(&recipe.lora);
+    let mut e = Engine::load(&cfg)?;
+    e.set_task(&task)?;
+    let t0 = std::time::Instant::now();
+    let sets = [&train, &split.dev, &split.heldout];
+    let mut f = Vec::new();
+    for s in sets {
+        f.push(features(&mut e, s)?);
+        eprintln!(
+            "features of {} examples, {:.0} s",
+            s.len(),
+            t0.elapsed().as_secs_f64()
+        );
+    }
+    let y: Vec<Vec<usize>> = sets
+        .iter()
+        .map(|s| s.iter().map(|x| x.label).collect())
+        .collect();
+    let k = task.labels.len();
+    let pick = |which: &dyn Fn(&PooledHidden) -> Vec<f32>| -> Vec<Vec<Vec<f32>>> {
+        f.iter().map(|s| s.iter().map(which).collect()).collect()
+    };
+    let last = pick(&|p| p.last.clone());
+    let mean = pick(&|p| p.mean.clone());
+    let both = pick(&|p| p.last.iter().chain(&p.mean).copied().collect());
+    for (name, x) in [("last", &last), ("mean", &mean), ("last+mean", &both)] {
+        let (h, d, ep) = fit([&x[0], &x[1], &x[2]], [&y[0], &y[1], &y[2]], k, a.epochs);
+        println!(
+            "{{\"task\":\"{}\",\"features\":\"{name}\",\"train\":{},\"heldout_acc\":{h:.4},\"dev_acc\":{d:.4},\"epoch\":{ep}}}",
+            task.name,
+            train.len()
+        );
+    }
+    Ok(())
+}
