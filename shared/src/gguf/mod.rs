@@ -398,14 +398,7 @@ mod tests {
 
     #[test]
     fn head_rows_round_trip_through_adapter_metadata() {
-        let shape = ModelShape {
-            arch: "llama".into(),
-            n_layer: 4,
-            n_embd: 8,
-            n_head: 2,
-            n_head_kv: 1,
-            n_ff: 16,
-        };
+        let shape = crate::fixtures::small_llama(4, 8, 2, 1);
         let config = LoraConfig {
             layers: Some((2, 4)),
             head_rows: 3,
