@@ -94,14 +94,7 @@ impl Default for ModelConfig {
 
 /// A small llama-shaped model for simulations and tests (trainable B: 2 layers, q and v).
 pub fn tiny_shape() -> ModelShape {
-    ModelShape {
-        arch: "llama".into(),
-        n_layer: 2,
-        n_embd: 64,
-        n_head: 4,
-        n_head_kv: 2,
-        n_ff: 128,
-    }
+    fwdllm_shared::fixtures::small_llama(2, 64, 4, 2)
 }
 
 impl ModelConfig {

@@ -287,14 +287,7 @@ mod tests {
     }
 
     fn blockwise_layout() -> LoraLayout {
-        let shape = fwdllm_shared::lora::ModelShape {
-            arch: "llama".into(),
-            n_layer: 2,
-            n_embd: 8,
-            n_head: 2,
-            n_head_kv: 1,
-            n_ff: 16,
-        };
+        let shape = fwdllm_shared::fixtures::golden_shape();
         let config = fwdllm_shared::lora::LoraConfig {
             layers: Some((1, 2)),
             head_rows: 3,

@@ -169,6 +169,27 @@ pub fn spawn_clients(
         .collect()
 }
 
+/// Publishes a simulated client's retained status at its replica's version and hash.
+async fn publish_status(
+    client: &AsyncClient,
+    topics: &Topics,
+    id: &str,
+    replica: &Replica,
+    state: AgentState,
+) {
+    let mut s = AgentStatus::new(id.to_owned(), state);
+    s.model_version = replica.version;
+    s.weights_hash = Some(replica.weights.hash());
+    let _ = client
+        .publish(
+            topics.status(id),
+            QoS::AtLeastOnce,
+            true,
+            wire::encode_json(&s),
+        )
+        .await;
+}
+
 async fn run_client(
     p: SimParams,
     id: String,
@@ -194,12 +215,6 @@ async fn run_client(
     let mut answered: Vec<(u64, u32)> = Vec::new();
     let mut next_k: BTreeMap<u64, u32> = BTreeMap::new();
     let mut scratch = Vec::new();
-    let status = |replica: &Replica, state: AgentState| {
-        let mut s = AgentStatus::new(id.clone(), state);
-        s.model_version = replica.version;
-        s.weights_hash = Some(replica.weights.hash());
-        wire::encode_json(&s)
-    };
     loop {
         let ev = tokio::select! {
             _ = stop.cancelled() => break,
@@ -210,14 +225,7 @@ async fn run_client(
                 for f in topics.agent_filters() {
                     let _ = client.subscribe(f, QoS::AtLeastOnce).await;
                 }
-                let _ = client
-                    .publish(
-                        topics.status(&id),
-                        QoS::AtLeastOnce,
-                        true,
-                        status(&replica, AgentState::Online),
-                    )
-                    .await;
+                publish_status(&client, &topics, &id, &replica, AgentState::Online).await;
                 continue;
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => publish,
@@ -263,14 +271,7 @@ async fn run_client(
             stats
                 .commits_applied
                 .fetch_add(replica.version - before, Ordering::Relaxed);
-            let _ = client
-                .publish(
-                    topics.status(&id),
-                    QoS::AtLeastOnce,
-                    true,
-                    status(&replica, AgentState::Online),
-                )
-                .await;
+            publish_status(&client, &topics, &id, &replica, AgentState::Online).await;
         }
         // Answer the current request once we are at its version.
         let Some(a) = announce.as_ref() else { continue };
@@ -323,14 +324,7 @@ async fn run_client(
             break;
         }
     }
-    let _ = client
-        .publish(
-            topics.status(&id),
-            QoS::AtLeastOnce,
-            true,
-            status(&replica, AgentState::Offline),
-        )
-        .await;
+    publish_status(&client, &topics, &id, &replica, AgentState::Offline).await;
     let _ = client.disconnect().await;
     // Flush the offline status and the DISCONNECT (bounded).
     let _ = tokio::time::timeout(Duration::from_secs(1), async {

@@ -13,8 +13,7 @@
 //! a crash at any point leaves the checkpoint the on-disk state names. Weights on load = that
 //! checkpoint + replay of the logged commits, each verified against its recorded hash.
 
-use std::fs::{self, File};
-use std::io::Write;
+use std::fs;
 use std::path::{Path, PathBuf};
 
 use fwdllm_shared::lora::{LoraConfig, LoraWeights, ModelShape, WeightsHash};
@@ -146,24 +145,12 @@ fn checkpoint_file_version(name: &str) -> Option<u64> {
         .ok()
 }
 
-/// Replaces `path` atomically with `bytes`: temp file, fsync, rename, fsync of the directory.
+/// Replaces `path` atomically with `bytes` ([`fwdllm_shared::durable::write_atomic`]).
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
-    let io = |source| StateError::Io {
+    fwdllm_shared::durable::write_atomic(path, bytes).map_err(|source| StateError::Io {
         path: path.to_path_buf(),
         source,
-    };
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = File::create(&tmp).map_err(io)?;
-        f.write_all(bytes).map_err(io)?;
-        f.sync_all().map_err(io)?;
-    }
-    fs::rename(&tmp, path).map_err(io)?;
-    if let Some(dir) = path.parent() {
-        // Makes the rename itself durable.
-        File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
-    }
-    Ok(())
+    })
 }
 
 /// On-disk store of one aggregator.
@@ -342,17 +329,5 @@ mod tests {
         assert!((a.mean - mean).abs() < 1e-12);
         assert!((a.m2 - m2).abs() < 1e-9);
         assert_eq!(a.n, 5);
-    }
-
-    #[test]
-    fn atomic_write_replaces_content() {
-        let dir = std::env::temp_dir().join(format!("fwdllm-agg-aw-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
-        let p = dir.join("x.bin");
-        atomic_write(&p, b"one").unwrap();
-        atomic_write(&p, b"two").unwrap();
-        assert_eq!(fs::read(&p).unwrap(), b"two");
-        assert!(!p.with_extension("tmp").exists());
-        fs::remove_dir_all(&dir).unwrap();
     }
 }

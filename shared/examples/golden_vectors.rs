@@ -9,6 +9,7 @@
 //! diff x86.json arm.json
 //! ```
 
+use fwdllm_shared::fixtures;
 use fwdllm_shared::lora::{LoraConfig, LoraLayout, LoraModule, LoraWeights, ModelShape, Trainable};
 use fwdllm_shared::perturb::{derive_seed, direction, direction_word, gaussian_approx, mix_seed};
 use fwdllm_shared::update::{apply_commit, perturbed_params, SeedCoeff};
@@ -47,23 +48,7 @@ fn main() {
             format!("{:#018x}", mix_seed(1, 2)),
         ]),
     );
-    let shape = ModelShape {
-        arch: "llama".into(),
-        n_layer: 2,
-        n_embd: 8,
-        n_head: 2,
-        n_head_kv: 1,
-        n_ff: 16,
-    };
-    let config = LoraConfig {
-        rank: 2,
-        alpha: 4.0,
-        modules: vec![LoraModule::AttnQ, LoraModule::AttnV, LoraModule::FfnDown],
-        layers: None,
-        trainable: Trainable::AB,
-        init_seed: 42,
-        ..LoraConfig::default()
-    };
+    let (shape, config) = (fixtures::golden_shape(), fixtures::golden_lora());
     let mut w = LoraWeights::init(LoraLayout::new(&shape, &config).expect("valid layout"));
     out.insert("init_hash".into(), w.hash().to_string().into());
     apply_commit(

@@ -8,12 +8,16 @@
 //! * [`lora`] — LoRA layout over a flat f32 vector, deterministic init, [`WeightsHash`].
 //! * [`update`] — `(seed, coeff)` commit replay and perturbed parameter vectors.
 //! * [`gguf`] — GGUF v3 LoRA adapter writer (for stock llama.cpp) and a small GGUF reader.
+//! * [`durable`] — crash-safe file replacement (temp file, fsync, rename, fsync dir).
+//! * [`fixtures`] — small shapes and the golden-vector LoRA config for tests and simulations.
 //! * [`wire`], [`topics`] — the versioned postcard wire format and MQTT topic names.
 //!
 //! **Invariant:** replay (init + commits) is pure integer/f32 math in this crate, uses no
 //! libm function and never reads an engine output, so every replica on every platform holds
 //! the same bits for the same model version.
 
+pub mod durable;
+pub mod fixtures;
 pub mod gguf;
 pub mod lora;
 pub mod perturb;

@@ -697,26 +697,11 @@ mod tests {
     use super::*;
 
     fn tiny_shape() -> ModelShape {
-        ModelShape {
-            arch: "llama".into(),
-            n_layer: 2,
-            n_embd: 8,
-            n_head: 2,
-            n_head_kv: 1,
-            n_ff: 16,
-        }
+        crate::fixtures::golden_shape()
     }
 
     fn tiny_config() -> LoraConfig {
-        LoraConfig {
-            rank: 2,
-            alpha: 4.0,
-            modules: vec![LoraModule::AttnQ, LoraModule::AttnV, LoraModule::FfnDown],
-            layers: None,
-            trainable: Trainable::AB,
-            init_seed: 42,
-            ..LoraConfig::default()
-        }
+        crate::fixtures::golden_lora()
     }
 
     #[test]

@@ -184,6 +184,42 @@ pub fn gaussian_approx(seed: u64, out: &mut [f32]) {
     }
 }
 
+/// Sequential SplitMix64 (`state += GAMMA; mix64(state)`, Vigna's splitmix64.c): a tiny,
+/// pinned generator so that data splits, client shards and backoff jitter are identical
+/// everywhere. Not part of replay; directions use the counter-based stream above.
+#[derive(Debug, Clone)]
+pub struct SplitMix64(u64);
+
+impl SplitMix64 {
+    pub fn new(seed: u64) -> Self {
+        SplitMix64(seed)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(GAMMA);
+        mix64(self.0)
+    }
+    /// Uniform in [0, n) (n > 0), by rejection (no modulo bias).
+    pub fn below(&mut self, n: u64) -> u64 {
+        let zone = u64::MAX - u64::MAX % n;
+        loop {
+            let x = self.next_u64();
+            if x < zone {
+                return x % n;
+            }
+        }
+    }
+    /// Uniform in (0, 1).
+    pub fn unit(&mut self) -> f64 {
+        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+    pub fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            let j = self.below(i as u64 + 1) as usize;
+            v.swap(i, j);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,6 +242,25 @@ mod tests {
         assert_eq!(next(), 0xE220_A839_7B1D_CDAF);
         assert_eq!(next(), 0x6E78_9E6A_A1B9_65F4);
         assert_eq!(next(), 0x06C4_5D18_8009_454F);
+    }
+
+    #[test]
+    fn sequential_splitmix64_matches_the_reference() {
+        let mut rng = SplitMix64::new(0);
+        assert_eq!(rng.next_u64(), 0xE220_A839_7B1D_CDAF);
+        assert_eq!(rng.next_u64(), 0x6E78_9E6A_A1B9_65F4);
+        assert_eq!(rng.next_u64(), 0x06C4_5D18_8009_454F);
+        let mut v: Vec<u32> = (0..10).collect();
+        SplitMix64::new(7).shuffle(&mut v);
+        assert_ne!(v, (0..10).collect::<Vec<u32>>());
+        v.sort_unstable();
+        assert_eq!(v, (0..10).collect::<Vec<u32>>());
+        let mut rng = SplitMix64::new(1);
+        assert!((0..1000).all(|_| rng.below(3) < 3));
+        assert!((0..1000).all(|_| {
+            let u = rng.unit();
+            u > 0.0 && u < 1.0
+        }));
     }
 
     #[test]

@@ -105,24 +105,11 @@ mod tests {
     use crate::perturb::{derive_seed, direction};
 
     fn layout(trainable: Trainable) -> LoraLayout {
-        let shape = ModelShape {
-            arch: "llama".into(),
-            n_layer: 2,
-            n_embd: 8,
-            n_head: 2,
-            n_head_kv: 1,
-            n_ff: 16,
-        };
         let config = LoraConfig {
-            rank: 2,
-            alpha: 4.0,
-            modules: vec![LoraModule::AttnQ, LoraModule::AttnV, LoraModule::FfnDown],
-            layers: None,
             trainable,
-            init_seed: 42,
-            ..LoraConfig::default()
+            ..crate::fixtures::golden_lora()
         };
-        LoraLayout::new(&shape, &config).unwrap()
+        LoraLayout::new(&crate::fixtures::golden_shape(), &config).unwrap()
     }
 
     fn commits() -> Vec<Vec<SeedCoeff>> {
@@ -315,14 +302,7 @@ mod tests {
     }
 
     fn head_layout(blockwise: bool) -> LoraLayout {
-        let shape = ModelShape {
-            arch: "llama".into(),
-            n_layer: 2,
-            n_embd: 8,
-            n_head: 2,
-            n_head_kv: 1,
-            n_ff: 16,
-        };
+        let shape = crate::fixtures::golden_shape();
         let config = LoraConfig {
             rank: 2,
             alpha: 4.0,

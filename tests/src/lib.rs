@@ -1,96 +1,20 @@
-//! End-to-end suites live in `tests/tests/*.rs`; this library holds what several of them share.
+//! The support library of the end-to-end suites in `tests/tests/*.rs`: brokers, an MQTT test
+//! client, real agents, and the scenarios that the suites run once per broker.
+//!
+//! A suite that runs on both brokers is one file with one body, instantiated per broker by a
+//! macro (`tests/tests/agent.rs`, `tests/tests/federation.rs`): the test `embedded::x` and
+//! `mosquitto::x` run the same scenario `x` from [`agent_suite`] or [`federation_suite`].
+//!
+//! Waiting is always "until this event/message arrives", with [`WAIT`] only as a failure
+//! guard; nothing sleeps to synchronise.
 
-pub mod broker {
-    //! Brokers for the end-to-end suites: the embedded rumqttd (the product's default) and
-    //! Debian's mosquitto, started here on 127.0.0.1 to prove interoperability.
+use std::time::Duration;
 
-    use std::net::{SocketAddr, TcpStream};
-    use std::path::Path;
-    use std::process::{Child, Command, Stdio};
-    use std::time::{Duration, Instant};
+pub mod agent_suite;
+pub mod agents;
+pub mod broker;
+pub mod federation_suite;
+pub mod mqtt;
 
-    /// Largest MQTT packet the test brokers accept (holds a checkpoint of the test layouts).
-    pub const MAX_PACKET: usize = 8 << 20;
-    /// Failure guard for a broker to start listening (never reached when things work).
-    const START_GUARD: Duration = Duration::from_secs(60);
-
-    pub enum Broker {
-        Embedded(fwdllm_aggregator::broker::EmbeddedBroker),
-        Mosquitto {
-            child: Child,
-            port: u16,
-            _dir: tempfile::TempDir,
-        },
-    }
-
-    impl Broker {
-        pub fn embedded() -> Broker {
-            Broker::Embedded(
-                fwdllm_aggregator::broker::EmbeddedBroker::start("127.0.0.1", 0, MAX_PACKET)
-                    .expect("embedded broker"),
-            )
-        }
-
-        /// Debian's mosquitto on 127.0.0.1, random free port, generated config; killed on drop.
-        pub fn mosquitto() -> Broker {
-            let bin = Path::new("/usr/sbin/mosquitto");
-            assert!(
-                bin.exists(),
-                "/usr/sbin/mosquitto is missing: apt-get install mosquitto (scripts/setup.sh does)"
-            );
-            // Tests in one binary run in parallel: without this lock two of them can be handed
-            // the same free port, one mosquitto fails to bind, and its test talks to the other's
-            // broker (client-id takeovers reset connections). Held until ours is listening.
-            static STARTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
-            let _starting = STARTING.lock().unwrap_or_else(|e| e.into_inner());
-            let port = fwdllm_aggregator::broker::free_port("127.0.0.1").expect("free port");
-            let dir = tempfile::tempdir().expect("tempdir");
-            let conf = dir.path().join("mosquitto.conf");
-            std::fs::write(
-                &conf,
-                format!(
-                    "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_packet_size {MAX_PACKET}\n"
-                ),
-            )
-            .expect("write mosquitto.conf");
-            let child = Command::new(bin)
-                .arg("-c")
-                .arg(&conf)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("start mosquitto");
-            let addr = SocketAddr::from(([127, 0, 0, 1], port));
-            // Readiness poll of the listener we just started (bounded guard, not a delay).
-            let start = Instant::now();
-            while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-                assert!(
-                    start.elapsed() < START_GUARD,
-                    "mosquitto not listening on {addr}"
-                );
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Broker::Mosquitto {
-                child,
-                port,
-                _dir: dir,
-            }
-        }
-
-        pub fn addr(&self) -> SocketAddr {
-            match self {
-                Broker::Embedded(b) => b.addr(),
-                Broker::Mosquitto { port, .. } => SocketAddr::from(([127, 0, 0, 1], *port)),
-            }
-        }
-    }
-
-    impl Drop for Broker {
-        fn drop(&mut self) {
-            if let Broker::Mosquitto { child, .. } = self {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-    }
-}
+/// Failure guard for every wait of the suites (never reached when things work).
+pub const WAIT: Duration = Duration::from_secs(60);

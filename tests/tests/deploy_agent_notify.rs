@@ -4,12 +4,11 @@
 //! hangs (`gradient.synthetic_hang_at_round`, a wedged forward pass) stops the pings for
 //! good, which is what lets systemd restart it.
 
-mod agent_support;
-
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use agent_support::{agent_config, Broker, Peer, Reference};
+use fwdllm_tests::agent_suite::{agent_config, Peer, Reference};
+use fwdllm_tests::broker::Broker;
 use tokio::net::UnixDatagram;
 
 const AGENT: &str = env!("CARGO_BIN_EXE_fwdllm-agent-under-test");

@@ -11,8 +11,9 @@ use tokio_util::sync::CancellationToken;
 use super::{Agent, EngineSource, GradientSource, SyntheticSource};
 use crate::config::{AgentConfig, SourceKind};
 
-/// `fwdllm-agent validate --config FILE`: prints every problem (key, problem, fix), exit 1 on any.
-pub fn validate(path: &Path) -> anyhow::Result<()> {
+/// Loads and validates the config at `path`, then checks the files `run` needs; every problem
+/// at once.
+fn load_checked(path: &Path) -> anyhow::Result<AgentConfig> {
     let config = AgentConfig::load(path)?;
     let problems = config.check_files();
     if !problems.is_empty() {
@@ -24,6 +25,12 @@ pub fn validate(path: &Path) -> anyhow::Result<()> {
             list.join("\n")
         );
     }
+    Ok(config)
+}
+
+/// `fwdllm-agent validate --config FILE`: prints every problem (key, problem, fix), exit 1 on any.
+pub fn validate(path: &Path) -> anyhow::Result<()> {
+    let config = load_checked(path)?;
     println!(
         "{}: OK (client id {}, job {}, broker {}:{})",
         path.display(),
@@ -38,17 +45,7 @@ pub fn validate(path: &Path) -> anyhow::Result<()> {
 /// `fwdllm-agent run --config FILE`: the daemon, until SIGTERM/SIGINT.
 pub fn run(path: &Path) -> anyhow::Result<()> {
     service::init_logging(log::LevelFilter::Info);
-    let config = AgentConfig::load(path)?;
-    let problems = config.check_files();
-    if !problems.is_empty() {
-        let list: Vec<String> = problems.iter().map(|p| format!("  - {p}")).collect();
-        bail!(
-            "config {} has {} problem(s):\n{}",
-            path.display(),
-            problems.len(),
-            list.join("\n")
-        );
-    }
+    let config = load_checked(path)?;
     let source: Box<dyn GradientSource + Send> = match config.gradient.source {
         SourceKind::Synthetic => Box::new(
             SyntheticSource::new(

@@ -198,17 +198,10 @@ impl Replica {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fwdllm_shared::lora::{LoraConfig, LoraLayout, ModelShape};
+    use fwdllm_shared::lora::{LoraConfig, LoraLayout};
 
     fn init() -> LoraWeights {
-        let shape = ModelShape {
-            arch: "llama".into(),
-            n_layer: 2,
-            n_embd: 16,
-            n_head: 2,
-            n_head_kv: 1,
-            n_ff: 32,
-        };
+        let shape = fwdllm_shared::fixtures::small_llama(2, 16, 2, 1);
         LoraWeights::init(LoraLayout::new(&shape, &LoraConfig::default()).unwrap())
     }
 

@@ -3,7 +3,6 @@
 //! atomically (temp file, fsync, rename, fsync dir), so a crash leaves the old or the new file,
 //! never a partial one.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use fwdllm_shared::lora::{LoraWeights, WeightsHash};
@@ -127,42 +126,26 @@ impl StateDir {
     }
 }
 
-/// Writes `bytes` to `path` so that readers see the old or the new content, never a mix.
+/// Writes `bytes` to `path` so that readers see the old or the new content, never a mix
+/// ([`fwdllm_shared::durable::write_atomic`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
-    let err = |source| StateError::Write {
+    fwdllm_shared::durable::write_atomic(path, bytes).map_err(|source| StateError::Write {
         path: path.to_owned(),
         source,
-    };
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(err)?;
-    tmp.write_all(bytes).map_err(err)?;
-    tmp.as_file().sync_all().map_err(err)?;
-    tmp.persist(path).map_err(|e| err(e.error))?;
-    // The rename is durable only once the directory entry is.
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fwdllm_shared::lora::{LoraConfig, LoraLayout, ModelShape};
+    use fwdllm_shared::lora::{LoraConfig, LoraLayout};
 
     #[test]
     fn state_and_weights_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let sd = StateDir::open(&dir.path().join("nested")).unwrap();
         assert_eq!(sd.load_state(), PersistedState::default());
-        let shape = ModelShape {
-            arch: "llama".into(),
-            n_layer: 1,
-            n_embd: 8,
-            n_head: 2,
-            n_head_kv: 1,
-            n_ff: 16,
-        };
+        let shape = fwdllm_shared::fixtures::small_llama(1, 8, 2, 1);
         let w = LoraWeights::init(LoraLayout::new(&shape, &LoraConfig::default()).unwrap());
         let s = PersistedState {
             client_id: "a".into(),

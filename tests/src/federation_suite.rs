@@ -1,11 +1,6 @@
-//! Harness of the federation end-to-end suites: the real aggregator (`fwdllm_aggregator::server`)
-//! and real agents (`fwdllm_agent::daemon::Agent` with the synthetic gradient source) talking
-//! through a real broker — embedded rumqttd or a mosquitto started here on 127.0.0.1.
-//!
-//! Waiting is always "until this event/message arrives", with a generous timeout only as a
-//! failure guard; nothing sleeps to synchronise.
-
-#![allow(dead_code, unreachable_pub)]
+//! The federation suite (`tests/tests/federation.rs`): the real aggregator
+//! (`fwdllm_aggregator::server`) and real agents (synthetic gradient source) talking through a
+//! real broker, plus a hand-driven client for duplicate and stale updates.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -13,8 +8,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fwdllm_agent::config::{AgentConfig, SourceKind};
-use fwdllm_agent::daemon::{Agent, AgentInfo, SyntheticSource};
 use fwdllm_aggregator::config::AggregatorConfig;
 use fwdllm_aggregator::coordinator::{AggEvent, UpdateOutcome};
 use fwdllm_aggregator::server::{self, BrokerTarget, Hooks, RunSummary};
@@ -24,15 +17,17 @@ use fwdllm_shared::topics::Topics;
 use fwdllm_shared::wire::{
     self, client_index, AgentState, AgentStatus, ClientUpdate, RoundAnnounce, SeedScalar,
 };
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use tokio::sync::{broadcast, mpsc, watch};
+use rumqttc::QoS;
+use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-/// Failure guard for every wait (never reached when things work).
-pub const WAIT: Duration = Duration::from_secs(60);
+use crate::agents::{self, RunningAgent};
+use crate::broker::{Broker, MAX_PACKET};
+use crate::mqtt::{OnError, TestClient};
+use crate::WAIT;
+
 pub const JOB: &str = "fed-e2e";
-pub use fwdllm_tests::broker::{Broker, MAX_PACKET};
 
 // ---------------------------------------------------------------------------------------------
 // Aggregator
@@ -146,96 +141,12 @@ impl RunningAggregator {
 // ---------------------------------------------------------------------------------------------
 // Agents
 
-pub fn agent_config(broker: SocketAddr, id: &str, state_dir: &Path) -> AgentConfig {
-    let mut c = AgentConfig::default();
-    c.agent.client_id = id.into();
-    c.agent.job = JOB.into();
-    c.agent.state_dir = state_dir.display().to_string();
-    c.agent.systemd_notify = false;
-    c.mqtt.host = broker.ip().to_string();
-    c.mqtt.port = broker.port();
-    c.mqtt.max_packet_bytes = MAX_PACKET;
-    c.mqtt.keep_alive_s = 5;
-    c.mqtt.backoff_initial_ms = 50;
-    c.mqtt.backoff_max_ms = 500;
-    c.limits.min_free_memory_mb = 0;
-    c.limits.max_temperature_c = 0.0;
-    c.gradient.source = SourceKind::Synthetic;
-    c.gradient.seeds_per_chunk = 2;
-    c
-}
-
-/// Every (version, hash) an agent was observed at.
-pub type Seen = Arc<Mutex<Vec<(u64, Option<WeightsHash>)>>>;
-
-pub struct RunningAgent {
-    pub id: String,
-    pub info: watch::Receiver<AgentInfo>,
-    pub stop: CancellationToken,
-    pub task: JoinHandle<Result<(), fwdllm_agent::daemon::AgentError>>,
-    /// Every (version, hash) the agent was observed at.
-    pub seen: Seen,
-}
-
+/// Starts agent `id` with its state in `dir/id`.
 pub fn spawn_agent(broker: SocketAddr, id: &str, dir: &Path) -> RunningAgent {
-    let config = agent_config(broker, id, &dir.join(id));
-    let source = SyntheticSource::new(
-        config.gradient.synthetic_target_seed,
-        config.gradient.synthetic_target_scale,
-    );
-    let agent = Agent::new(config, Box::new(source)).expect("valid agent config");
-    let info = agent.watch();
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let (mut rx, s2) = (agent.watch(), seen.clone());
-    tokio::spawn(async move {
-        loop {
-            {
-                let i = rx.borrow_and_update();
-                let mut s = s2.lock().unwrap();
-                if s.last().map(|l: &(u64, Option<WeightsHash>)| l.0) != Some(i.model_version) {
-                    s.push((i.model_version, i.weights_hash));
-                }
-            }
-            if rx.changed().await.is_err() {
-                break;
-            }
-        }
-    });
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(agent.run(stop.clone()));
-    RunningAgent {
-        id: id.into(),
-        info,
-        stop,
-        task,
-        seen,
-    }
+    agents::spawn_agent(agents::agent_config(broker, JOB, id, &dir.join(id)))
 }
 
 impl RunningAgent {
-    pub async fn wait_info(&mut self, what: &str, f: impl FnMut(&AgentInfo) -> bool) -> AgentInfo {
-        let id = self.id.clone();
-        tokio::time::timeout(WAIT, self.info.wait_for(f))
-            .await
-            .unwrap_or_else(|_| panic!("timed out waiting for agent {id}: {what}"))
-            .expect("agent info")
-            .clone()
-    }
-
-    /// Waits until the agent holds `version` and returns its hash there.
-    pub async fn at_version(&mut self, version: u64) -> Option<WeightsHash> {
-        self.wait_info(&format!("version {version}"), |i| {
-            i.model_version >= version
-        })
-        .await;
-        self.seen
-            .lock()
-            .unwrap()
-            .iter()
-            .find(|(v, _)| *v == version)
-            .and_then(|(_, h)| *h)
-    }
-
     /// Every observed (version, hash) equals the aggregator's hash of that version.
     pub fn assert_replica_matches(&self, agg: &RunningAggregator) {
         for (v, h) in self.seen.lock().unwrap().iter() {
@@ -251,74 +162,39 @@ impl RunningAgent {
             );
         }
     }
-
-    pub async fn stop(self) {
-        self.stop.cancel();
-        tokio::time::timeout(WAIT, self.task)
-            .await
-            .expect("agent stops")
-            .expect("agent task")
-            .expect("agent run ok");
-    }
-
-    /// Kills the agent without a goodbye (the broker publishes its last will).
-    pub fn kill(self) {
-        self.task.abort();
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
 // A hand-driven client (for duplicate and stale updates).
 
 pub struct Peer {
-    pub client: AsyncClient,
-    pub rx: mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+    pub mqtt: TestClient,
     pub id: String,
-    task: JoinHandle<()>,
 }
 
 impl Peer {
+    /// Connects as `id`, subscribed to the job's round topic.
     pub async fn connect(addr: SocketAddr, id: &str) -> Peer {
         let topics = Topics::new(JOB).unwrap();
-        let mut o = MqttOptions::new(id, addr.ip().to_string(), addr.port());
-        o.set_keep_alive(Duration::from_secs(5));
-        o.set_max_packet_size(MAX_PACKET, MAX_PACKET);
-        let (client, mut el) = AsyncClient::new(o, 64);
-        let (tx, rx) = mpsc::unbounded_channel();
-        let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(async move {
-            loop {
-                match el.poll().await {
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        let _ = ready_tx.send(());
-                    }
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        let _ = tx.send((p.topic.clone(), p.payload.to_vec()));
-                    }
-                    Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-                }
-            }
-        });
-        client
-            .subscribe(topics.round(), QoS::AtLeastOnce)
-            .await
-            .unwrap();
-        tokio::time::timeout(WAIT, ready_rx.recv())
-            .await
-            .expect("suback");
+        let mqtt = TestClient::connect(
+            addr,
+            id,
+            Duration::from_secs(5),
+            OnError::Retry,
+            &[topics.round()],
+        )
+        .await;
         Peer {
-            client,
-            rx,
+            mqtt,
             id: id.into(),
-            task,
         }
     }
 
     pub async fn status(&self, state: AgentState) {
         let topics = Topics::new(JOB).unwrap();
         let s = AgentStatus::new(self.id.clone(), state);
-        self.client
+        self.mqtt
+            .client
             .publish(
                 topics.status(&self.id),
                 QoS::AtLeastOnce,
@@ -331,21 +207,16 @@ impl Peer {
 
     /// Next announcement matching `f`.
     pub async fn announce(&mut self, f: impl Fn(&RoundAnnounce) -> bool) -> RoundAnnounce {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let (_, payload) = tokio::time::timeout_at(deadline, self.rx.recv())
-                .await
-                .expect("announcement arrives")
-                .expect("peer open");
-            if payload.is_empty() {
-                continue;
-            }
-            if let Ok(a) = wire::decode::<RoundAnnounce>(&payload) {
-                if f(&a) {
-                    return a;
+        self.mqtt
+            .next("announcement", |m| {
+                if m.payload.is_empty() {
+                    return None;
                 }
-            }
-        }
+                wire::decode::<RoundAnnounce>(&m.payload)
+                    .ok()
+                    .filter(|a| f(a))
+            })
+            .await
     }
 
     /// A well-formed update answering `a` (g values are arbitrary but finite).
@@ -371,16 +242,11 @@ impl Peer {
 
     pub async fn send_update(&self, bytes: Vec<u8>) {
         let topics = Topics::new(JOB).unwrap();
-        self.client
+        self.mqtt
+            .client
             .publish(topics.update(&self.id), QoS::AtLeastOnce, false, bytes)
             .await
             .unwrap();
-    }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 
@@ -667,7 +533,8 @@ pub async fn many_retained_statuses_are_all_seen(broker: &Broker) {
     for i in 0..BOARDS {
         let id = format!("board-{i:04}");
         let s = AgentStatus::new(id.clone(), AgentState::Online);
-        peer.client
+        peer.mqtt
+            .client
             .publish(
                 topics.status(&id),
                 QoS::AtLeastOnce,
@@ -680,24 +547,19 @@ pub async fn many_retained_statuses_are_all_seen(broker: &Broker) {
     // Round trip: the broker handles one connection's packets in order, so once our marker
     // comes back every status before it is stored as retained.
     let marker = "fwdllm-test/marker";
-    peer.client
+    peer.mqtt
+        .client
         .subscribe(marker, QoS::AtLeastOnce)
         .await
         .unwrap();
-    peer.client
+    peer.mqtt
+        .client
         .publish(marker, QoS::AtLeastOnce, false, b"m".to_vec())
         .await
         .unwrap();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let (topic, _) = tokio::time::timeout_at(deadline, peer.rx.recv())
-            .await
-            .expect("marker comes back")
-            .expect("peer alive");
-        if topic == marker {
-            break;
-        }
-    }
+    peer.mqtt
+        .next("marker comes back", |m| (m.topic == marker).then_some(()))
+        .await;
 
     let (_dir, path) = tempdir();
     let mut agg = spawn_aggregator(aggregator_config(&path, BOARDS as u32, 1), broker.addr());

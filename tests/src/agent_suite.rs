@@ -1,18 +1,14 @@
-//! Shared harness of the agent end-to-end suites: brokers (embedded rumqttd, mosquitto), a
-//! cuttable TCP proxy, a fake aggregator client, and the scenarios both suites run.
-//!
-//! Waiting is always "until this message arrives", with a generous timeout only as a failure
-//! guard; nothing sleeps to synchronise.
-
-#![allow(dead_code, unreachable_pub)]
+//! The agent suite (`tests/tests/agent.rs`): one agent daemon against a fake aggregator (a
+//! hand-driven [`TestClient`]) through a real broker: status and last will (through a cuttable
+//! TCP proxy), replay, checkpoint catch-up, de-duplication, device limits.
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use fwdllm_agent::config::{AgentConfig, SourceKind};
-use fwdllm_agent::daemon::{Agent, AgentInfo, GradientRequest, GradientSource, SyntheticSource};
-use fwdllm_shared::lora::{LoraConfig, LoraLayout, LoraWeights, ModelShape, WeightsHash};
+use fwdllm_agent::config::AgentConfig;
+use fwdllm_agent::daemon::{GradientRequest, GradientSource, SyntheticSource};
+use fwdllm_shared::lora::{LoraConfig, LoraLayout, LoraWeights, WeightsHash};
 use fwdllm_shared::perturb::derive_seed;
 use fwdllm_shared::topics::Topics;
 use fwdllm_shared::update::{apply_commit, SeedCoeff};
@@ -20,16 +16,15 @@ use fwdllm_shared::wire::{
     self, AgentState, AgentStatus, Checkpoint, ClientSelection, ClientUpdate, RoundAnnounce,
     RoundCommit, TaskParams,
 };
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use tokio::sync::{mpsc, watch};
+use rumqttc::QoS;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
-/// Failure guard for every wait (never reached when things work).
-pub const WAIT: Duration = Duration::from_secs(30);
+use crate::agents::{self, RunningAgent};
+use crate::broker::Broker;
+use crate::mqtt::{OnError, Received, TestClient};
+
 pub const JOB: &str = "agent-e2e";
-
-pub use fwdllm_tests::broker::{Broker, MAX_PACKET};
 
 // ---------------------------------------------------------------------------------------------
 // A TCP proxy whose connections can be cut, so the broker sees a connection die without
@@ -85,76 +80,32 @@ impl Drop for Proxy {
 // ---------------------------------------------------------------------------------------------
 // Fake aggregator: publishes what the aggregator would, and watches what agents send.
 
-pub struct Received {
-    pub topic: String,
-    pub payload: Vec<u8>,
-}
-
 pub struct Peer {
-    pub client: AsyncClient,
-    pub rx: mpsc::UnboundedReceiver<Received>,
+    pub mqtt: TestClient,
     pub topics: Topics,
-    task: JoinHandle<()>,
 }
 
 impl Peer {
     /// Connects and subscribes to the job's status and update topics (waits for the SUBACKs).
     pub async fn connect(addr: SocketAddr, id: &str) -> Peer {
         let topics = Topics::new(JOB).unwrap();
-        let mut opts = MqttOptions::new(id, addr.ip().to_string(), addr.port());
-        opts.set_max_packet_size(MAX_PACKET, MAX_PACKET);
-        opts.set_keep_alive(Duration::from_secs(30));
-        let (client, mut el) = AsyncClient::new(opts, 64);
-        let (tx, rx) = mpsc::unbounded_channel();
-        let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(async move {
-            loop {
-                match el.poll().await {
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        let _ = tx.send(Received {
-                            topic: p.topic,
-                            payload: p.payload.to_vec(),
-                        });
-                    }
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        let _ = ready_tx.send(());
-                    }
-                    Ok(_) => {}
-                    Err(e) => panic!("test peer lost the broker: {e}"),
-                }
-            }
-        });
-        client
-            .subscribe(topics.status_filter(), QoS::AtLeastOnce)
-            .await
-            .unwrap();
-        client
-            .subscribe(topics.updates_filter(), QoS::AtLeastOnce)
-            .await
-            .unwrap();
-        for _ in 0..2 {
-            tokio::time::timeout(WAIT, ready_rx.recv())
-                .await
-                .expect("SUBACK")
-                .expect("peer running");
-        }
-        Peer {
-            client,
-            rx,
-            topics,
-            task,
-        }
+        let filters = [topics.status_filter(), topics.updates_filter()];
+        let mqtt =
+            TestClient::connect(addr, id, Duration::from_secs(30), OnError::Fail, &filters).await;
+        Peer { mqtt, topics }
     }
 
     pub async fn publish<T: wire::WireMessage>(&self, topic: String, msg: &T) {
-        self.client
+        self.mqtt
+            .client
             .publish(topic, QoS::AtLeastOnce, true, wire::encode(msg))
             .await
             .unwrap();
     }
 
     pub async fn clear(&self, topic: String) {
-        self.client
+        self.mqtt
+            .client
             .publish(topic, QoS::AtLeastOnce, true, Vec::<u8>::new())
             .await
             .unwrap();
@@ -176,18 +127,9 @@ impl Peer {
         .await;
     }
 
-    /// Next message accepted by `f` (others are skipped), or panics after [`WAIT`].
-    pub async fn next<T>(&mut self, what: &str, mut f: impl FnMut(&Received) -> Option<T>) -> T {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let m = tokio::time::timeout_at(deadline, self.rx.recv())
-                .await
-                .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
-                .expect("peer running");
-            if let Some(v) = f(&m) {
-                return v;
-            }
-        }
+    /// Next message accepted by `f` (others are skipped).
+    pub async fn next<T>(&mut self, what: &str, f: impl FnMut(&Received) -> Option<T>) -> T {
+        self.mqtt.next(what, f).await
     }
 
     pub async fn next_status(&mut self, id: &str, state: AgentState) -> AgentStatus {
@@ -212,24 +154,11 @@ impl Peer {
     }
 }
 
-impl Drop for Peer {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Model, reference replica, agents
 
 pub fn tiny_layout() -> LoraLayout {
-    let shape = ModelShape {
-        arch: "llama".into(),
-        n_layer: 2,
-        n_embd: 32,
-        n_head: 4,
-        n_head_kv: 2,
-        n_ff: 64,
-    };
+    let shape = fwdllm_shared::fixtures::small_llama(2, 32, 4, 2);
     LoraLayout::new(&shape, &LoraConfig::default()).unwrap()
 }
 
@@ -294,67 +223,14 @@ impl Reference {
 }
 
 pub fn agent_config(broker: SocketAddr, id: &str, state_dir: &Path) -> AgentConfig {
-    let mut c = AgentConfig::default();
-    c.agent.client_id = id.into();
-    c.agent.job = JOB.into();
-    c.agent.state_dir = state_dir.display().to_string();
-    c.agent.systemd_notify = false;
+    let mut c = agents::agent_config(broker, JOB, id, state_dir);
     // Plain directions: `expected_pairs` predicts the seeds of every answer.
     c.gradient.discriminative_candidates = 1;
-    c.mqtt.host = broker.ip().to_string();
-    c.mqtt.port = broker.port();
-    c.mqtt.max_packet_bytes = MAX_PACKET;
-    c.mqtt.keep_alive_s = 5;
-    c.mqtt.backoff_initial_ms = 50;
-    c.mqtt.backoff_max_ms = 500;
-    c.limits.min_free_memory_mb = 0;
-    c.limits.max_temperature_c = 0.0;
-    c.gradient.source = SourceKind::Synthetic;
-    c.gradient.seeds_per_chunk = 2;
     c
 }
 
-pub struct Running {
-    pub info: watch::Receiver<AgentInfo>,
-    pub stop: CancellationToken,
-    pub task: JoinHandle<Result<(), fwdllm_agent::daemon::AgentError>>,
-}
-
-impl Running {
-    pub async fn stop(self) {
-        self.stop.cancel();
-        tokio::time::timeout(WAIT, self.task)
-            .await
-            .expect("agent stops")
-            .expect("agent task")
-            .expect("agent run ok");
-    }
-
-    pub async fn wait_info(&mut self, what: &str, f: impl FnMut(&AgentInfo) -> bool) -> AgentInfo {
-        let got = match tokio::time::timeout(WAIT, self.info.wait_for(f)).await {
-            Ok(Ok(info)) => Some(info.clone()),
-            Ok(Err(_)) => panic!("agent info channel closed while waiting for {what}"),
-            Err(_) => None,
-        };
-        got.unwrap_or_else(|| {
-            panic!(
-                "timed out waiting for agent: {what}; last {:?}",
-                *self.info.borrow()
-            )
-        })
-    }
-}
-
-pub fn spawn_agent(config: AgentConfig) -> Running {
-    let source = SyntheticSource::new(
-        config.gradient.synthetic_target_seed,
-        config.gradient.synthetic_target_scale,
-    );
-    let agent = Agent::new(config, Box::new(source)).expect("valid config");
-    let info = agent.watch();
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(agent.run(stop.clone()));
-    Running { info, stop, task }
+pub fn spawn_agent(config: AgentConfig) -> RunningAgent {
+    agents::spawn_agent(config)
 }
 
 /// What a correct agent must send for `a` at `weights`, k from `k0`.
