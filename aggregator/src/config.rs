@@ -11,6 +11,8 @@ use fwdllm_shared::wire::TaskParams;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+pub use crate::robust::{DpConfig, RobustConfig};
+
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AggregatorConfig {
@@ -23,6 +25,10 @@ pub struct AggregatorConfig {
     pub step: StepConfig,
     pub task: TaskConfig,
     pub state: StateConfig,
+    /// Bounds on what one client's scalars can do to a commit (`crate::robust`).
+    pub robust: RobustConfig,
+    /// Optional differential privacy of the committed scalars (`crate::robust`).
+    pub dp: DpConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -528,6 +534,7 @@ impl AggregatorConfig {
                 ),
             );
         }
+        crate::robust::validate(&self.robust, &self.dp, &mut bad);
         p
     }
 

@@ -3,6 +3,7 @@
 //! * [`coordinator`] — the round state machine (no I/O): selection, dedup, pacing, commit.
 //! * [`pacing`] — pooled estimate and its dimensionless z statistic.
 //! * [`step`] — learning-rate schedule and trust-region clamp folded into commit coefficients.
+//! * [`robust`] — ingest checks, robust clipping, per-client cap and DP noise of the scalars.
 //! * [`state`] — durable state (atomic writes) and resume.
 //! * [`server`] — the rumqttc driver (write-ahead persistence, manual acks, reconnect).
 //! * [`broker`] — embedded rumqttd on loopback.
@@ -19,7 +20,9 @@ pub mod export;
 pub mod metrics;
 pub mod monitor;
 pub mod pacing;
+pub mod robust;
 pub mod server;
 pub mod sim;
 pub mod state;
+mod state_legacy;
 pub mod step;
