@@ -9,6 +9,7 @@
 //! * [`broker`] — embedded rumqttd on loopback.
 //! * [`config`] — TOML config and `validate`.
 //! * [`metrics`] — CSV/JSONL records and the PNG plot.
+//! * [`fuzz`] — mutation fuzzing of the decoders, the ingest and the config loaders.
 //! * [`sim`] — simulated clients (real MQTT connections, synthetic quadratic loss).
 //! * [`monitor`] — live terminal view of a job on any broker.
 //! * [`export`] — GGUF LoRA export of the current weights.
@@ -17,6 +18,7 @@ pub mod broker;
 pub mod config;
 pub mod coordinator;
 pub mod export;
+pub mod fuzz;
 pub mod metrics;
 pub mod monitor;
 pub mod pacing;
