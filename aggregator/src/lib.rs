@@ -10,6 +10,7 @@
 //! * [`config`] — TOML config and `validate`.
 //! * [`metrics`] — CSV/JSONL records and the PNG plot.
 //! * [`fuzz`] — mutation fuzzing of the decoders, the ingest and the config loaders.
+//! * [`security`] — TLS and credentials of the broker connection; the embedded broker's users.
 //! * [`sim`] — simulated clients (real MQTT connections, synthetic quadratic loss).
 //! * [`monitor`] — live terminal view of a job on any broker.
 //! * [`export`] — GGUF LoRA export of the current weights.
@@ -23,6 +24,7 @@ pub mod metrics;
 pub mod monitor;
 pub mod pacing;
 pub mod robust;
+pub mod security;
 pub mod server;
 pub mod sim;
 pub mod state;

@@ -9,6 +9,8 @@
 //! * [`update`] — `(seed, coeff)` commit replay and perturbed parameter vectors.
 //! * [`gguf`] — GGUF v3 LoRA adapter writer (for stock llama.cpp) and a small GGUF reader.
 //! * [`wire`], [`topics`] — the versioned postcard wire format and MQTT topic names.
+//! * `mqtt_tls` (feature `tls`) — TLS settings and the rustls (ring) client configuration of
+//!   the daemons' broker connections.
 //!
 //! **Invariant:** replay (init + commits) is pure integer/f32 math in this crate, uses no
 //! libm function and never reads an engine output, so every replica on every platform holds
@@ -19,6 +21,8 @@ pub mod lora;
 pub mod perturb;
 pub mod update;
 
+#[cfg(feature = "tls")]
+pub mod mqtt_tls;
 #[cfg(feature = "service")]
 pub mod service;
 #[cfg(feature = "tokenizer")]

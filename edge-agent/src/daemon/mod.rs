@@ -118,6 +118,8 @@ pub enum AgentError {
     State(#[from] StateError),
     #[error("cannot read the MQTT password: {0}")]
     Password(std::io::Error),
+    #[error("MQTT TLS: {0}")]
+    Tls(#[from] fwdllm_shared::mqtt_tls::TlsError),
     #[error("the gradient source panicked: {0}")]
     SourcePanicked(String),
     #[error("the MQTT client stopped unexpectedly")]
@@ -235,7 +237,11 @@ impl Agent {
             );
         }
         let password = config.password().map_err(AgentError::Password)?;
-        let (client, eventloop) = mqtt_client(&config, &client_id, &topics, password);
+        let tls = (config.mqtt.tls).client_config(
+            "mqtt.tls",
+            fwdllm_shared::mqtt_tls::credentials_dir().as_deref(),
+        )?;
+        let (client, eventloop) = mqtt_client(&config, &client_id, &topics, password, tls);
         let net_stop = CancellationToken::new();
         let (net_tx, net_rx) = mpsc::channel(256);
         let backoff = Backoff::new(
@@ -301,6 +307,7 @@ fn mqtt_client(
     client_id: &str,
     topics: &Topics,
     password: Option<String>,
+    tls: Option<std::sync::Arc<fwdllm_shared::mqtt_tls::ClientConfig>>,
 ) -> (AsyncClient, EventLoop) {
     let m = &config.mqtt;
     let mut opts = MqttOptions::new(client_id, m.host.clone(), m.port);
@@ -320,6 +327,11 @@ fn mqtt_client(
     ));
     if !m.username.is_empty() {
         opts.set_credentials(m.username.clone(), password.unwrap_or_default());
+    }
+    if let Some(tls) = tls {
+        opts.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(tls),
+        ));
     }
     let (client, mut eventloop) = AsyncClient::new(opts, 64);
     let mut net = NetworkOptions::new();
