@@ -297,8 +297,11 @@ pub struct Target<'a> {
     /// Structure-aware mutation tried on half of the inputs (e.g. [`mutate_update`]): blind
     /// byte mutations rarely keep a postcard message decodable while changing its counts.
     pub structured: Option<fn(&mut Rng, &mut Vec<u8>)>,
-    pub run: Box<dyn FnMut(&[u8]) + 'a>,
+    pub run: RunFn<'a>,
 }
+
+/// The function under test of a [`Target`].
+pub type RunFn<'a> = Box<dyn FnMut(&[u8]) + 'a>;
 
 /// Result of fuzzing one target.
 #[derive(Debug, Clone, Serialize)]
