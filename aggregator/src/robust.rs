@@ -6,8 +6,7 @@
 //! `g = 1e30` moves θ as far as the trust region allows, every round. Defences, in order:
 //!
 //! 1. **Ingest** ([`check_pairs`]): an update with a non-finite `g`, with `|g| >
-//!    robust.max_abs_g` (a hard bound far above any honest value, measured: see the config
-//!    docs), or with more pairs than its request asked for (`max_pairs_per_request`) is
+//!    robust.max_abs_g` (a hard bound meant to sit far above any honest value), or with more pairs than its request asked for (`max_pairs_per_request`) is
 //!    rejected whole; the client is logged (`client`, `reason` as log key-values) and counted
 //!    per reason. A refused (client, request) no longer holds the round open: the round goes
 //!    on with the others (or is abandoned at its deadline as before if nobody valid answered).
@@ -73,9 +72,9 @@ pub struct RobustConfig {
     pub min_pairs: u32,
 }
 
-/// Default of `robust.max_abs_g`. Measured on `fwdllm demo` (BBC News, head-rows recipe, see
-/// ARCHITECTURE.md "Robust aggregation"): the largest honest |g| of a run was far below this;
-/// 1e4 leaves room for other tasks and learning rates while stopping absurd values outright.
+/// Default of `robust.max_abs_g`: a provisional bound, NOT yet measured on the real engine
+/// (every commit's metrics now carry `g_abs_max`, so a demo run gives the figure). It only has
+/// to stop absurd values outright; the per-round clipping does the fine work.
 pub const DEFAULT_MAX_ABS_G: f64 = 1e4;
 
 impl Default for RobustConfig {
