@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: setup demo test lint bench deb cross clean-cache
+.PHONY: setup demo test lint bench fuzz deb cross clean-cache
 
 setup:
 	@bash scripts/setup.sh
@@ -32,6 +32,15 @@ bench: setup
 	target/release/fwdllm-agent train-local --threads 2 --max-steps 2000 --max-wall-s 900 --dev-every 20 --heldout-every 10 --no-prefix-cache-disk --check-quantized --no-progress --out target/train-local
 	target/release/fwdllm-agent bench-engine --threads 2 --out target/bench/engine.json
 	target/release/fwdllm bench-federation --out target/bench/federation.json
+	target/release/examples/fuzz --out target/bench/fuzz.json
+
+# >= 10M mutated inputs per target through the wire decoder, the update ingest, the GGUF reader
+# and both config loaders -> target/bench/fuzz.json (crashing inputs in target/bench/fuzz-crashes/).
+# `make test` runs a short loop of the same targets.
+fuzz: setup
+	@mkdir -p target/bench
+	$(RELEASE_BUILD)
+	target/release/examples/fuzz --out target/bench/fuzz.json
 
 deb: setup
 	bash cross/build.sh amd64

@@ -13,7 +13,7 @@ mkdir -p "$cache/models" "$cache/data" "$cache/pip"
 # cmake/clang/libclang-dev build llama.cpp through llama-cpp-sys-2 (bindgen);
 # mosquitto is the external broker the interop tests start on 127.0.0.1;
 # systemd is needed for `systemd-analyze verify` of the shipped units.
-packages=(cmake clang libclang-dev pkg-config mosquitto mosquitto-clients unzip systemd)
+packages=(cmake clang libclang-dev pkg-config mosquitto mosquitto-clients openssl unzip systemd)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -31,6 +31,17 @@ impl EmbeddedBroker {
     /// Starts rumqttd on `host:port` (port 0 = a free port) and waits until it accepts
     /// connections. `max_payload` bounds one MQTT packet (must hold a checkpoint).
     pub fn start(host: &str, port: u16, max_payload: usize) -> Result<EmbeddedBroker, BrokerError> {
+        Self::start_with_users(host, port, max_payload, None)
+    }
+
+    /// [`Self::start`] with username/password authentication: with `users` (username →
+    /// password) a client must present one of them, anonymous connections are refused.
+    pub fn start_with_users(
+        host: &str,
+        port: u16,
+        max_payload: usize,
+        users: Option<HashMap<String, String>>,
+    ) -> Result<EmbeddedBroker, BrokerError> {
         let ip: std::net::IpAddr = host
             .parse()
             .map_err(|_| BrokerError::NotLoopback(host.to_string()))?;
@@ -43,7 +54,7 @@ impl EmbeddedBroker {
             connection_timeout_ms: 60_000,
             max_payload_size: max_payload,
             max_inflight_count: 500,
-            auth: None,
+            auth: users,
             external_auth: None,
             dynamic_filters: true,
         };

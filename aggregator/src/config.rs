@@ -11,6 +11,8 @@ use fwdllm_shared::wire::TaskParams;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+pub use crate::robust::{DpConfig, RobustConfig};
+
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AggregatorConfig {
@@ -24,6 +26,10 @@ pub struct AggregatorConfig {
     pub task: TaskConfig,
     pub state: StateConfig,
     pub selection: SelectionConfig,
+    /// Bounds on what one client's scalars can do to a commit (`crate::robust`).
+    pub robust: RobustConfig,
+    /// Optional differential privacy of the committed scalars (`crate::robust`).
+    pub dp: DpConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -59,6 +65,15 @@ pub struct BrokerConfig {
     pub keep_alive_s: u64,
     /// Largest MQTT packet accepted or sent (must hold a checkpoint).
     pub max_packet_bytes: usize,
+    /// MQTT username of the aggregator; empty = anonymous (`crate::security`).
+    pub username: String,
+    /// File holding the MQTT password; empty = `$CREDENTIALS_DIRECTORY/mqtt-password` if present.
+    pub password_file: String,
+    /// Embedded broker only: `username:password` lines of the clients it accepts; empty =
+    /// `$CREDENTIALS_DIRECTORY/mqtt-users` if present, else the broker is open (loopback only).
+    pub embedded_users_file: String,
+    /// TLS of the aggregator's broker connection.
+    pub tls: fwdllm_shared::mqtt_tls::TlsSettings,
 }
 
 impl Default for BrokerConfig {
@@ -70,6 +85,10 @@ impl Default for BrokerConfig {
             client_id: "fwdllm-aggregator".into(),
             keep_alive_s: 30,
             max_packet_bytes: 64 << 20,
+            username: String::new(),
+            password_file: String::new(),
+            embedded_users_file: String::new(),
+            tls: Default::default(),
         }
     }
 }
@@ -536,6 +555,24 @@ impl AggregatorConfig {
                     self.state.checkpoint_every
                 ),
             );
+        }
+        crate::robust::validate(&self.robust, &self.dp, &mut bad);
+        for (key, message) in self.broker.tls.problems("broker.tls") {
+            bad(&key, message);
+        }
+        if self.broker.tls.enabled && self.broker.embedded {
+            bad("broker.tls.enabled", "is true with broker.embedded; the embedded broker listens on loopback without TLS — use an external broker (mosquitto) for TLS, or turn TLS off".into());
+        }
+        for (key, path) in [
+            ("broker.password_file", &self.broker.password_file),
+            (
+                "broker.embedded_users_file",
+                &self.broker.embedded_users_file,
+            ),
+        ] {
+            if !path.is_empty() && !Path::new(path).is_file() {
+                bad(key, format!("{path} does not exist"));
+            }
         }
         p
     }

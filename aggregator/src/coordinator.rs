@@ -29,6 +29,7 @@ use log::{debug, info, warn};
 
 use crate::config::AggregatorConfig;
 use crate::pacing::RoundPool;
+use crate::robust::{self, NoiseKey, RejectReason, RobustCounters};
 use crate::selection::{BestRecord, Selection, SelectionError};
 use crate::state::{Counters, DurableState, LossStats, OpenRound, StateError, Store, STATE_FORMAT};
 use crate::step::{make_step, params_norm};
@@ -137,6 +138,8 @@ pub struct Coordinator {
     eval: Option<(f64, f64)>,
     /// Dev-score tallies and the best version on disk (model selection).
     selection: Selection,
+    /// Key of the DP noise stream (present when `dp.enabled`).
+    noise_key: Option<NoiseKey>,
 }
 
 impl Coordinator {
@@ -188,6 +191,7 @@ impl Coordinator {
                 last_commit: None,
                 open: None,
                 counters: Counters::default(),
+                robust: RobustCounters::default(),
             };
             info!(
                 "new job {} at version 0, weights {}",
@@ -200,6 +204,14 @@ impl Coordinator {
         // Also true when resuming from the legacy single checkpoint file: rewrite it versioned.
         let checkpoint_dirty = !store.has_checkpoint(checkpoint.model_version);
         let selection = Selection::open(&cfg.state.dir, cfg.selection.eval_every);
+        let noise_key = if cfg.dp.enabled {
+            Some(NoiseKey::from_os().map_err(|source| StateError::Io {
+                path: "/dev/urandom".into(),
+                source,
+            })?)
+        } else {
+            None
+        };
         let mut c = Coordinator {
             cfg,
             topics,
@@ -219,6 +231,7 @@ impl Coordinator {
             last_metrics_ms: 0,
             eval: None,
             selection,
+            noise_key,
         };
         c.rebuild_pool();
         c.persist()?;
@@ -262,6 +275,16 @@ impl Coordinator {
     /// True once `job.max_commits` commits have been made.
     pub fn finished(&self) -> bool {
         self.cfg.job.max_commits > 0 && self.state.version >= self.cfg.job.max_commits
+    }
+
+    /// Robust-aggregation and privacy counters (rejections by reason, clipping, ε spent).
+    pub fn robust_counters(&self) -> &RobustCounters {
+        &self.state.robust
+    }
+
+    /// Replaces the DP noise key (tests: reproducible noise).
+    pub fn set_noise_key(&mut self, key: NoiseKey) {
+        self.noise_key = Some(key);
     }
 
     /// Records a held-out evaluation to attach to the next metrics record.
@@ -428,7 +451,9 @@ impl Coordinator {
         let outcome = match wire::decode::<ClientUpdate>(payload) {
             Err(e) => {
                 self.state.counters.rejected += 1;
-                warn!("undecodable update from {client_id}: {e}");
+                self.state
+                    .robust
+                    .reject(client_id, RejectReason::Undecodable, &e.to_string());
                 UpdateOutcome::Rejected(e.to_string())
             }
             Ok(u) => {
@@ -448,21 +473,22 @@ impl Coordinator {
     }
 
     fn accept(&mut self, client_id: &str, u: &ClientUpdate) -> UpdateOutcome {
-        let reject = |c: &mut Counters, why: String| {
-            c.rejected += 1;
-            warn!("update from {client_id} rejected: {why}");
+        let reject = |s: &mut DurableState, reason: RejectReason, why: String| {
+            s.counters.rejected += 1;
+            s.robust.reject(client_id, reason, &why);
             UpdateOutcome::Rejected(why)
         };
         if u.client_id != client_id {
             return reject(
-                &mut self.state.counters,
+                &mut self.state,
+                RejectReason::ClientMismatch,
                 format!(
                     "names client {:?} but came on the topic of {client_id:?}",
                     u.client_id
                 ),
             );
         }
-        let Some(open) = self.state.open.as_mut() else {
+        let Some(open) = self.state.open.as_ref() else {
             self.state.counters.stale += 1;
             info!(
                 "stale update from {client_id} for round {} ignored: no round open",
@@ -474,13 +500,11 @@ impl Coordinator {
         };
         if u.round != open.round {
             if u.round > open.round {
-                return reject(
-                    &mut self.state.counters,
-                    format!(
-                        "round {} is in the future (open round {})",
-                        u.round, open.round
-                    ),
+                let why = format!(
+                    "round {} is in the future (open round {})",
+                    u.round, open.round
                 );
+                return reject(&mut self.state, RejectReason::FutureRound, why);
             }
             self.state.counters.stale += 1;
             info!(
@@ -500,35 +524,35 @@ impl Coordinator {
             return UpdateOutcome::Duplicate;
         }
         if u.base_version != open.base_version {
-            return reject(
-                &mut self.state.counters,
-                format!(
-                    "computed at version {} but round {} is at version {}",
-                    u.base_version, u.round, open.base_version
-                ),
+            let why = format!(
+                "computed at version {} but round {} is at version {}",
+                u.base_version, u.round, open.base_version
             );
+            return reject(&mut self.state, RejectReason::WrongVersion, why);
         }
         if u.seq > open.extend {
-            return reject(
-                &mut self.state.counters,
-                format!(
-                    "answers request {} but only {} were made",
-                    u.seq, open.extend
-                ),
+            let why = format!(
+                "answers request {} but only {} were made",
+                u.seq, open.extend
             );
+            return reject(&mut self.state, RejectReason::UnknownRequest, why);
         }
-        if !open.selected.iter().any(|c| c == client_id) {
-            return reject(
-                &mut self.state.counters,
-                format!("{client_id} is not selected for round {}", u.round),
-            );
+        let Some(owner) = open.selected.iter().position(|c| c == client_id) else {
+            let why = format!("{client_id} is not selected for round {}", u.round);
+            return reject(&mut self.state, RejectReason::NotSelected, why);
+        };
+        let limit = robust::max_pairs_per_request(&self.cfg, u.seq);
+        if let Err((reason, why)) = robust::check_pairs(&self.cfg.robust, limit, &u.pairs) {
+            // The round stops waiting for this answer: a client that sent junk once would
+            // otherwise hold every round open until its deadline.
+            let key = (client_id.to_string(), u.seq);
+            let open = self.state.open.as_mut().expect("checked above");
+            if reason.is_content() && !open.refused.contains(&key) {
+                open.refused.push(key);
+            }
+            return reject(&mut self.state, reason, why);
         }
-        if let Some(p) = u.pairs.iter().find(|p| !p.g.is_finite()) {
-            return reject(
-                &mut self.state.counters,
-                format!("non-finite scalar {} for seed {}", p.g, p.seed),
-            );
-        }
+        let open = self.state.open.as_mut().expect("checked above");
         open.answered.push((client_id.to_string(), u.seq));
         open.loss.merge(
             u64::from(u.samples),
@@ -543,6 +567,7 @@ impl Coordinator {
         for p in &u.pairs {
             if self.seen_seeds.insert(p.seed) {
                 open.pairs.push(*p);
+                open.owners.push(owner as u32);
                 pool.add(*p);
                 n += 1;
             } else {
@@ -606,6 +631,7 @@ impl Coordinator {
         let answered_now: std::collections::HashSet<&str> = open
             .answered
             .iter()
+            .chain(&open.refused)
             .filter(|(_, seq)| *seq == open.extend)
             .map(|(c, _)| c.as_str())
             .collect();
@@ -705,6 +731,8 @@ impl Coordinator {
             pairs: Vec::new(),
             loss: LossStats::default(),
             announce,
+            owners: Vec::new(),
+            refused: Vec::new(),
         });
         self.rebuild_pool();
         self.dirty = true;
@@ -764,10 +792,40 @@ impl Coordinator {
         let pool = self.pool.take().expect("pool exists while a round is open");
         self.seen_seeds.clear();
         let theta_norm = params_norm(self.weights.params());
+        // Robust clipping, the per-client cap and DP noise act on the persisted raw pairs here,
+        // before anything is committed, so a restarted aggregator commits the same.
+        let robust = robust::robust_pairs(
+            &self.cfg.robust,
+            &self.cfg.dp,
+            self.weights.layout(),
+            &open.pairs,
+            &open.owners,
+            robust::max_pairs_per_client(&self.cfg),
+            open.round,
+            self.noise_key.as_ref(),
+        );
+        // The trust region reads the norm of the pooled mean: recompute it from what is
+        // committed (unchanged pairs reuse the pool, so an honest round commits the same bits).
+        let raw_pool_z = pool.z();
+        let pool = if robust.changed {
+            let mut p = RoundPool::new(self.weights.layout());
+            for &pair in &robust.pairs {
+                p.add(pair);
+            }
+            p
+        } else {
+            pool
+        };
+        self.state.robust.clipped_pairs += u64::from(robust.clipped_pairs);
+        self.state.robust.capped_clients += u64::from(robust.capped_clients);
+        if robust.dp_rho > 0.0 {
+            self.state.robust.dp_commits += 1;
+            self.state.robust.dp_rho += robust.dp_rho;
+        }
         let step = make_step(
             &self.cfg.step,
             self.state.version,
-            &open.pairs,
+            &robust.pairs,
             pool.mean_norm(),
             &|seed| pool.block_pairs(seed),
             theta_norm,
@@ -824,8 +882,11 @@ impl Coordinator {
         m.updates = open.answered.len() as u32;
         m.perturbations = open.pairs.len() as u32;
         m.extends = open.extend;
-        m.pacing_stat = pool.z();
+        m.pacing_stat = raw_pool_z;
         m.pooled_variance = pool.mean_g2();
+        m.clipped_pairs = robust.clipped_pairs;
+        m.capped_clients = robust.capped_clients;
+        (m.g_abs_median, m.g_abs_max) = g_abs_stats(&open.pairs);
         m.lr = step.lr;
         m.step_norm = step.step_norm;
         m.theta_norm = params_norm(self.weights.params());
@@ -877,6 +938,12 @@ impl Coordinator {
             duplicates: c.duplicates,
             stale: c.stale,
             rejected: c.rejected,
+            rejected_by_reason: self.state.robust.rejected_by_reason.clone(),
+            clipped_pairs_total: self.state.robust.clipped_pairs,
+            capped_clients_total: self.state.robust.capped_clients,
+            dp_commits: self.state.robust.dp_commits,
+            dp_epsilon: self.state.robust.dp_epsilon(self.cfg.dp.delta),
+            dp_delta: self.cfg.dp.enabled.then_some(self.cfg.dp.delta),
             weights_hash: Some(self.weights.hash()),
             ..AggregatorMetrics::default()
         }
@@ -898,4 +965,15 @@ impl Coordinator {
         }
         m
     }
+}
+
+/// Median and largest |g| of raw pooled pairs (metrics: the honest scale `robust.max_abs_g`
+/// was chosen from).
+fn g_abs_stats(pairs: &[fwdllm_shared::wire::SeedScalar]) -> (f64, f64) {
+    if pairs.is_empty() {
+        return (0.0, 0.0);
+    }
+    let mut a: Vec<f64> = pairs.iter().map(|p| f64::from(p.g).abs()).collect();
+    a.sort_by(f64::total_cmp);
+    (a[a.len() / 2], a[a.len() - 1])
 }

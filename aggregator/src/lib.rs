@@ -3,11 +3,14 @@
 //! * [`coordinator`] — the round state machine (no I/O): selection, dedup, pacing, commit.
 //! * [`pacing`] — pooled estimate and its dimensionless z statistic.
 //! * [`step`] — learning-rate schedule and trust-region clamp folded into commit coefficients.
+//! * [`robust`] — ingest checks, robust clipping, per-client cap and DP noise of the scalars.
 //! * [`state`] — durable state (atomic writes) and resume.
 //! * [`server`] — the rumqttc driver (write-ahead persistence, manual acks, reconnect).
 //! * [`broker`] — embedded rumqttd on loopback.
 //! * [`config`] — TOML config and `validate`.
 //! * [`metrics`] — CSV/JSONL records and the PNG plot.
+//! * [`fuzz`] — mutation fuzzing of the decoders, the ingest and the config loaders.
+//! * [`security`] — TLS and credentials of the broker connection; the embedded broker's users.
 //! * [`sim`] — simulated clients (real MQTT connections, synthetic quadratic loss).
 //! * [`monitor`] — live terminal view of a job on any broker.
 //! * [`export`] — GGUF LoRA export of the current weights.
@@ -16,11 +19,15 @@ pub mod broker;
 pub mod config;
 pub mod coordinator;
 pub mod export;
+pub mod fuzz;
 pub mod metrics;
 pub mod monitor;
 pub mod pacing;
+pub mod robust;
+pub mod security;
 pub mod selection;
 pub mod server;
 pub mod sim;
 pub mod state;
+mod state_legacy;
 pub mod step;

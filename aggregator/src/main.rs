@@ -103,10 +103,12 @@ fn main() -> anyhow::Result<()> {
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async move {
                 let target = if cfg.broker.embedded {
-                    let b = EmbeddedBroker::start(
+                    let users = fwdllm_aggregator::security::embedded_users(&cfg.broker)?;
+                    let b = EmbeddedBroker::start_with_users(
                         &cfg.broker.host,
                         cfg.broker.port,
                         cfg.broker.max_packet_bytes,
+                        users,
                     )?;
                     println!("embedded broker on {}", b.addr());
                     BrokerTarget {

@@ -32,6 +32,8 @@ pub enum ServerError {
     Client(#[from] rumqttc::ClientError),
     #[error("metrics output: {0}")]
     Metrics(#[from] std::io::Error),
+    #[error("broker security settings: {0}")]
+    Security(#[from] crate::security::SecurityError),
 }
 
 pub fn now_ms() -> u64 {
@@ -188,7 +190,8 @@ pub async fn run(
     let mut coord = Coordinator::open(cfg.clone())?;
     let topics = coord.topics().clone();
     let mut sink = MetricsSink::open(&cfg.state.dir)?;
-    let opts = mqtt_options(&cfg, &target, &topics);
+    let mut opts = mqtt_options(&cfg, &target, &topics);
+    crate::security::apply(&cfg.broker, &mut opts)?;
     let (client, el) = AsyncClient::new(opts, 4096);
     let (tx, mut rx) = mpsc::unbounded_channel();
     let stop = CancellationToken::new();

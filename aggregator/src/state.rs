@@ -22,8 +22,10 @@ use fwdllm_shared::wire::{self, Checkpoint, RoundAnnounce, RoundCommit, SeedScal
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-/// Bumped on incompatible changes of [`DurableState`].
-pub const STATE_FORMAT: u32 = 1;
+/// Bumped on incompatible changes of [`DurableState`]. 2: the open round records who sent
+/// each pair and whose answers were refused, plus the robust/DP counters (format 1 is still
+/// read: `crate::state_legacy`).
+pub const STATE_FORMAT: u32 = 2;
 
 #[derive(Debug, Error)]
 pub enum StateError {
@@ -82,6 +84,11 @@ pub struct OpenRound {
     pub loss: LossStats,
     /// The announcement currently retained on the round topic.
     pub announce: RoundAnnounce,
+    /// Who sent `pairs[i]`: an index into `selected` (for the per-client cap). Empty for a
+    /// round opened by a format-1 build.
+    pub owners: Vec<u32>,
+    /// (client, seq) whose answer was rejected for its content: the round stops waiting for them.
+    pub refused: Vec<(String, u32)>,
 }
 
 impl OpenRound {
@@ -125,6 +132,7 @@ pub struct DurableState {
     pub last_commit: Option<RoundCommit>,
     pub open: Option<OpenRound>,
     pub counters: Counters,
+    pub robust: crate::robust::RobustCounters,
 }
 
 pub const STATE_FILE: &str = "state.bin";
@@ -256,11 +264,10 @@ impl Store {
             path: path.clone(),
             source,
         })?;
-        let state: DurableState =
-            postcard::from_bytes(&bytes).map_err(|e| StateError::Corrupt {
-                path: path.clone(),
-                message: e.to_string(),
-            })?;
+        let state = crate::state_legacy::decode_state(&bytes).map_err(|e| StateError::Corrupt {
+            path: path.clone(),
+            message: e,
+        })?;
         if state.format != STATE_FORMAT {
             return Err(StateError::Corrupt {
                 path,

@@ -11,6 +11,8 @@
 //! * [`durable`] — crash-safe file replacement (temp file, fsync, rename, fsync dir).
 //! * [`fixtures`] — small shapes and the golden-vector LoRA config for tests and simulations.
 //! * [`wire`], [`topics`] — the versioned postcard wire format and MQTT topic names.
+//! * `mqtt_tls` (feature `tls`) — TLS settings and the rustls (ring) client configuration of
+//!   the daemons' broker connections.
 //!
 //! **Invariant:** replay (init + commits) is pure integer/f32 math in this crate, uses no
 //! libm function and never reads an engine output, so every replica on every platform holds
@@ -23,6 +25,8 @@ pub mod lora;
 pub mod perturb;
 pub mod update;
 
+#[cfg(feature = "tls")]
+pub mod mqtt_tls;
 #[cfg(feature = "service")]
 pub mod service;
 #[cfg(feature = "tokenizer")]

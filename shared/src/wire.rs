@@ -546,4 +546,21 @@ pub struct AggregatorMetrics {
     pub rejected: u64,
     pub round_ms: u64,
     pub weights_hash: Option<WeightsHash>,
+    /// Rejected updates by reason (`non_finite`, `out_of_bound`, `too_many_pairs`, ...), since
+    /// the job started.
+    pub rejected_by_reason: std::collections::BTreeMap<String, u64>,
+    /// Pairs of this round whose g the robust clip changed.
+    pub clipped_pairs: u32,
+    /// Clients of this round whose contribution the per-client cap scaled down.
+    pub capped_clients: u32,
+    pub clipped_pairs_total: u64,
+    pub capped_clients_total: u64,
+    /// Median and largest |g| of this round's raw pooled pairs.
+    pub g_abs_median: f64,
+    pub g_abs_max: f64,
+    /// Commits released with differential-privacy noise, and the (ε, δ) spent so far
+    /// (zCDP composition; None without DP).
+    pub dp_commits: u64,
+    pub dp_epsilon: Option<f64>,
+    pub dp_delta: Option<f64>,
 }

@@ -93,6 +93,8 @@ pub struct MqttSection {
     pub backoff_multiplier: f64,
     /// Fraction of the delay randomised (0 = none, 1 = "full jitter").
     pub backoff_jitter: f64,
+    /// `[mqtt.tls]`: TLS to the broker, mutual with a client certificate (`shared::mqtt_tls`).
+    pub tls: fwdllm_shared::mqtt_tls::TlsSettings,
 }
 
 impl Default for MqttSection {
@@ -109,6 +111,7 @@ impl Default for MqttSection {
             backoff_max_ms: 60_000,
             backoff_multiplier: 2.0,
             backoff_jitter: 0.5,
+            tls: Default::default(),
         }
     }
 }

@@ -246,6 +246,13 @@ impl AgentConfig {
                 }
             }
         }
+        for (key, problem) in self.mqtt.tls.problems("mqtt.tls") {
+            p.push(ConfigProblem {
+                key,
+                problem,
+                fix: "see README \"Security\" for the certificate set-up".into(),
+            });
+        }
         if !self.mqtt.password_file.is_empty() && !Path::new(&self.mqtt.password_file).is_file() {
             p.push(ConfigProblem {
                 key: "mqtt.password_file".into(),

@@ -116,6 +116,8 @@ pub enum AgentError {
     State(#[from] StateError),
     #[error("cannot read the MQTT password: {0}")]
     Password(std::io::Error),
+    #[error("MQTT TLS: {0}")]
+    Tls(#[from] fwdllm_shared::mqtt_tls::TlsError),
     #[error("the gradient source panicked: {0}")]
     SourcePanicked(String),
     #[error("the MQTT client stopped unexpectedly")]
@@ -233,7 +235,11 @@ impl Agent {
             );
         }
         let password = config.password().map_err(AgentError::Password)?;
-        let (client, eventloop) = mqtt_client(&config, &client_id, &topics, password);
+        let tls = (config.mqtt.tls).client_config(
+            "mqtt.tls",
+            fwdllm_shared::mqtt_tls::credentials_dir().as_deref(),
+        )?;
+        let (client, eventloop) = mqtt_client(&config, &client_id, &topics, password, tls);
         let net_stop = CancellationToken::new();
         let (net_tx, net_rx) = mpsc::channel(256);
         let backoff = Backoff::new(

@@ -22,6 +22,7 @@ pub(super) fn mqtt_client(
     client_id: &str,
     topics: &Topics,
     password: Option<String>,
+    tls: Option<std::sync::Arc<fwdllm_shared::mqtt_tls::ClientConfig>>,
 ) -> (AsyncClient, EventLoop) {
     let m = &config.mqtt;
     let mut opts = MqttOptions::new(client_id, m.host.clone(), m.port);
@@ -41,6 +42,11 @@ pub(super) fn mqtt_client(
     ));
     if !m.username.is_empty() {
         opts.set_credentials(m.username.clone(), password.unwrap_or_default());
+    }
+    if let Some(tls) = tls {
+        opts.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(tls),
+        ));
     }
     let (client, mut eventloop) = AsyncClient::new(opts, 64);
     let mut net = NetworkOptions::new();
