@@ -72,13 +72,23 @@ impl AgentConfig {
 
     /// Every key as `section.key`, in declaration order (used by the example-config tidy test).
     pub fn all_keys() -> Vec<String> {
-        let table = default_table();
-        let mut keys = Vec::new();
-        for (section, value) in &table {
-            if let toml::Value::Table(t) = value {
-                keys.extend(t.keys().map(|k| format!("{section}.{k}")));
+        // Nested sections (`[mqtt.tls]`) give dotted keys (`mqtt.tls.enabled`).
+        fn walk(prefix: &str, t: &toml::Table, keys: &mut Vec<String>) {
+            for (k, v) in t {
+                let path = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                match v {
+                    toml::Value::Table(sub) => walk(&path, sub, keys),
+                    _ if prefix.is_empty() => {} // no top-level scalars
+                    _ => keys.push(path),
+                }
             }
         }
+        let mut keys = Vec::new();
+        walk("", &default_table(), &mut keys);
         keys
     }
 }
