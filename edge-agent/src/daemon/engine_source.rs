@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use crate::config::AgentConfig;
-use crate::data::{self, Example, SplitMix64, TaskConfig};
+use crate::data::{self, Example, SftExample, SplitMix64, TaskFile};
 use crate::engine::{Engine, EngineConfig, Precision};
 
 use super::gradient::{GradientBatch, GradientError, GradientRequest, GradientSource, LossStats};
@@ -23,13 +23,34 @@ pub enum EngineSourceError {
     Engine(#[from] crate::engine::EngineError),
 }
 
+/// The agent's training examples: classification (verbalizer loss) or instruction pairs
+/// (SFT loss, mean NLL of the response tokens), as the task file's `kind` says.
+#[derive(Debug, Clone)]
+pub enum Shard {
+    Classification(Vec<Example>),
+    Sft(Vec<SftExample>),
+}
+
+impl Shard {
+    fn len(&self) -> usize {
+        match self {
+            Shard::Classification(v) => v.len(),
+            Shard::Sft(v) => v.len(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// The engine plus the agent's training examples.
 ///
 /// Every perturbation of a round uses the same batch (so the round's (seed, g) pairs estimate the
 /// gradient of one loss); consecutive rounds walk through a fixed shuffle of the shard.
 pub struct EngineSource {
     engine: Engine,
-    examples: Vec<Example>,
+    examples: Shard,
     order: Vec<usize>,
     label: String,
 }
@@ -49,6 +70,15 @@ impl EngineSource {
     pub fn new(
         engine: Engine,
         examples: Vec<Example>,
+        shuffle_seed: u64,
+    ) -> Result<EngineSource, EngineSourceError> {
+        Self::with_shard(engine, Shard::Classification(examples), shuffle_seed)
+    }
+
+    /// As [`EngineSource::new`] for either kind of shard; an SFT shard needs no task set.
+    pub fn with_shard(
+        engine: Engine,
+        examples: Shard,
         shuffle_seed: u64,
     ) -> Result<EngineSource, EngineSourceError> {
         if examples.is_empty() {
@@ -100,16 +130,27 @@ impl EngineSource {
             tail_layer: None,
             ..EngineConfig::default()
         };
-        let task = TaskConfig::from_file(Path::new(&e.task)).map_err(EngineSourceError::Task)?;
-        let examples = data::read_jsonl(Path::new(&e.shard), "text", "label", &task.labels)
-            .map_err(EngineSourceError::Shard)?;
+        let task = TaskFile::from_file(Path::new(&e.task)).map_err(EngineSourceError::Task)?;
+        // An SFT shard holds rendered `{"prompt", "response"}` pairs (`fwdllm-agent shard`
+        // on the SFT task writes them), so the agent needs no tokenizer to read it.
+        let examples = match &task {
+            TaskFile::Classification(t) => Shard::Classification(
+                data::read_jsonl(Path::new(&e.shard), "text", "label", &t.labels)
+                    .map_err(EngineSourceError::Shard)?,
+            ),
+            TaskFile::Sft(_) => Shard::Sft(
+                data::read_sft_jsonl(Path::new(&e.shard)).map_err(EngineSourceError::Shard)?,
+            ),
+        };
         if examples.is_empty() {
             return Err(EngineSourceError::EmptyShard(e.shard.clone()));
         }
         let mut engine = Engine::load(&engine_config)?;
-        engine.set_task(&task)?;
+        if let TaskFile::Classification(t) = &task {
+            engine.set_task(t)?;
+        }
         let seed = u64::from(fwdllm_shared::wire::client_index(&config.client_id()));
-        let mut src = EngineSource::new(engine, examples, seed)?;
+        let mut src = EngineSource::with_shard(engine, examples, seed)?;
         src.label = format!(
             "engine {} on {} ({} examples)",
             e.model,
@@ -119,13 +160,12 @@ impl EngineSource {
         Ok(src)
     }
 
-    fn batch(&self, round: u64, size: usize) -> Vec<Example> {
+    /// Indices of the round's batch: consecutive rounds walk through the fixed shuffle.
+    fn batch(&self, round: u64, size: usize) -> Vec<usize> {
         let n = self.order.len();
         let size = size.clamp(1, n);
         let start = (round as usize).wrapping_mul(size) % n;
-        (0..size)
-            .map(|i| self.examples[self.order[(start + i) % n]].clone())
-            .collect()
+        (0..size).map(|i| self.order[(start + i) % n]).collect()
     }
 }
 
@@ -134,22 +174,35 @@ impl GradientSource for EngineSource {
         &mut self,
         req: &GradientRequest<'_>,
     ) -> Result<GradientBatch, GradientError> {
-        let batch = self.batch(req.round, req.task.batch_size as usize);
-        let (g, loss) = self
-            .engine
-            .forward_gradients_with_loss(
-                req.weights,
-                &batch,
-                req.seeds,
-                req.eps,
-                req.task.one_sided,
-            )
-            .map_err(|e| GradientError::Engine(e.to_string()))?;
+        let idx = self.batch(req.round, req.task.batch_size as usize);
+        let (g, loss) = match &self.examples {
+            Shard::Classification(ex) => {
+                let batch: Vec<Example> = idx.iter().map(|&i| ex[i].clone()).collect();
+                self.engine.forward_gradients_with_loss(
+                    req.weights,
+                    &batch,
+                    req.seeds,
+                    req.eps,
+                    req.task.one_sided,
+                )
+            }
+            Shard::Sft(ex) => {
+                let batch: Vec<SftExample> = idx.iter().map(|&i| ex[i].clone()).collect();
+                self.engine.sft_forward_gradients(
+                    req.weights,
+                    &batch,
+                    req.seeds,
+                    req.eps,
+                    req.task.one_sided,
+                )
+            }
+        }
+        .map_err(|e| GradientError::Engine(e.to_string()))?;
         let mut stats = LossStats::default();
         stats.push(loss);
         Ok(GradientBatch {
             g,
-            samples: batch.len() as u32,
+            samples: idx.len() as u32,
             loss: stats,
         })
     }
