@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
-use crate::data::{self, Partition, TaskConfig};
+use crate::data::{self, Partition, SftTaskConfig, TaskConfig, TaskFile};
 use crate::engine::{self, Engine, EngineConfig, ForwardPath, Precision, TrainConfig};
 
 /// Model/engine options shared by the engine subcommands.
@@ -96,6 +96,43 @@ impl TaskArgs {
         let examples = task.load_examples(&self.root)?;
         let split = data::split(examples, task.split_seed, task.heldout, task.dev);
         Ok((task, split))
+    }
+
+    /// The task file of either kind with the overrides that apply to it (`--words` is
+    /// classification's; `--prompt` and `--max-text-tokens` apply to both), validated.
+    pub fn task_file(&self) -> anyhow::Result<TaskFile> {
+        match TaskFile::from_file(&self.task)? {
+            TaskFile::Classification(_) => Ok(TaskFile::Classification(self.config()?)),
+            TaskFile::Sft(mut t) => {
+                if self.words.is_some() {
+                    anyhow::bail!(
+                        "--words: {} is an instruction (sft) task, which has no label words; drop --words",
+                        self.task.display()
+                    );
+                }
+                if let Some(p) = &self.prompt {
+                    t.prompt = p.replace("\\n", "\n");
+                }
+                if let Some(m) = self.max_text_tokens {
+                    t.max_text_tokens = m;
+                }
+                t.validate(&self.task)?;
+                Ok(TaskFile::Sft(t))
+            }
+        }
+    }
+
+    /// Reads an SFT task's examples (fields and responses cut with `engine`'s tokenizer)
+    /// and splits them.
+    pub fn load_sft(
+        &self,
+        engine: &Engine,
+        task: &SftTaskConfig,
+    ) -> anyhow::Result<data::Split<data::SftExample>> {
+        let examples = task
+            .load_examples(&self.root, &|t, n| engine.truncate_text(t, n))
+            .with_context(|| format!("reading the examples of {}", self.task.display()))?;
+        Ok(data::sft::split_sft(examples, task))
     }
 
     /// The task config with the overrides applied, validated (no data read).
@@ -247,6 +284,87 @@ pub struct TrainLocalArgs {
     pub check_quantized: bool,
     #[arg(long)]
     pub no_progress: bool,
+    /// Instruction (sft) tasks: held-out examples whose greedy generation is scored (F1) at
+    /// each held-out evaluation (the NLL always covers the whole split).
+    #[arg(long, default_value_t = 64)]
+    pub f1_examples: usize,
+    /// Instruction (sft) tasks: held-out generations kept verbatim in metrics.json.
+    #[arg(long, default_value_t = 3)]
+    pub samples: usize,
+}
+
+impl TrainLocalArgs {
+    /// Applies the training flags (everything but the task-dependent head-row flags) to `tc`.
+    pub fn apply_overrides(&self, tc: &mut TrainConfig) -> anyhow::Result<()> {
+        if let Some(v) = self.lr {
+            tc.lr = v;
+        }
+        if let Some(v) = self.max_update_norm {
+            tc.max_update_norm = v;
+        }
+        if let Some(v) = self.lr_half_life {
+            tc.lr_half_life = v;
+        }
+        if let Some(v) = self.eps {
+            tc.eps = v;
+        }
+        if let Some(v) = self.directions {
+            tc.directions = v;
+        }
+        if let Some(v) = self.max_wall_s {
+            tc.max_wall_s = v;
+        }
+        if let Some(v) = self.max_steps {
+            tc.max_steps = v;
+        }
+        if let Some(v) = self.discriminative_candidates {
+            tc.discriminative_candidates = v;
+        }
+        if let Some(v) = self.dev_every {
+            tc.dev_every = v;
+        }
+        if let Some(v) = self.heldout_every {
+            tc.heldout_every = v;
+        }
+        if self.central {
+            tc.one_sided = false;
+        }
+        if let Some(v) = self.seed {
+            tc.seed = v;
+        }
+        if let Some(r) = self.rank {
+            tc.lora.rank = r;
+            tc.lora.alpha = r as f32;
+        }
+        if let Some(l) = &self.layers {
+            let (a, b) = l
+                .split_once("..")
+                .with_context(|| format!("--layers {l:?}: expected START..END"))?;
+            tc.lora.layers = Some((a.parse()?, b.parse()?));
+        }
+        if let Some(m) = &self.modules {
+            tc.lora.modules = m
+                .iter()
+                .map(|s| s.parse())
+                .collect::<Result<_, _>>()
+                .map_err(|e| anyhow::anyhow!("--modules: {e}"))?;
+        }
+        match self.trainable.as_deref() {
+            Some("ab") => tc.lora.trainable = fwdllm_shared::lora::Trainable::AB,
+            Some(_) => tc.lora.trainable = fwdllm_shared::lora::Trainable::B,
+            None => {}
+        }
+        if let Some(v) = self.head_alpha {
+            tc.lora.head_alpha = v;
+        }
+        if self.blockwise {
+            tc.lora.blockwise = true;
+        }
+        if let Some(v) = self.head_directions {
+            tc.head_directions = v;
+        }
+        Ok(())
+    }
 }
 
 /// Engine benchmark: throughput, adapter swap cost, RSS, noise, SNR, training figures.
@@ -289,6 +407,9 @@ pub struct PromptSearchArgs {
 pub struct ShardArgs {
     #[command(flatten)]
     pub task: TaskArgs,
+    /// The model (instruction tasks only: its tokenizer truncates fields and responses).
+    #[command(flatten)]
+    pub engine: EngineArgs,
     #[arg(long, default_value_t = 4)]
     pub clients: usize,
     /// Dirichlet α for a non-IID split by label (IID if absent).
@@ -300,7 +421,7 @@ pub struct ShardArgs {
     pub out: PathBuf,
 }
 
-fn init_logging() {
+pub(crate) fn init_logging() {
     let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_timestamp_secs()
         .try_init();
@@ -326,6 +447,9 @@ impl EngineCommand {
             }
             EngineCommand::Predict(args) => crate::predict::run(*args),
             EngineCommand::Eval(args) => {
+                if let TaskFile::Sft(st) = args.task.task_file()? {
+                    return crate::sft_cli::eval(*args, st);
+                }
                 let EvalArgs {
                     engine,
                     task,
@@ -388,35 +512,26 @@ impl EngineCommand {
                 Ok(())
             }
             EngineCommand::TrainLocal(args) => {
+                if let TaskFile::Sft(st) = args.task.task_file()? {
+                    return crate::sft_cli::train_local(*args, st);
+                }
+                let args = *args;
                 let TrainLocalArgs {
-                    engine,
-                    task,
-                    config,
-                    lr,
-                    max_update_norm,
-                    lr_half_life,
-                    eps,
-                    directions,
-                    max_wall_s,
-                    max_steps,
-                    dev_every,
-                    heldout_every,
-                    discriminative_candidates,
-                    central,
-                    layers,
+                    ref engine,
+                    ref task,
+                    ref config,
                     rank,
-                    modules,
-                    seed,
-                    trainable,
+                    ref layers,
+                    ref modules,
+                    ref trainable,
                     head_rows,
                     head_only,
-                    head_alpha,
                     blockwise,
-                    head_directions,
-                    out,
+                    ref out,
                     check_quantized,
                     no_progress,
-                } = *args;
+                    ..
+                } = args;
                 let (tcfg, split) = task.load()?;
                 // Without a config file or a LoRA flag, the head-rows recipe; any LoRA flag
                 // starts from the LoRA layout of TrainConfig::default().
@@ -434,73 +549,7 @@ impl EngineCommand {
                     None if lora_flags => TrainConfig::default(),
                     None => TrainConfig::head_rows_recipe(tcfg.labels.len()),
                 };
-                if let Some(v) = lr {
-                    tc.lr = v;
-                }
-                if let Some(v) = max_update_norm {
-                    tc.max_update_norm = v;
-                }
-                if let Some(v) = lr_half_life {
-                    tc.lr_half_life = v;
-                }
-                if let Some(v) = eps {
-                    tc.eps = v;
-                }
-                if let Some(v) = directions {
-                    tc.directions = v;
-                }
-                if let Some(v) = max_wall_s {
-                    tc.max_wall_s = v;
-                }
-                if let Some(v) = max_steps {
-                    tc.max_steps = v;
-                }
-                if let Some(v) = discriminative_candidates {
-                    tc.discriminative_candidates = v;
-                }
-                if let Some(v) = dev_every {
-                    tc.dev_every = v;
-                }
-                if let Some(v) = heldout_every {
-                    tc.heldout_every = v;
-                }
-                if central {
-                    tc.one_sided = false;
-                }
-                if let Some(v) = seed {
-                    tc.seed = v;
-                }
-                if let Some(r) = rank {
-                    tc.lora.rank = r;
-                    tc.lora.alpha = r as f32;
-                }
-                if let Some(l) = layers {
-                    let (a, b) = l
-                        .split_once("..")
-                        .with_context(|| format!("--layers {l:?}: expected START..END"))?;
-                    tc.lora.layers = Some((a.parse()?, b.parse()?));
-                }
-                if let Some(m) = modules {
-                    tc.lora.modules = m
-                        .iter()
-                        .map(|s| s.parse())
-                        .collect::<Result<_, _>>()
-                        .map_err(|e| anyhow::anyhow!("--modules: {e}"))?;
-                }
-                match trainable.as_deref() {
-                    Some("ab") => tc.lora.trainable = fwdllm_shared::lora::Trainable::AB,
-                    Some(_) => tc.lora.trainable = fwdllm_shared::lora::Trainable::B,
-                    None => {}
-                }
-                if let Some(v) = head_alpha {
-                    tc.lora.head_alpha = v;
-                }
-                if blockwise {
-                    tc.lora.blockwise = true;
-                }
-                if let Some(v) = head_directions {
-                    tc.head_directions = v;
-                }
+                args.apply_overrides(&mut tc)?;
                 if head_only {
                     tc.lora.modules.clear();
                 }
@@ -520,7 +569,7 @@ impl EngineCommand {
                     tc
                 );
                 let (mut report, best) =
-                    engine::train::train_local(&mut e, &split, &tc, &out, !no_progress)?;
+                    engine::train::train_local(&mut e, &split, &tc, out, !no_progress)?;
                 if check_quantized && tc.lora.head_rows > 0 {
                     log::warn!("--check-quantized skipped: head rows need the tail path (F32 tail), which the quantised model does not take");
                 } else if check_quantized {
@@ -621,8 +670,12 @@ impl EngineCommand {
                 Ok(())
             }
             EngineCommand::Shard(args) => {
+                if let TaskFile::Sft(st) = args.task.task_file()? {
+                    return crate::sft_cli::shard(*args, st);
+                }
                 let ShardArgs {
                     task,
+                    engine: _,
                     clients,
                     alpha,
                     seed,

@@ -9,3 +9,4 @@ pub mod data;
 pub mod engine;
 pub mod predict;
 pub mod service;
+pub mod sft_cli;

@@ -15,6 +15,8 @@ use crate::cli::{EngineArgs, TaskArgs};
 use crate::data::TaskConfig;
 use crate::engine::Engine;
 
+mod sft;
+
 /// How the input is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum InputFormat {
@@ -65,8 +67,37 @@ struct Prediction<'a> {
     probabilities: serde_json::Map<String, serde_json::Value>,
 }
 
+/// One input: a plain line, or a JSON object (JSONL input).
+pub(crate) enum Input {
+    Line(String),
+    Object(serde_json::Value),
+}
+
 /// Reads `(line number, text)` pairs.
 fn read_texts(args: &PredictArgs) -> anyhow::Result<Vec<(usize, String)>> {
+    let name = args.input.display().to_string();
+    read_inputs(args)?
+        .into_iter()
+        .map(|(n, input)| match input {
+            Input::Line(l) => Ok((n, l)),
+            Input::Object(v) => {
+                let text = v
+                    .get(&args.text_field)
+                    .and_then(|t| t.as_str())
+                    .with_context(|| {
+                        format!(
+                            "{name} line {n}: no string field `{}` (set --text-field)",
+                            args.text_field
+                        )
+                    })?;
+                Ok((n, text.to_string()))
+            }
+        })
+        .collect()
+}
+
+/// Reads `(line number, input)` pairs: lines, or JSON objects (see [`InputFormat`]).
+pub(crate) fn read_inputs(args: &PredictArgs) -> anyhow::Result<Vec<(usize, Input)>> {
     let name = args.input.display().to_string();
     let reader: Box<dyn BufRead> = if args.input.as_os_str() == "-" {
         Box::new(std::io::stdin().lock())
@@ -90,7 +121,10 @@ fn read_texts(args: &PredictArgs) -> anyhow::Result<Vec<(usize, String)>> {
             .is_some_and(|(_, l)| l.trim_start().starts_with('{')),
     };
     if !jsonl {
-        return Ok(lines);
+        return Ok(lines
+            .into_iter()
+            .map(|(n, l)| (n, Input::Line(l)))
+            .collect());
     }
     lines
         .into_iter()
@@ -98,22 +132,13 @@ fn read_texts(args: &PredictArgs) -> anyhow::Result<Vec<(usize, String)>> {
             let v: serde_json::Value = serde_json::from_str(&l).with_context(|| {
                 format!("{name} line {n}: not a JSON object (use --format lines for plain text)")
             })?;
-            let text = v
-                .get(&args.text_field)
-                .and_then(|t| t.as_str())
-                .with_context(|| {
-                    format!(
-                        "{name} line {n}: no string field `{}` (set --text-field)",
-                        args.text_field
-                    )
-                })?;
-            Ok((n, text.to_string()))
+            Ok((n, Input::Object(v)))
         })
         .collect()
 }
 
 /// Sets the adapter the arguments name on `e`.
-fn set_adapter(e: &mut Engine, args: &PredictArgs) -> anyhow::Result<String> {
+pub(crate) fn set_adapter(e: &mut Engine, args: &PredictArgs) -> anyhow::Result<String> {
     if let Some(a) = &args.adapter {
         if !a.is_file() {
             bail!(
@@ -158,9 +183,25 @@ fn set_adapter(e: &mut Engine, args: &PredictArgs) -> anyhow::Result<String> {
     bail!("predict needs --adapter FILE or --state-dir DIR (or --base for the model without an adapter)")
 }
 
-/// Runs `predict`.
+/// Opens `--out` (`-` = stdout).
+pub(crate) fn open_out(args: &PredictArgs) -> anyhow::Result<Box<dyn Write>> {
+    Ok(if args.out.as_os_str() == "-" {
+        Box::new(std::io::stdout().lock())
+    } else {
+        Box::new(std::io::BufWriter::new(
+            std::fs::File::create(&args.out)
+                .with_context(|| format!("creating --out {}", args.out.display()))?,
+        ))
+    })
+}
+
+/// Runs `predict`: label probabilities for a classification task, greedy generations for an
+/// instruction task (`crate::predict::sft`).
 pub fn run(args: PredictArgs) -> anyhow::Result<()> {
-    let tcfg = args.task.config()?;
+    let tcfg = match args.task.task_file()? {
+        crate::data::TaskFile::Sft(t) => return sft::run(args, t),
+        crate::data::TaskFile::Classification(t) => t,
+    };
     let texts = read_texts(&args)?;
     let mut e = Engine::load(&args.engine.config())?;
     e.set_task(&tcfg)?;
@@ -172,14 +213,7 @@ pub fn run(args: PredictArgs) -> anyhow::Result<()> {
         e.describe_path()
     );
     let task = e.task().cloned().context("task")?;
-    let mut out: Box<dyn Write> = if args.out.as_os_str() == "-" {
-        Box::new(std::io::stdout().lock())
-    } else {
-        Box::new(std::io::BufWriter::new(
-            std::fs::File::create(&args.out)
-                .with_context(|| format!("creating --out {}", args.out.display()))?,
-        ))
-    };
+    let mut out = open_out(&args)?;
     for chunk in texts.chunks(8) {
         let refs: Vec<&str> = chunk.iter().map(|(_, t)| t.as_str()).collect();
         let probs = e.label_probabilities(&task, &refs)?;

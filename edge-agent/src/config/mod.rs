@@ -203,9 +203,11 @@ impl Default for GradientSection {
 pub struct EngineSection {
     /// GGUF model file (usually quantised; converted once to `precision` under `cache_dir`).
     pub model: String,
-    /// Task file: prompt, labels, verbalizer words (see edge-agent/tasks/*.toml).
+    /// Task file: classification (prompt, labels, verbalizer words) or `kind = "sft"`
+    /// (prompt and response templates); see edge-agent/tasks/*.toml.
     pub task: String,
-    /// This agent's training shard: JSON Lines `{"text": ..., "label": "<label name>"}`.
+    /// This agent's training shard: JSON Lines `{"text": ..., "label": "<label name>"}`, or
+    /// `{"prompt": ..., "response": ...}` for an sft task (`fwdllm-agent shard` writes both).
     pub shard: String,
     /// Compute threads (0 = all cores).
     pub threads: u32,

@@ -5,7 +5,7 @@ use std::path::Path;
 use fwdllm_shared::lora::LoraWeights;
 
 use crate::config::AgentConfig;
-use crate::data::{self, Example, SplitMix64, TaskConfig};
+use crate::data::{self, Example, SftExample, SplitMix64, TaskFile};
 use crate::engine::{Engine, EngineConfig, Precision};
 
 use super::gradient::{
@@ -27,16 +27,37 @@ pub enum EngineSourceError {
     Engine(#[from] crate::engine::EngineError),
 }
 
+/// The agent's training examples: classification (verbalizer loss) or instruction pairs
+/// (SFT loss, mean NLL of the response tokens), as the task file's `kind` says.
+#[derive(Debug, Clone)]
+pub enum Shard {
+    Classification(Vec<Example>),
+    Sft(Vec<SftExample>),
+}
+
+impl Shard {
+    fn len(&self) -> usize {
+        match self {
+            Shard::Classification(v) => v.len(),
+            Shard::Sft(v) => v.len(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// The engine plus the agent's training examples.
 ///
 /// Every perturbation of a round uses the same batch (so the round's (seed, g) pairs estimate the
 /// gradient of one loss); consecutive rounds walk through a fixed shuffle of the shard.
 pub struct EngineSource {
     engine: Engine,
-    examples: Vec<Example>,
+    examples: Shard,
     order: Vec<usize>,
     /// Fixed dev subset (never trained on) scored when the aggregator asks (model selection).
-    dev: Vec<Example>,
+    dev: Shard,
     label: String,
 }
 
@@ -57,6 +78,15 @@ impl EngineSource {
         examples: Vec<Example>,
         shuffle_seed: u64,
     ) -> Result<EngineSource, EngineSourceError> {
+        Self::with_shard(engine, Shard::Classification(examples), shuffle_seed)
+    }
+
+    /// As [`EngineSource::new`] for either kind of shard; an SFT shard needs no task set.
+    pub fn with_shard(
+        engine: Engine,
+        examples: Shard,
+        shuffle_seed: u64,
+    ) -> Result<EngineSource, EngineSourceError> {
         if examples.is_empty() {
             return Err(EngineSourceError::EmptyShard("(in-memory examples)".into()));
         }
@@ -71,14 +101,14 @@ impl EngineSource {
             engine,
             examples,
             order,
-            dev: Vec::new(),
+            dev: Shard::Classification(Vec::new()),
             label,
         })
     }
 
     /// Sets the dev subset model selection scores (examples the source does not train on).
     pub fn with_dev(mut self, dev: Vec<Example>) -> Self {
-        self.dev = dev;
+        self.dev = Shard::Classification(dev);
         self
     }
 
@@ -92,12 +122,18 @@ impl EngineSource {
                 self.examples.len()
             );
         }
-        let (train, order, dev) = split_dev(
-            std::mem::take(&mut self.examples),
-            std::mem::take(&mut self.order),
-            n,
-        );
-        (self.examples, self.order, self.dev) = (train, order, dev);
+        let order = std::mem::take(&mut self.order);
+        let examples = std::mem::replace(&mut self.examples, Shard::Classification(Vec::new()));
+        (self.examples, self.order, self.dev) = match examples {
+            Shard::Classification(ex) => {
+                let (t, o, d) = split_dev(ex, order, n);
+                (Shard::Classification(t), o, Shard::Classification(d))
+            }
+            Shard::Sft(ex) => {
+                let (t, o, d) = split_dev(ex, order, n);
+                (Shard::Sft(t), o, Shard::Sft(d))
+            }
+        };
     }
 
     /// Builds the source the `[engine]` section describes: loads the model (converting it once to
@@ -131,16 +167,27 @@ impl EngineSource {
             tail_layer: None,
             ..EngineConfig::default()
         };
-        let task = TaskConfig::from_file(Path::new(&e.task)).map_err(EngineSourceError::Task)?;
-        let examples = data::read_jsonl(Path::new(&e.shard), "text", "label", &task.labels)
-            .map_err(EngineSourceError::Shard)?;
+        let task = TaskFile::from_file(Path::new(&e.task)).map_err(EngineSourceError::Task)?;
+        // An SFT shard holds rendered `{"prompt", "response"}` pairs (`fwdllm-agent shard`
+        // on the SFT task writes them), so the agent needs no tokenizer to read it.
+        let examples = match &task {
+            TaskFile::Classification(t) => Shard::Classification(
+                data::read_jsonl(Path::new(&e.shard), "text", "label", &t.labels)
+                    .map_err(EngineSourceError::Shard)?,
+            ),
+            TaskFile::Sft(_) => Shard::Sft(
+                data::read_sft_jsonl(Path::new(&e.shard)).map_err(EngineSourceError::Shard)?,
+            ),
+        };
         if examples.is_empty() {
             return Err(EngineSourceError::EmptyShard(e.shard.clone()));
         }
         let mut engine = Engine::load(&engine_config)?;
-        engine.set_task(&task)?;
+        if let TaskFile::Classification(t) = &task {
+            engine.set_task(t)?;
+        }
         let seed = u64::from(fwdllm_shared::wire::client_index(&config.client_id()));
-        let mut src = EngineSource::new(engine, examples, seed)?;
+        let mut src = EngineSource::with_shard(engine, examples, seed)?;
         src.split_dev(e.dev_examples as usize);
         src.label = format!(
             "engine {} on {} ({} examples, {} dev)",
@@ -152,13 +199,12 @@ impl EngineSource {
         Ok(src)
     }
 
-    fn batch(&self, round: u64, size: usize) -> Vec<Example> {
+    /// Indices of the round's batch: consecutive rounds walk through the fixed shuffle.
+    fn batch(&self, round: u64, size: usize) -> Vec<usize> {
         let n = self.order.len();
         let size = size.clamp(1, n);
         let start = (round as usize).wrapping_mul(size) % n;
-        (0..size)
-            .map(|i| self.examples[self.order[(start + i) % n]].clone())
-            .collect()
+        (0..size).map(|i| self.order[(start + i) % n]).collect()
     }
 }
 
@@ -166,11 +212,11 @@ impl EngineSource {
 /// subset): the last `n` positions of the order become the dev subset, so which examples are
 /// dev is fixed by the shuffle seed. A shard with fewer than `2n` examples keeps everything for
 /// training (no dev subset).
-fn split_dev(
-    examples: Vec<Example>,
+fn split_dev<T: Clone>(
+    examples: Vec<T>,
     mut order: Vec<usize>,
     n: usize,
-) -> (Vec<Example>, Vec<usize>, Vec<Example>) {
+) -> (Vec<T>, Vec<usize>, Vec<T>) {
     if n == 0 || examples.len() < 2 * n {
         return (examples, order, Vec::new());
     }
@@ -197,22 +243,35 @@ impl GradientSource for EngineSource {
         &mut self,
         req: &GradientRequest<'_>,
     ) -> Result<GradientBatch, GradientError> {
-        let batch = self.batch(req.round, req.task.batch_size as usize);
-        let (g, loss) = self
-            .engine
-            .forward_gradients_with_loss(
-                req.weights,
-                &batch,
-                req.seeds,
-                req.eps,
-                req.task.one_sided,
-            )
-            .map_err(|e| GradientError::Engine(e.to_string()))?;
+        let idx = self.batch(req.round, req.task.batch_size as usize);
+        let (g, loss) = match &self.examples {
+            Shard::Classification(ex) => {
+                let batch: Vec<Example> = idx.iter().map(|&i| ex[i].clone()).collect();
+                self.engine.forward_gradients_with_loss(
+                    req.weights,
+                    &batch,
+                    req.seeds,
+                    req.eps,
+                    req.task.one_sided,
+                )
+            }
+            Shard::Sft(ex) => {
+                let batch: Vec<SftExample> = idx.iter().map(|&i| ex[i].clone()).collect();
+                self.engine.sft_forward_gradients(
+                    req.weights,
+                    &batch,
+                    req.seeds,
+                    req.eps,
+                    req.task.one_sided,
+                )
+            }
+        }
+        .map_err(|e| GradientError::Engine(e.to_string()))?;
         let mut stats = LossStats::default();
         stats.push(loss);
         Ok(GradientBatch {
             g,
-            samples: batch.len() as u32,
+            samples: idx.len() as u32,
             loss: stats,
         })
     }
@@ -225,15 +284,30 @@ impl GradientSource for EngineSource {
         if self.dev.is_empty() {
             return Ok(None);
         }
-        let r = self
-            .engine
-            .evaluate(Some(weights), &self.dev)
-            .map_err(|e| GradientError::Engine(e.to_string()))?;
-        Ok(Some(DevScore {
-            examples: r.n as u32,
-            correct: (r.accuracy * r.n as f64).round() as u32,
-            loss_sum: r.loss * r.n as f64,
-        }))
+        let engine_err = |e: crate::engine::EngineError| GradientError::Engine(e.to_string());
+        match &self.dev {
+            Shard::Classification(dev) => {
+                let r = self
+                    .engine
+                    .evaluate(Some(weights), dev)
+                    .map_err(engine_err)?;
+                Ok(Some(DevScore {
+                    examples: r.n as u32,
+                    correct: (r.accuracy * r.n as f64).round() as u32,
+                    loss_sum: r.loss * r.n as f64,
+                }))
+            }
+            // No accuracy for generation: the aggregator then selects on the dev NLL alone.
+            Shard::Sft(dev) => {
+                self.engine.set_adapter(weights).map_err(engine_err)?;
+                let nll = self.engine.sft_loss(dev).map_err(engine_err)?;
+                Ok(Some(DevScore {
+                    examples: dev.len() as u32,
+                    correct: 0,
+                    loss_sum: nll * dev.len() as f64,
+                }))
+            }
+        }
     }
 }
 

@@ -3,6 +3,11 @@
 //! train/dev/held-out split and IID / Dirichlet(α) client shards written as JSONL files.
 //!
 //! Everything here is deterministic given its seed and runs without loading model weights.
+//! Instruction-tuning tasks (`kind = "sft"`) live in [`sft`].
+
+pub mod sft;
+
+pub use sft::{SftSource, SftTaskConfig, TaskFile, TaskKind};
 
 use std::fs;
 use std::io::Write;
@@ -45,7 +50,7 @@ pub enum DataError {
     Empty { path: PathBuf },
 }
 
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DataError + '_ {
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DataError + '_ {
     move |source| DataError::Io {
         path: path.to_path_buf(),
         source,
@@ -128,6 +133,17 @@ impl TaskConfig {
     /// Reads and validates a task TOML file.
     pub fn from_file(path: &Path) -> Result<TaskConfig, DataError> {
         let text = fs::read_to_string(path).map_err(io_err(path))?;
+        // An SFT file would otherwise fail on the first missing classification key.
+        if toml::from_str::<toml::Table>(&text)
+            .ok()
+            .and_then(|t| t.get("kind").cloned())
+            .is_some_and(|k| k.as_str() == Some("sft"))
+        {
+            return Err(DataError::Config {
+                path: path.to_path_buf(),
+                problem: "this is an instruction-tuning task (kind = \"sft\") but this command needs a classification task (labels and words); use `train-local`, `predict` or the agent daemon, which take both kinds".into(),
+            });
+        }
         let cfg: TaskConfig = toml::from_str(&text).map_err(|e| DataError::Config {
             path: path.to_path_buf(),
             problem: e.to_string(),
@@ -235,7 +251,7 @@ pub fn read_label_dirs(dir: &Path, labels: &[String]) -> Result<Vec<Example>, Da
 
 /// Splits one CSV record (RFC 4180: quoted fields, `""` escapes, no embedded newlines).
 /// Hand-written: one small function instead of a dependency; AG News needs nothing more.
-fn split_csv_line(line: &str) -> Result<Vec<String>, String> {
+pub(crate) fn split_csv_line(line: &str) -> Result<Vec<String>, String> {
     let mut fields = Vec::new();
     let mut cur = String::new();
     let mut chars = line.chars().peekable();
@@ -461,16 +477,17 @@ pub fn read_sft_jsonl(path: &Path) -> Result<Vec<SftExample>, DataError> {
 /// The pinned generator of splits and shards (it lives in `shared`, next to `mix64`).
 pub use fwdllm_shared::perturb::SplitMix64;
 
-/// Train / dev / held-out partition of a task's examples.
+/// Train / dev / held-out partition of a task's examples (classification by default, or
+/// [`SftExample`]s).
 #[derive(Debug, Clone)]
-pub struct Split {
-    pub train: Vec<Example>,
-    pub dev: Vec<Example>,
-    pub heldout: Vec<Example>,
+pub struct Split<T = Example> {
+    pub train: Vec<T>,
+    pub dev: Vec<T>,
+    pub heldout: Vec<T>,
 }
 
 /// Fixed-seed shuffle, then the first `heldout` examples are held out, the next `dev` are dev.
-pub fn split(mut examples: Vec<Example>, seed: u64, heldout: usize, dev: usize) -> Split {
+pub fn split<T>(mut examples: Vec<T>, seed: u64, heldout: usize, dev: usize) -> Split<T> {
     SplitMix64::new(seed ^ SPLIT_DOMAIN).shuffle(&mut examples);
     let h = heldout.min(examples.len());
     let d = dev.min(examples.len() - h);
@@ -486,7 +503,7 @@ pub fn split(mut examples: Vec<Example>, seed: u64, heldout: usize, dev: usize) 
 /// Domain separation for the split stream, so a split seed never replays a shard stream.
 const SPLIT_DOMAIN: u64 = 0x5EED_5011_7000_0001;
 /// Domain separation for the shard stream.
-const SHARD_DOMAIN: u64 = 0x5A4D_0000_0000_0002;
+pub(crate) const SHARD_DOMAIN: u64 = 0x5A4D_0000_0000_0002;
 
 /// Partition of examples into client shards.
 #[derive(Debug, Clone, Copy, PartialEq)]

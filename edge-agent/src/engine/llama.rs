@@ -394,6 +394,12 @@ impl Llama {
 
     /// The text of one token.
     pub fn token_piece(&self, token: Token) -> String {
+        String::from_utf8_lossy(&self.token_bytes(token)).into_owned()
+    }
+
+    /// The bytes of one token. A byte-level BPE token may hold part of a UTF-8 character, so
+    /// generated text is assembled from bytes and decoded once (see `engine::generate`).
+    pub fn token_bytes(&self, token: Token) -> Vec<u8> {
         // SAFETY: model valid; vocab owned by model.
         let vocab = unsafe { sys::llama_model_get_vocab(self.model.as_ptr()) };
         let mut buf = vec![0u8; 64];
@@ -409,9 +415,117 @@ impl Llama {
             )
         };
         if n < 0 {
-            return String::new();
+            return Vec::new();
         }
-        String::from_utf8_lossy(&buf[..n as usize]).into_owned()
+        buf.truncate(n as usize);
+        buf
+    }
+
+    /// Whether `token` ends a generation (EOS, EOT and the like, per the model's vocabulary).
+    pub fn is_eog(&self, token: Token) -> bool {
+        // SAFETY: model valid; vocab owned by model; pure look-up.
+        unsafe { sys::llama_vocab_is_eog(sys::llama_model_get_vocab(self.model.as_ptr()), token) }
+    }
+
+    /// Appends one token per listed sequence to the KV memory *without clearing it* (the
+    /// incremental step of generation, after a [`Llama::decode`] of the prompts): item
+    /// `(seq, pos, token)` puts `token` at position `pos` of sequence `seq`, and
+    /// `on_logits(item, logits)` receives every item's next-token logits.
+    pub fn decode_step(
+        &mut self,
+        items: &[(usize, usize, Token)],
+        mut on_logits: impl FnMut(usize, &[f32]),
+    ) -> Result<(), String> {
+        if self.embd_input {
+            return Err("this model takes hidden states (decode_embd_step), not tokens".into());
+        }
+        let b = self.batch;
+        let at: Vec<(usize, usize)> = items.iter().map(|&(s, p, _)| (s, p)).collect();
+        self.decode_at(&at, &mut on_logits, |i| {
+            // SAFETY: i < items.len() <= batch_cap (checked by decode_at).
+            unsafe { *b.token.add(i) = items[i].2 };
+        })
+    }
+
+    /// As [`Llama::decode_step`] for a model loaded with `embd_input`: item `i` is
+    /// `rows[i * n_embd..(i + 1) * n_embd]` at `(seq, pos) = at[i]`.
+    pub fn decode_embd_step(
+        &mut self,
+        at: &[(usize, usize)],
+        rows: &[f32],
+        mut on_logits: impl FnMut(usize, &[f32]),
+    ) -> Result<(), String> {
+        if !self.embd_input {
+            return Err("this model takes tokens (decode_step), not hidden states".into());
+        }
+        let d = self.n_embd;
+        if rows.len() != at.len() * d {
+            return Err(format!(
+                "{} floats for {} rows of n_embd {d}",
+                rows.len(),
+                at.len()
+            ));
+        }
+        let b = self.batch;
+        self.decode_at(at, &mut on_logits, |i| {
+            // SAFETY: i < at.len() <= batch_cap; `embd` has cap * n_embd floats (embd_input).
+            unsafe { std::ptr::copy_nonoverlapping(rows[i * d..].as_ptr(), b.embd.add(i * d), d) };
+        })
+    }
+
+    fn decode_at(
+        &mut self,
+        at: &[(usize, usize)],
+        on_logits: &mut dyn FnMut(usize, &[f32]),
+        mut put: impl FnMut(usize),
+    ) -> Result<(), String> {
+        self.last_tokens = 0;
+        if at.is_empty() || at.len() > self.batch_cap {
+            return Err(format!(
+                "a step of {} tokens (need 1..={})",
+                at.len(),
+                self.batch_cap
+            ));
+        }
+        if let Some(&(s, p)) = at
+            .iter()
+            .find(|&&(s, p)| s >= self.seq_max || p >= self.seq_cap)
+        {
+            return Err(format!(
+                "position {p} of sequence {s} is outside the context ({} sequences of {} tokens; raise n_ctx or lower the token budget)",
+                self.seq_max, self.seq_cap
+            ));
+        }
+        for (i, &(s, pos)) in at.iter().enumerate() {
+            put(i);
+            let b = &mut self.batch;
+            // SAFETY: i < at.len() <= batch_cap (invariant 3); seq_id[i] points to one slot.
+            unsafe {
+                *b.pos.add(i) = pos as i32;
+                *b.n_seq_id.add(i) = 1;
+                *(*b.seq_id.add(i)) = s as i32;
+                *b.logits.add(i) = 1;
+            }
+        }
+        self.batch.n_tokens = at.len() as i32;
+        // SAFETY: ctx valid; batch filled consistently above; the KV memory holds positions
+        // 0..pos of each listed sequence from earlier decodes (llama.cpp checks continuity).
+        let rc = unsafe { sys::llama_decode(self.ctx.as_ptr(), self.batch) };
+        if rc != 0 {
+            return Err(format!("llama_decode returned {rc}"));
+        }
+        self.last_tokens = at.len();
+        for i in 0..at.len() {
+            // SAFETY: every item requested logits; n_vocab floats owned by ctx, valid until
+            // the next decode, which cannot happen while this borrow lives.
+            let p = unsafe { sys::llama_get_logits_ith(self.ctx.as_ptr(), i as i32) };
+            if p.is_null() {
+                return Err(format!("no logits for batch index {i}"));
+            }
+            // SAFETY: see above.
+            on_logits(i, unsafe { std::slice::from_raw_parts(p, self.n_vocab) });
+        }
+        Ok(())
     }
 
     /// Clears the KV memory, decodes `seqs` (sequence i gets seq id i) in one batch, and calls

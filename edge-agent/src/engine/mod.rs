@@ -14,9 +14,12 @@
 
 pub mod bench;
 pub mod calibrate;
+pub mod generate;
 mod head;
 pub mod llama;
 pub mod prepare;
+pub mod sft_eval;
+pub mod sft_train;
 pub mod tail;
 pub mod train;
 
@@ -230,6 +233,8 @@ pub enum EngineError {
     HeadNeedsTail,
     #[error("adapter metadata: {0}")]
     AdapterHead(String),
+    #[error("the layout has {rows} verbalizer head rows, which only apply to classification; an instruction (sft) task trains LoRA tensors only: set lora.head_rows = 0 (train-local: drop --head-rows/--head-only/--blockwise)")]
+    SftHeadRows { rows: u32 },
 }
 
 impl EngineError {
@@ -700,6 +705,25 @@ impl Engine {
     /// Tokenizes text with the model's vocabulary (no BOS).
     pub fn tokenize(&self, text: &str) -> Vec<llama::Token> {
         self.llama.tokenize(text, false)
+    }
+
+    /// `text` cut to its first `max_tokens` tokens (unchanged if it has no more): the
+    /// truncation SFT tasks apply to prompt fields and responses
+    /// (`data::sft::SftTaskConfig::load_examples`).
+    pub fn truncate_text(&self, text: &str, max_tokens: u32) -> String {
+        let t = self.llama.tokenize(text, false);
+        if t.len() <= max_tokens as usize {
+            return text.to_string();
+        }
+        let bytes: Vec<u8> = t[..max_tokens as usize]
+            .iter()
+            .flat_map(|&x| self.llama.token_bytes(x))
+            .collect();
+        // A cut can split a UTF-8 character across tokens: drop the incomplete tail.
+        match std::str::from_utf8(&bytes) {
+            Ok(s) => s.to_string(),
+            Err(e) => String::from_utf8_lossy(&bytes[..e.valid_up_to()]).into_owned(),
+        }
     }
 
     pub fn token_piece(&self, t: llama::Token) -> String {
@@ -1203,6 +1227,7 @@ impl Engine {
         eps: f32,
         one_sided: bool,
     ) -> Result<(Vec<f32>, f64), EngineError> {
+        sft_eval::check_sft_layout(weights)?;
         self.forward_gradients_by(weights, seeds, eps, one_sided, &mut |engine| {
             engine.sft_loss(batch)
         })
