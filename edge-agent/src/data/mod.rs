@@ -376,6 +376,26 @@ pub fn read_csv(
     Ok(out)
 }
 
+/// The JSON values of a JSON Lines file with their 1-based line numbers; blank lines are
+/// skipped and a line that is not JSON is an error naming the file and line. Every JSONL reader
+/// of this module goes through it.
+pub(crate) fn jsonl_values(path: &Path) -> Result<Vec<(usize, serde_json::Value)>, DataError> {
+    let text = fs::read_to_string(path).map_err(io_err(path))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v = serde_json::from_str(line).map_err(|e| DataError::Row {
+            path: path.to_path_buf(),
+            line: i + 1,
+            problem: format!("invalid JSON: {e}"),
+        })?;
+        out.push((i + 1, v));
+    }
+    Ok(out)
+}
+
 /// JSONL reader for classification data (see [`DataSource::Jsonl`]).
 pub fn read_jsonl(
     path: &Path,
@@ -383,20 +403,13 @@ pub fn read_jsonl(
     label_field: &str,
     labels: &[String],
 ) -> Result<Vec<Example>, DataError> {
-    let text = fs::read_to_string(path).map_err(io_err(path))?;
     let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let lineno = i + 1;
-        if line.trim().is_empty() {
-            continue;
-        }
+    for (lineno, v) in jsonl_values(path)? {
         let row_err = |problem: String| DataError::Row {
             path: path.to_path_buf(),
             line: lineno,
             problem,
         };
-        let v: serde_json::Value =
-            serde_json::from_str(line).map_err(|e| row_err(format!("invalid JSON: {e}")))?;
         let t = v
             .get(text_field)
             .and_then(|x| x.as_str())
@@ -439,19 +452,13 @@ pub struct SftExample {
 /// fields are ignored). Blank lines are skipped; an empty response is an error, since it
 /// carries no loss.
 pub fn read_sft_jsonl(path: &Path) -> Result<Vec<SftExample>, DataError> {
-    let text = fs::read_to_string(path).map_err(io_err(path))?;
     let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
+    for (lineno, v) in jsonl_values(path)? {
         let row_err = |problem: String| DataError::Row {
             path: path.to_path_buf(),
-            line: i + 1,
+            line: lineno,
             problem,
         };
-        let v: serde_json::Value =
-            serde_json::from_str(line).map_err(|e| row_err(format!("invalid JSON: {e}")))?;
         let field = |name: &str| {
             v.get(name)
                 .and_then(|x| x.as_str())

@@ -320,21 +320,14 @@ fn read_csv_rows(path: &Path, prompt: &Template, response: &Template) -> Result<
 }
 
 fn read_jsonl_rows(path: &Path, prompt: &Template, response: &Template) -> Result<Rows, DataError> {
-    let text = fs::read_to_string(path).map_err(io_err(path))?;
     let want = wanted(prompt, response);
     let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let lineno = i + 1;
-        if line.trim().is_empty() {
-            continue;
-        }
+    for (lineno, v) in super::jsonl_values(path)? {
         let row_err = |problem: String| DataError::Row {
             path: path.to_path_buf(),
             line: lineno,
             problem,
         };
-        let v: serde_json::Value =
-            serde_json::from_str(line).map_err(|e| row_err(format!("invalid JSON: {e}")))?;
         let mut values = Vec::with_capacity(want.len());
         for &(f, which) in &want {
             let s = match v.get(f) {

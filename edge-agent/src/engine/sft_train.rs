@@ -15,9 +15,9 @@ use fwdllm_shared::update::apply_commit;
 use serde::{Deserialize, Serialize};
 
 use super::sft_eval::{GenerationBudget, SftEvalReport};
-use super::train::{block_seeds, local_seed, TrainConfig};
+use super::train::{block_seeds, local_seed, EpochBatches, TrainConfig};
 use super::{Engine, EngineError};
-use crate::data::{SftExample, Split, SplitMix64};
+use crate::data::{SftExample, Split};
 
 impl TrainConfig {
     /// The instruction-tuning recipe `train-local` runs on an sft task unless told otherwise
@@ -147,47 +147,17 @@ pub fn train_sft_local(
     );
     let csv_err = |e| EngineError::io(&csv_path, e);
     writeln!(csv, "step,wall_s,loss_evaluations,train_nll,lr,update_norm").map_err(csv_err)?;
-    let bar = if progress {
-        let b = indicatif::ProgressBar::new(if cfg.max_steps > 0 {
-            cfg.max_steps as u64
-        } else {
-            cfg.max_wall_s.max(1.0) as u64
-        });
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{elapsed_precise} [{bar:30}] {pos}/{len} {msg}",
-            )
-            .expect("static template"),
-        );
-        b
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-
-    let mut order: Vec<usize> = (0..split.train.len()).collect();
-    let mut rng = SplitMix64::new(cfg.seed);
-    rng.shuffle(&mut order);
-    let mut cursor = 0usize;
+    let bar = cfg.progress_bar(progress);
+    let mut batches = EpochBatches::new(split.train.len(), cfg.seed);
     let mut scratch = Vec::new();
     let mut cand_scratch = Vec::new();
     let mut previous: Option<Vec<f32>> = None;
     let mut step = 0u64;
     loop {
-        let wall = start.elapsed().as_secs_f64();
-        if (cfg.max_steps > 0 && step >= cfg.max_steps as u64)
-            || (cfg.max_wall_s > 0.0 && wall >= cfg.max_wall_s)
-        {
+        if cfg.budget_spent(step, start.elapsed().as_secs_f64()) {
             break;
         }
-        let mut batch = Vec::with_capacity(cfg.batch_size);
-        while batch.len() < cfg.batch_size.max(1) {
-            if cursor == order.len() {
-                rng.shuffle(&mut order);
-                cursor = 0;
-            }
-            batch.push(split.train[order[cursor]].clone());
-            cursor += 1;
-        }
+        let batch = batches.next(&split.train, cfg.batch_size);
         let c = cfg.discriminative_candidates.max(1);
         let seeds = block_seeds(
             &layout,

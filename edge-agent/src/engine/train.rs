@@ -176,6 +176,70 @@ impl TrainConfig {
     }
 }
 
+impl TrainConfig {
+    /// True once the step or wall-time budget is spent.
+    pub fn budget_spent(&self, step: u64, wall_s: f64) -> bool {
+        (self.max_steps > 0 && step >= self.max_steps as u64)
+            || (self.max_wall_s > 0.0 && wall_s >= self.max_wall_s)
+    }
+
+    /// The progress bar of a local training run: over steps when they are capped, else over
+    /// seconds of wall time; hidden when `show` is false.
+    pub fn progress_bar(&self, show: bool) -> indicatif::ProgressBar {
+        if !show {
+            return indicatif::ProgressBar::hidden();
+        }
+        let b = indicatif::ProgressBar::new(if self.max_steps > 0 {
+            self.max_steps as u64
+        } else {
+            self.max_wall_s.max(1.0) as u64
+        });
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:30}] {pos}/{len} {msg}",
+            )
+            .expect("static template"),
+        );
+        b
+    }
+}
+
+/// Batches of a training split in a fixed-seed shuffle, reshuffled at the end of each epoch
+/// (both local trainers walk their data this way).
+#[derive(Debug)]
+pub struct EpochBatches {
+    order: Vec<usize>,
+    cursor: usize,
+    rng: SplitMix64,
+}
+
+impl EpochBatches {
+    pub fn new(n: usize, seed: u64) -> EpochBatches {
+        let mut order: Vec<usize> = (0..n).collect();
+        let mut rng = SplitMix64::new(seed);
+        rng.shuffle(&mut order);
+        EpochBatches {
+            order,
+            cursor: 0,
+            rng,
+        }
+    }
+
+    /// The next `size` (at least 1) examples of `data`.
+    pub fn next<T: Clone>(&mut self, data: &[T], size: usize) -> Vec<T> {
+        let mut batch = Vec::with_capacity(size.max(1));
+        while batch.len() < size.max(1) {
+            if self.cursor == self.order.len() {
+                self.rng.shuffle(&mut self.order);
+                self.cursor = 0;
+            }
+            batch.push(data[self.order[self.cursor]].clone());
+            self.cursor += 1;
+        }
+        batch
+    }
+}
+
 /// `c_k = −lr · g_k / K_b`, with `K_b` the number of seeds in seed k's direction block: each
 /// block's mean is then an unbiased estimate of that block's gradient, however many
 /// directions each block got (for a dense layout `K_b` is simply K).
@@ -380,48 +444,18 @@ pub fn train_local(
     )
     .map_err(|e| EngineError::io(&csv_path, e))?;
 
-    let bar = if progress {
-        let b = match (cfg.max_steps, cfg.max_wall_s) {
-            (s, _) if s > 0 => indicatif::ProgressBar::new(s as u64),
-            _ => indicatif::ProgressBar::new(cfg.max_wall_s.max(1.0) as u64),
-        };
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{elapsed_precise} [{bar:30}] {pos}/{len} {msg}",
-            )
-            .expect("static template"),
-        );
-        b
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-
-    let mut order: Vec<usize> = (0..split.train.len()).collect();
-    let mut rng = SplitMix64::new(cfg.seed);
-    rng.shuffle(&mut order);
-    let mut cursor = 0usize;
+    let bar = cfg.progress_bar(progress);
+    let mut batches = EpochBatches::new(split.train.len(), cfg.seed);
     let mut scratch = Vec::new();
     let mut cand_scratch = Vec::new();
     let mut previous: Option<Vec<f32>> = None;
     let mut step = 0u64;
     let mut train_ema: Option<f64> = None;
     loop {
-        let wall = start.elapsed().as_secs_f64();
-        if (cfg.max_steps > 0 && step >= cfg.max_steps as u64)
-            || (cfg.max_wall_s > 0.0 && wall >= cfg.max_wall_s)
-        {
+        if cfg.budget_spent(step, start.elapsed().as_secs_f64()) {
             break;
         }
-        // Next batch (reshuffle at the end of an epoch).
-        let mut batch: Vec<Example> = Vec::with_capacity(cfg.batch_size);
-        while batch.len() < cfg.batch_size {
-            if cursor == order.len() {
-                rng.shuffle(&mut order);
-                cursor = 0;
-            }
-            batch.push(split.train[order[cursor]].clone());
-            cursor += 1;
-        }
+        let batch: Vec<Example> = batches.next(&split.train, cfg.batch_size);
         let c = cfg.discriminative_candidates.max(1);
         let seeds = block_seeds(
             &layout,
