@@ -62,6 +62,8 @@ pub enum ReportRejected {
 #[derive(Debug)]
 struct Pending {
     weights: LoraWeights,
+    /// `weights.hash()`, computed once: every report is checked against it.
+    hash: WeightsHash,
     /// Clients asked (those selected for the round opened at this version); 0 = not known yet.
     expected: usize,
     clients: BTreeSet<String>,
@@ -141,6 +143,7 @@ impl Selection {
         self.pending.insert(
             v,
             Pending {
+                hash: weights.hash(),
                 weights: weights.clone(),
                 expected: selected,
                 clients: BTreeSet::new(),
@@ -168,7 +171,7 @@ impl Selection {
             .pending
             .get_mut(&r.model_version)
             .ok_or(ReportRejected::NotPending(r.model_version))?;
-        if p.weights.hash() != r.weights_hash {
+        if p.hash != r.weights_hash {
             return Err(ReportRejected::HashMismatch(r.model_version).into());
         }
         if !p.clients.insert(r.client_id.clone()) {
@@ -204,7 +207,7 @@ impl Selection {
         }
         let rec = BestRecord {
             model_version: v,
-            weights_hash: p.weights.hash(),
+            weights_hash: p.hash,
             dev_accuracy: p.correct as f64 / p.examples as f64,
             dev_loss: p.loss_sum / p.examples as f64,
             examples: p.examples,
