@@ -88,6 +88,9 @@ pub struct TaskArgs {
     /// Override the number of tokens the text is cut to.
     #[arg(long)]
     pub max_text_tokens: Option<u32>,
+    /// Override which final hidden state the head rows read (classification tasks).
+    #[arg(long, value_enum)]
+    pub head_features: Option<data::HeadFeatures>,
 }
 
 impl TaskArgs {
@@ -146,6 +149,9 @@ impl TaskArgs {
         }
         if let Some(m) = self.max_text_tokens {
             task.max_text_tokens = m;
+        }
+        if let Some(h) = self.head_features {
+            task.head_features = h;
         }
         task.validate(&self.task)?;
         Ok(task)

@@ -28,6 +28,7 @@ use fwdllm_aggregator::config::{AggregatorConfig, Schedule};
 use fwdllm_aggregator::coordinator::AggEvent;
 use fwdllm_aggregator::server::{self, BrokerTarget, Hooks};
 use fwdllm_aggregator::{export, metrics, monitor, sim};
+use fwdllm_shared::lora::LoraWeights;
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
@@ -81,6 +82,18 @@ struct FedArgs {
     /// best version on dev (0 = export the last version).
     #[arg(long, default_value_t = 20)]
     eval_every: u64,
+    /// Seed of the dealing of the training split to agents (default: the task's split_seed).
+    /// The held-out and dev splits do not depend on it, so seeds compare like for like.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Evaluate the held-out split every this many commits after the run (0 = none): the
+    /// accuracy-over-commits curve in the JSON report.
+    #[arg(long, default_value_t = 0)]
+    curve_every: u64,
+    /// Stop after this many commits even if time remains (0 = train for --minutes). Runs that
+    /// compare data splits stop at equal commits, so a warm cache does not favour one.
+    #[arg(long, default_value_t = 0)]
+    max_commits: u64,
 }
 
 #[derive(Subcommand)]
@@ -216,6 +229,9 @@ fn main() -> anyhow::Result<()> {
                 "lora_trainable_params": r.trainable,
                 "replica_hashes_equal": r.replicas_equal,
                 "sim_clients": sim_clients,
+                "shard_seed": r.seed,
+                "curve_versions": r.curve.iter().map(|c| c.0).collect::<Vec<_>>(),
+                "curve_heldout_accuracy": r.curve.iter().map(|c| c.1).collect::<Vec<_>>(),
             });
             let obj = j.as_object_mut().expect("object");
             for (k, v) in ingest.as_object().expect("object") {
@@ -262,6 +278,9 @@ struct FedResult {
     replicas_equal: bool,
     out_dir: PathBuf,
     per_agent: Vec<AgentInfo>,
+    /// (version, held-out accuracy), from version 0 (zero-shot); see `--curve-every`.
+    curve: Vec<(u64, f64)>,
+    seed: u64,
 }
 
 impl FedResult {
@@ -341,6 +360,14 @@ impl FedResult {
     }
 }
 
+/// Held-out points for the plot, by version (a line series must be ordered), one per version.
+fn evals_by_version(a: &[(u64, f64)], b: &[(u64, f64)]) -> Vec<(u64, f64)> {
+    let mut all = [a, b].concat();
+    all.sort_by_key(|p| p.0);
+    all.dedup_by_key(|p| p.0);
+    all
+}
+
 /// The engine for `lora`: the tail path (frozen prefix once per batch, F32 tail per
 /// perturbation) whenever the layout starts above layer 0, as the agent daemon would pick it.
 fn engine_config(
@@ -388,7 +415,12 @@ async fn federate(fed: &FedArgs, task_path: &Path, name: &str) -> anyhow::Result
         Split::Iid => Partition::Iid,
         Split::Dirichlet => Partition::Dirichlet { alpha: fed.alpha },
     };
-    let shards = data::shard(&split.train, fed.agents, partition, task.split_seed);
+    let shards = data::shard(
+        &split.train,
+        fed.agents,
+        partition,
+        fed.seed.unwrap_or(task.split_seed),
+    );
     // Model selection: the task's dev split dealt round-robin, a fixed subset per agent.
     let mut dev_sets: Vec<Vec<Example>> = vec![Vec::new(); fed.agents];
     for (i, e) in split.dev.iter().enumerate() {
@@ -428,6 +460,7 @@ async fn federate(fed: &FedArgs, task_path: &Path, name: &str) -> anyhow::Result
     cfg.state.checkpoint_every = 20;
     cfg.state.plot_every = 20;
     cfg.selection.eval_every = fed.eval_every;
+    cfg.job.max_commits = fed.max_commits;
     cfg.round.perturbations_per_client = perturbations;
     cfg.round.eps = train.eps;
     cfg.round.min_clients = n;
@@ -464,6 +497,23 @@ async fn federate(fed: &FedArgs, task_path: &Path, name: &str) -> anyhow::Result
     }
     let (ev_tx, mut ev_rx) = broadcast::channel(65_536);
     let agg_stop = CancellationToken::new();
+    // Weights every `curve_every` commits, evaluated after the run (not during it, where the
+    // evaluation would take CPU from the agents).
+    let snapshots = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let on_commit: Option<Box<dyn FnMut(u64, &LoraWeights) -> Option<(f64, f64)> + Send>> =
+        (fed.curve_every > 0).then(|| {
+            let snapshots = snapshots.clone();
+            let every = fed.curve_every;
+            Box::new(move |version: u64, w: &LoraWeights| {
+                if version % every == 0 {
+                    snapshots
+                        .lock()
+                        .expect("snapshot list")
+                        .push((version, w.clone()));
+                }
+                None
+            }) as Box<dyn FnMut(u64, &LoraWeights) -> Option<(f64, f64)> + Send>
+        });
     let target = BrokerTarget {
         host: broker.host(),
         port: broker.port(),
@@ -474,7 +524,7 @@ async fn federate(fed: &FedArgs, task_path: &Path, name: &str) -> anyhow::Result
         agg_stop.clone(),
         Hooks {
             events: Some(ev_tx),
-            on_commit: None,
+            on_commit,
         },
     ));
 
@@ -590,6 +640,20 @@ async fn federate(fed: &FedArgs, task_path: &Path, name: &str) -> anyhow::Result
         heldout.len()
     );
     let (final_acc, _) = evaluate(&mut eval_engine, Some(&weights), &heldout)?;
+    let snapshots = std::mem::take(&mut *snapshots.lock().expect("snapshot list"));
+    let mut curve = vec![(0, zero_shot)];
+    if !snapshots.is_empty() {
+        println!(
+            "evaluating {} versions for the accuracy curve ...",
+            snapshots.len()
+        );
+    }
+    for (v, w) in &snapshots {
+        curve.push((*v, evaluate(&mut eval_engine, Some(w), &heldout)?.0));
+    }
+    if fed.curve_every > 0 && curve.last().map(|c| c.0) != Some(version) {
+        curve.push((version, final_acc));
+    }
     // The export is the version model selection kept (best on the agents' dev subsets).
     let (selected_version, selected_weights, best) =
         export::load_for_export(&state_dir, false).map_err(anyhow::Error::msg)?;
@@ -629,11 +693,10 @@ async fn federate(fed: &FedArgs, task_path: &Path, name: &str) -> anyhow::Result
         .and_then(|records| {
             metrics::plot_with_evals(
                 &records,
-                &[
-                    (0, zero_shot),
-                    (selected_version, selected_acc),
-                    (version, final_acc),
-                ],
+                &evals_by_version(
+                    &curve,
+                    &[(selected_version, selected_acc), (version, final_acc)],
+                ),
                 &out_dir.join(metrics::PLOT_FILE),
             )
             .map_err(|e| e.to_string())
@@ -675,5 +738,7 @@ async fn federate(fed: &FedArgs, task_path: &Path, name: &str) -> anyhow::Result
         replicas_equal,
         out_dir,
         per_agent,
+        curve,
+        seed: fed.seed.unwrap_or(task.split_seed),
     })
 }

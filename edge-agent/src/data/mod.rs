@@ -117,6 +117,23 @@ pub struct TaskConfig {
     pub dev: usize,
     #[serde(default)]
     pub split_seed: u64,
+    /// Which final hidden state the verbalizer head rows read (layouts with `head_rows`).
+    #[serde(default)]
+    pub head_features: HeadFeatures,
+}
+
+/// The frozen feature the verbalizer head rows read from a prompt's final (normed) hidden
+/// states. The label words' base logits always come from the last position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum HeadFeatures {
+    /// The state at the prompt's last position (the one the base logits come from). The
+    /// default: a linear probe on it scored higher on dev than on the mean, on BBC and AG
+    /// News alike (`examples/probe_features.rs`; figures in ARCHITECTURE.md).
+    #[default]
+    Last,
+    /// The mean over every prompt position.
+    Mean,
 }
 
 fn default_max_text_tokens() -> u32 {

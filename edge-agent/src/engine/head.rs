@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use super::llama;
 use super::{BatchLoss, EngineError};
-use crate::data::Example;
+use crate::data::{Example, HeadFeatures};
 
 /// What the verbalizer loss reads from one prompt: the label words' base logits and, on the
 /// tail path, the final hidden state (for the head rows).
@@ -24,6 +24,8 @@ pub(super) struct Features {
 pub(super) struct FeatureCache {
     /// The label tokens the cached logits are for (a task with other labels clears it).
     labels: Vec<llama::Token>,
+    /// The pooling the cached hidden states are for.
+    pool: HeadFeatures,
     budget_bytes: usize,
     used_bytes: usize,
     map: std::collections::HashMap<Vec<llama::Token>, Arc<Features>>,
@@ -36,10 +38,11 @@ impl FeatureCache {
             ..Default::default()
         }
     }
-    /// Empties the cache unless it holds features for exactly these label tokens.
-    pub(super) fn use_labels(&mut self, labels: &[llama::Token]) {
-        if self.labels != labels {
+    /// Empties the cache unless it holds features for exactly these label tokens and pooling.
+    pub(super) fn use_labels(&mut self, labels: &[llama::Token], pool: HeadFeatures) {
+        if self.labels != labels || self.pool != pool {
             self.labels = labels.to_vec();
+            self.pool = pool;
             self.used_bytes = 0;
             self.map.clear();
         }
@@ -75,6 +78,65 @@ impl HeadParams {
             delta: weights_params[block.delta.clone()].to_vec(),
             bias: weights_params[block.bias.clone()].to_vec(),
         }
+    }
+}
+
+/// Collects one prompt's features from the tail's per-position outputs: the base label logits
+/// at the last position, and the hidden state pooled as the task asks.
+#[derive(Debug, Default, Clone)]
+pub(super) struct FeatureAccumulator {
+    logits: Option<Vec<f32>>,
+    hidden: Option<Vec<f32>>,
+    positions: usize,
+}
+
+impl FeatureAccumulator {
+    /// The first prompt position the tail must output for `pool` (outputs below it are skipped).
+    pub(super) fn first_position(pool: HeadFeatures, prompt_len: usize) -> usize {
+        match pool {
+            HeadFeatures::Last => prompt_len - 1,
+            HeadFeatures::Mean => 0,
+        }
+    }
+
+    pub(super) fn add(
+        &mut self,
+        pool: HeadFeatures,
+        is_last: bool,
+        logits: &[f32],
+        hidden: Option<&[f32]>,
+    ) {
+        if is_last {
+            self.logits = Some(logits.to_vec());
+        }
+        let Some(h) = hidden else { return };
+        match pool {
+            HeadFeatures::Last => {
+                if is_last {
+                    self.hidden = Some(h.to_vec());
+                }
+            }
+            HeadFeatures::Mean => {
+                // Summed in position order, so the features are the same bits on every run.
+                let sum = self.hidden.get_or_insert_with(|| vec![0f32; h.len()]);
+                for (s, &x) in sum.iter_mut().zip(h) {
+                    *s += x;
+                }
+                self.positions += 1;
+            }
+        }
+    }
+
+    pub(super) fn finish(self, pool: HeadFeatures) -> Option<Features> {
+        let logits = self.logits?;
+        let mut hidden = self.hidden;
+        if let (HeadFeatures::Mean, Some(h)) = (pool, hidden.as_mut()) {
+            let n = self.positions as f32;
+            for x in h.iter_mut() {
+                *x /= n;
+            }
+        }
+        Some(Features { logits, hidden })
     }
 }
 

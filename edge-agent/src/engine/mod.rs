@@ -24,7 +24,8 @@ pub mod tail;
 pub mod train;
 
 use head::{
-    label_logits, loss_from_features, FeatureCache, Features, HeadParams, FEATURE_CACHE_BYTES,
+    label_logits, loss_from_features, FeatureAccumulator, FeatureCache, Features, HeadParams,
+    FEATURE_CACHE_BYTES,
 };
 
 use std::path::{Path, PathBuf};
@@ -1089,8 +1090,13 @@ impl Engine {
             .map(|e| self.prompt_tokens(task, &e.text))
             .collect();
         let cacheable = self.tail.as_ref().is_some_and(|t| t.adapter.is_none());
+        // Pooling only matters for the hidden state, which only the tail path returns.
+        let pool = match &self.tail {
+            Some(_) => task.config.head_features,
+            None => crate::data::HeadFeatures::Last,
+        };
         if let Some(t) = &mut self.tail {
-            t.features.use_labels(&task.label_tokens);
+            t.features.use_labels(&task.label_tokens, pool);
         }
         let mut out: Vec<Option<std::sync::Arc<Features>>> = match (&self.tail, cacheable) {
             (Some(t), true) => prompts.iter().map(|p| t.features.get(p)).collect(),
@@ -1099,23 +1105,23 @@ impl Engine {
         let missing: Vec<usize> = (0..prompts.len()).filter(|&i| out[i].is_none()).collect();
         if !missing.is_empty() {
             let run: Vec<Vec<llama::Token>> = missing.iter().map(|&i| prompts[i].clone()).collect();
-            let first: Vec<usize> = run.iter().map(|p| p.len() - 1).collect();
-            let mut got: Vec<Option<Features>> = vec![None; run.len()];
+            let first: Vec<usize> = run
+                .iter()
+                .map(|p| FeatureAccumulator::first_position(pool, p.len()))
+                .collect();
+            let mut got = vec![FeatureAccumulator::default(); run.len()];
             self.run_prompts(
                 &run,
                 &first,
                 Want::Labels(&task.label_tokens),
-                &mut |i, _, logits, hidden| {
-                    got[i] = Some(Features {
-                        logits: logits.to_vec(),
-                        hidden: hidden.map(<[f32]>::to_vec),
-                    })
+                &mut |i, pos, logits, hidden| {
+                    got[i].add(pool, pos + 1 == run[i].len(), logits, hidden)
                 },
             )?;
             for (j, &i) in missing.iter().enumerate() {
                 let f = std::sync::Arc::new(
-                    got[j]
-                        .take()
+                    std::mem::take(&mut got[j])
+                        .finish(pool)
                         .ok_or_else(|| EngineError::Llama("a prompt returned no logits".into()))?,
                 );
                 if cacheable {
