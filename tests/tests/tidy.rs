@@ -13,15 +13,6 @@ use std::path::{Path, PathBuf};
 /// responsibility and should be split (see ARCHITECTURE.md for where things live).
 const MAX_LINES: usize = 800;
 
-/// Files over [`MAX_LINES`] that are still to be split (others were editing them when the rest
-/// was). The test fails once one of them is under the limit, so the list only shrinks.
-const OVER_LIMIT_ALLOWED: &[&str] = &[
-    // The engine: loading, adapters, losses and the estimator in one module.
-    "edge-agent/src/engine/mod.rs",
-    // The round state machine, selection and commit in one module.
-    "aggregator/src/coordinator.rs",
-];
-
 /// The workspace's crates: directory and the name of its code-map section in ARCHITECTURE.md.
 const CRATES: &[&str] = &["shared", "edge-agent", "aggregator", "tests"];
 
@@ -116,11 +107,10 @@ fn lines_before_tests(text: &str) -> usize {
 
 #[test]
 fn no_file_grows_past_the_line_limit_before_its_tests() {
-    let sources = workspace_sources();
     let mut over = Vec::new();
-    for (path, text) in &sources {
+    for (path, text) in &workspace_sources() {
         let n = lines_before_tests(text);
-        if n > MAX_LINES && !OVER_LIMIT_ALLOWED.contains(&path.as_str()) {
+        if n > MAX_LINES {
             over.push(format!("{path}: {n} lines"));
         }
     }
@@ -128,17 +118,6 @@ fn no_file_grows_past_the_line_limit_before_its_tests() {
         over.is_empty(),
         "split these files by responsibility (at most {MAX_LINES} lines before the test module): {over:#?}"
     );
-    for allowed in OVER_LIMIT_ALLOWED {
-        let (_, text) = sources
-            .iter()
-            .find(|(p, _)| p == allowed)
-            .unwrap_or_else(|| panic!("{allowed} is allow-listed but gone: drop it from the list"));
-        let n = lines_before_tests(text);
-        assert!(
-            n > MAX_LINES,
-            "{allowed} is down to {n} lines: drop it from OVER_LIMIT_ALLOWED"
-        );
-    }
 }
 
 #[test]

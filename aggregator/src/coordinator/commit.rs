@@ -1,0 +1,161 @@
+//! The commit of a round: the robust steps on the persisted raw pairs (clipping, per-client
+//! cap, DP noise), the step (learning rate, trust region), the new weights and their
+//! [`RoundCommit`], the retained commit log and checkpoint, and the round's metrics record.
+
+use fwdllm_shared::update::apply_commit;
+use fwdllm_shared::wire::{self, Checkpoint, RoundCommit};
+use log::info;
+
+use super::{AggEvent, Coordinator};
+use crate::pacing::RoundPool;
+use crate::robust;
+use crate::step::{make_step, params_norm};
+
+/// Why a round ended with a commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum CommitReason {
+    Gate,
+    Cap,
+    ExtendsExhausted,
+    Deadline,
+}
+
+impl Coordinator {
+    pub(super) fn commit(&mut self, reason: CommitReason, now_ms: u64) {
+        let open = self.state.open.take().expect("commit needs an open round");
+        let pool = self.pool.take().expect("pool exists while a round is open");
+        self.seen_seeds.clear();
+        let theta_norm = params_norm(self.weights.params());
+        // Robust clipping, the per-client cap and DP noise act on the persisted raw pairs here,
+        // before anything is committed, so a restarted aggregator commits the same.
+        let robust = robust::robust_pairs(
+            &self.cfg.robust,
+            &self.cfg.dp,
+            self.weights.layout(),
+            &open.pairs,
+            &open.owners,
+            robust::max_pairs_per_client(&self.cfg),
+            open.round,
+            self.noise_key.as_ref(),
+        );
+        // The trust region reads the norm of the pooled mean: recompute it from what is
+        // committed (unchanged pairs reuse the pool, so an honest round commits the same bits).
+        let raw_pool_z = pool.z();
+        let pool = if robust.changed {
+            let mut p = RoundPool::new(self.weights.layout());
+            for &pair in &robust.pairs {
+                p.add(pair);
+            }
+            p
+        } else {
+            pool
+        };
+        self.state.robust.clipped_pairs += u64::from(robust.clipped_pairs);
+        self.state.robust.capped_clients += u64::from(robust.capped_clients);
+        if robust.dp_rho > 0.0 {
+            self.state.robust.dp_commits += 1;
+            self.state.robust.dp_rho += robust.dp_rho;
+        }
+        let step = make_step(
+            &self.cfg.step,
+            self.state.version,
+            &robust.pairs,
+            pool.mean_norm(),
+            &|seed| pool.block_pairs(seed),
+            theta_norm,
+        );
+        apply_commit(&mut self.weights, &step.pairs);
+        let hash = self.weights.hash();
+        let commit = RoundCommit {
+            round: open.round,
+            base_version: self.state.version,
+            new_version: self.state.version + 1,
+            pairs: step.pairs.clone(),
+            weights_hash: hash,
+        };
+        self.state.version += 1;
+        let v = self.state.version;
+        info!(
+            "round {} committed ({reason:?}): version {v}, {} pairs from {} clients, z = {:.2}, lr = {:.3e}, ‖Δθ‖ = {:.3e}{}, loss = {:.4}",
+            open.round,
+            open.pairs.len(),
+            open.responded(),
+            pool.z(),
+            step.lr,
+            step.step_norm,
+            if step.clamped { " (clamped)" } else { "" },
+            open.loss.mean
+        );
+        let bytes = wire::encode(&commit);
+        self.publish(self.topics.commit_log(v), bytes.clone(), true, 1);
+        self.publish(self.topics.commit(), bytes, true, 1);
+        self.state.log.push(commit.clone());
+        self.state.last_commit = Some(commit);
+        if v % self.cfg.state.checkpoint_every == 0 {
+            self.checkpoint = Checkpoint::from_weights(v, &self.weights);
+            self.publish(
+                self.topics.checkpoint(),
+                wire::encode(&self.checkpoint),
+                true,
+                1,
+            );
+            // The checkpoint covers the log: clear its retained entries so the broker holds at
+            // most checkpoint_every commits per job.
+            for c in std::mem::take(&mut self.state.log) {
+                self.publish(self.topics.commit_log(c.new_version), Vec::new(), true, 1);
+            }
+            self.state.checkpoint_version = v;
+            self.checkpoint_dirty = true;
+        }
+        self.publish(self.topics.round(), Vec::new(), true, 1);
+        // Metrics record of the finished round.
+        let mut m = self.base_metrics("committed", now_ms);
+        m.round = open.round;
+        m.clients_selected = open.selected.len() as u32;
+        m.clients_responded = open.responded() as u32;
+        m.updates = open.answered.len() as u32;
+        m.perturbations = open.pairs.len() as u32;
+        m.extends = open.extend;
+        m.pacing_stat = raw_pool_z;
+        m.pooled_variance = pool.mean_g2();
+        m.clipped_pairs = robust.clipped_pairs;
+        m.capped_clients = robust.capped_clients;
+        (m.g_abs_median, m.g_abs_max) = g_abs_stats(&open.pairs);
+        m.lr = step.lr;
+        m.step_norm = step.step_norm;
+        m.theta_norm = params_norm(self.weights.params());
+        m.clamped = step.clamped;
+        m.loss_mean = open.loss.mean;
+        m.round_ms = now_ms.saturating_sub(open.started_unix_ms);
+        if let Some((acc, loss)) = self.eval.take() {
+            m.eval_accuracy = Some(acc);
+            m.eval_loss = Some(loss);
+        }
+        self.publish(self.topics.metrics(), wire::encode_json(&m), true, 0);
+        self.records.push(m);
+        self.events.push(AggEvent::Committed {
+            round: open.round,
+            version: v,
+            hash,
+            perturbations: open.pairs.len(),
+        });
+        self.dirty = true;
+        if self.finished() {
+            self.events.push(AggEvent::Finished { version: v });
+        } else {
+            // Open the next round right away (same decision as an idle tick).
+            self.decide(now_ms);
+        }
+    }
+}
+
+/// Median and largest |g| of raw pooled pairs (metrics: the honest scale `robust.max_abs_g`
+/// was chosen from).
+fn g_abs_stats(pairs: &[fwdllm_shared::wire::SeedScalar]) -> (f64, f64) {
+    if pairs.is_empty() {
+        return (0.0, 0.0);
+    }
+    let mut a: Vec<f64> = pairs.iter().map(|p| f64::from(p.g).abs()).collect();
+    a.sort_by(f64::total_cmp);
+    (a[a.len() / 2], a[a.len() - 1])
+}

@@ -1,0 +1,222 @@
+//! The round life cycle: after every event, `decide` opens a round (enough eligible clients),
+//! commits it (pacing gate, perturbation cap, extends exhausted, deadline with quorum), extends
+//! it (everyone selected answered, extends left) or abandons it (deadline without quorum);
+//! client selection (a deterministic per-round sample) and the round's announcements.
+
+use fwdllm_shared::wire::{self, ClientSelection, RoundAnnounce};
+use log::{info, warn};
+
+use super::commit::CommitReason;
+use super::{AggEvent, Coordinator};
+use crate::pacing::RoundPool;
+use crate::state::{LossStats, OpenRound};
+
+impl Coordinator {
+    /// Clock tick: opens rounds, enforces deadlines, publishes live metrics.
+    pub fn tick(&mut self, now_ms: u64) {
+        self.decide(now_ms);
+        if self.state.open.is_some() && now_ms >= self.last_metrics_ms + 1000 {
+            self.last_metrics_ms = now_ms;
+            let m = self.metrics("collecting", now_ms);
+            self.publish(self.topics.metrics(), wire::encode_json(&m), true, 0);
+        }
+    }
+
+    /// Milliseconds until the open round's deadline (for the driver's timer).
+    pub fn next_deadline_ms(&self) -> Option<u64> {
+        self.state.open.as_ref().map(|o| o.deadline_unix_ms)
+    }
+
+    pub(super) fn decide(&mut self, now_ms: u64) {
+        if self.finished() {
+            return;
+        }
+        let Some(open) = self.state.open.as_ref() else {
+            let eligible = self.eligible();
+            if eligible.len() >= self.cfg.round.min_clients as usize {
+                self.start_round(eligible, now_ms);
+            }
+            return;
+        };
+        let pool = self
+            .pool
+            .as_ref()
+            .expect("pool exists while a round is open");
+        let k = pool.len();
+        let responded = open.responded();
+        let quorum = responded >= self.cfg.round.quorum as usize && k > 0;
+        let pc = &self.cfg.pacing;
+        if k >= pc.max_perturbations as usize {
+            return self.commit(CommitReason::Cap, now_ms);
+        }
+        if quorum && k >= pc.min_perturbations as usize && k >= 2 && pool.z() >= pc.target_z {
+            return self.commit(CommitReason::Gate, now_ms);
+        }
+        if now_ms >= open.deadline_unix_ms {
+            if quorum {
+                return self.commit(CommitReason::Deadline, now_ms);
+            }
+            return self.abandon(now_ms);
+        }
+        // A set, not `has_answered` per client: this runs after every update, and a linear
+        // scan per selected client made a round cost O(clients³) (ingest fell from 12,000 to
+        // 860 updates/s between 100 and 1,000 simulated clients).
+        let answered_now: std::collections::HashSet<&str> = open
+            .answered
+            .iter()
+            .chain(&open.refused)
+            .filter(|(_, seq)| *seq == open.extend)
+            .map(|(c, _)| c.as_str())
+            .collect();
+        let awaiting = open
+            .selected
+            .iter()
+            .filter(|c| !answered_now.contains(c.as_str()) && self.is_eligible(c))
+            .count();
+        if awaiting == 0 && quorum {
+            if open.extend < pc.max_extends {
+                self.extend(now_ms);
+            } else {
+                self.commit(CommitReason::ExtendsExhausted, now_ms);
+            }
+        }
+    }
+
+    fn select(&self, mut eligible: Vec<String>, round: u64) -> Vec<String> {
+        let n = eligible.len();
+        let want = ((self.cfg.round.fraction as f64 * n as f64).ceil() as usize)
+            .max(self.cfg.round.min_clients as usize)
+            .min(n);
+        if want < n {
+            // Deterministic per-round shuffle: rank by blake3(round || id).
+            eligible.sort_by_key(|id| {
+                let mut h = blake3::Hasher::new();
+                h.update(&round.to_le_bytes());
+                h.update(id.as_bytes());
+                *h.finalize().as_bytes()
+            });
+            eligible.truncate(want);
+            eligible.sort();
+        }
+        eligible
+    }
+
+    fn start_round(&mut self, eligible: Vec<String>, now_ms: u64) {
+        let round = self.state.round + 1;
+        let selected = self.select(eligible, round);
+        let deadline = now_ms + (self.cfg.round.deadline_s * 1000.0) as u64;
+        let announce = RoundAnnounce {
+            job: self.cfg.job.name.clone(),
+            round,
+            model_version: self.state.version,
+            weights_hash: self.weights.hash(),
+            perturbations_per_client: self.cfg.round.perturbations_per_client,
+            eps: self.cfg.round.eps,
+            deadline_unix_ms: deadline,
+            selection: ClientSelection::Clients(selected.clone()),
+            task: {
+                let mut t = self.cfg.task.params();
+                if self.cfg.round.head_per_direction > 0 {
+                    t.extra.push((
+                        "head_per_direction".into(),
+                        self.cfg.round.head_per_direction.to_string(),
+                    ));
+                }
+                if self.selection.wants(self.state.version) {
+                    t.extra.push((
+                        wire::EVAL_EVERY_KEY.into(),
+                        self.selection.eval_every().to_string(),
+                    ));
+                }
+                t
+            },
+            seed_base: self.state.seed_base,
+            extend: 0,
+        };
+        info!(
+            "round {round} opened at version {} with {} clients",
+            self.state.version,
+            selected.len()
+        );
+        self.events.push(AggEvent::RoundOpened {
+            round,
+            version: self.state.version,
+            selected: selected.len(),
+        });
+        self.publish(self.topics.round(), wire::encode(&announce), true, 1);
+        match self
+            .selection
+            .round_opened(self.state.version, &self.weights, selected.len())
+        {
+            Ok(Some(rec)) => self.dev_evaluated(&rec),
+            Ok(None) => {}
+            Err(e) => warn!("writing the best version: {e}; export falls back to the last version"),
+        }
+        self.state.round = round;
+        self.state.open = Some(OpenRound {
+            round,
+            base_version: self.state.version,
+            started_unix_ms: now_ms,
+            deadline_unix_ms: deadline,
+            extend: 0,
+            selected,
+            answered: Vec::new(),
+            pairs: Vec::new(),
+            loss: LossStats::default(),
+            announce,
+            owners: Vec::new(),
+            refused: Vec::new(),
+        });
+        self.rebuild_pool();
+        self.dirty = true;
+    }
+
+    fn extend(&mut self, now_ms: u64) {
+        let open = self
+            .state
+            .open
+            .as_mut()
+            .expect("extend needs an open round");
+        open.extend += 1;
+        open.announce.extend = open.extend;
+        open.announce.perturbations_per_client = self.cfg.pacing.extend_perturbations;
+        let (round, extend) = (open.round, open.extend);
+        let bytes = wire::encode(&open.announce);
+        info!(
+            "round {round}: z = {:.2} < {} with {} pairs; extend #{extend}",
+            self.pool.as_ref().map_or(0.0, RoundPool::z),
+            self.cfg.pacing.target_z,
+            open.pairs.len()
+        );
+        self.publish(self.topics.round(), bytes, true, 1);
+        self.events.push(AggEvent::Extended { round, extend });
+        self.dirty = true;
+        let _ = now_ms;
+    }
+
+    fn abandon(&mut self, now_ms: u64) {
+        let open = self
+            .state
+            .open
+            .as_ref()
+            .expect("abandon needs an open round");
+        warn!(
+            "round {} abandoned at its deadline: {} of quorum {} clients answered",
+            open.round,
+            open.responded(),
+            self.cfg.round.quorum
+        );
+        let round = open.round;
+        let mut m = self.metrics("abandoned", now_ms);
+        m.round_ms = now_ms.saturating_sub(open.started_unix_ms);
+        self.state.counters.abandoned_rounds += 1;
+        self.state.open = None;
+        self.pool = None;
+        self.seen_seeds.clear();
+        self.publish(self.topics.round(), Vec::new(), true, 1);
+        self.publish(self.topics.metrics(), wire::encode_json(&m), true, 0);
+        self.records.push(m);
+        self.events.push(AggEvent::Abandoned { round });
+        self.dirty = true;
+    }
+}
