@@ -175,10 +175,12 @@ pub struct Hooks {
     pub events: Option<broadcast::Sender<AggEvent>>,
     /// Called with each commit's version and weights; may return a held-out (accuracy, loss)
     /// evaluation, recorded with the next commit's metrics.
-    #[allow(clippy::type_complexity)]
-    pub on_commit:
-        Option<Box<dyn FnMut(u64, &fwdllm_shared::lora::LoraWeights) -> Option<(f64, f64)> + Send>>,
+    pub on_commit: Option<OnCommit>,
 }
+
+/// The commit hook of [`Hooks`].
+pub type OnCommit =
+    Box<dyn FnMut(u64, &fwdllm_shared::lora::LoraWeights) -> Option<(f64, f64)> + Send>;
 
 /// Runs the aggregator until `shutdown` is cancelled or `job.max_commits` is reached.
 pub async fn run(

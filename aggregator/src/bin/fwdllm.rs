@@ -500,20 +500,19 @@ async fn federate(fed: &FedArgs, task_path: &Path, name: &str) -> anyhow::Result
     // Weights every `curve_every` commits, evaluated after the run (not during it, where the
     // evaluation would take CPU from the agents).
     let snapshots = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let on_commit: Option<Box<dyn FnMut(u64, &LoraWeights) -> Option<(f64, f64)> + Send>> =
-        (fed.curve_every > 0).then(|| {
-            let snapshots = snapshots.clone();
-            let every = fed.curve_every;
-            Box::new(move |version: u64, w: &LoraWeights| {
-                if version % every == 0 {
-                    snapshots
-                        .lock()
-                        .expect("snapshot list")
-                        .push((version, w.clone()));
-                }
-                None
-            }) as Box<dyn FnMut(u64, &LoraWeights) -> Option<(f64, f64)> + Send>
-        });
+    let on_commit: Option<server::OnCommit> = (fed.curve_every > 0).then(|| {
+        let snapshots = snapshots.clone();
+        let every = fed.curve_every;
+        Box::new(move |version: u64, w: &LoraWeights| {
+            if version % every == 0 {
+                snapshots
+                    .lock()
+                    .expect("snapshot list")
+                    .push((version, w.clone()));
+            }
+            None
+        }) as server::OnCommit
+    });
     let target = BrokerTarget {
         host: broker.host(),
         port: broker.port(),
