@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: setup demo test lint bench fuzz deb cross clean-cache
+.PHONY: setup demo test lint bench bench-learning fuzz deb cross clean-cache
 
 setup:
 	@bash scripts/setup.sh
@@ -33,6 +33,15 @@ bench: setup
 	target/release/fwdllm-agent bench-engine --threads 2 --out target/bench/engine.json
 	target/release/fwdllm bench-federation --out target/bench/federation.json
 	target/release/examples/fuzz --out target/bench/fuzz.json
+
+# Issue 16's learning figures: local BBC and AG News, federated AG News with 8 agents on IID and
+# Dirichlet shards (3 seeds), the demo configuration -> target/bench/learning.json and
+# learning_noniid.png. About 75 minutes on 2 idle cores (scripts/bench-learning.sh says how to
+# shorten it).
+bench-learning: setup
+	@mkdir -p target/bench
+	$(RELEASE_BUILD)
+	bash scripts/bench-learning.sh
 
 # >= 10M mutated inputs per target through the wire decoder, the update ingest, the GGUF reader
 # and both config loaders -> target/bench/fuzz.json (crashing inputs in target/bench/fuzz-crashes/).

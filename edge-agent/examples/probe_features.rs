@@ -18,6 +18,8 @@ struct Args {
     train: usize,
     threads: u32,
     epochs: usize,
+    /// Also simulate forward-gradient training of the head on the fixed features.
+    fg: bool,
 }
 
 fn parse() -> anyhow::Result<Args> {
@@ -27,9 +29,14 @@ fn parse() -> anyhow::Result<Args> {
         train: 1000,
         threads: 2,
         epochs: 400,
+        fg: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
+        if k == "--fg" {
+            a.fg = true;
+            continue;
+        }
         let v = it.next().with_context(|| format!("{k} needs a value"))?;
         match k.as_str() {
             "--task" => a.task = v.into(),
@@ -53,6 +60,102 @@ fn features(e: &mut Engine, ex: &[data::Example]) -> anyhow::Result<Feats> {
         out.extend(e.pooled_hidden(&task, &texts)?);
     }
     Ok(out)
+}
+
+/// Standard normal variates from SplitMix64 + Box-Muller (the study needs no bit-exactness).
+struct Normal(fwdllm_shared::perturb::SplitMix64);
+
+impl Normal {
+    fn next(&mut self) -> f64 {
+        let u1 = ((self.0.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+        let u2 = ((self.0.next_u64() >> 11) as f64) / (1u64 << 53) as f64;
+        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+    }
+}
+
+/// Softmax loss of head rows `w` (K x (d+1), bias last) on rows `idx` of `x`, and accuracy.
+fn head_loss(w: &[f64], x: &[Vec<f64>], y: &[usize], idx: &[usize], k: usize) -> (f64, f64) {
+    let d = x[0].len();
+    let (mut loss, mut correct) = (0.0, 0);
+    for &i in idx {
+        let z: Vec<f64> = (0..k)
+            .map(|c| {
+                let row = &w[c * (d + 1)..(c + 1) * (d + 1)];
+                row[d] + row[..d].iter().zip(&x[i]).map(|(a, b)| a * b).sum::<f64>()
+            })
+            .collect();
+        let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let lse = m + z.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
+        loss += lse - z[y[i]];
+        let best = (0..k).fold(0, |b, c| if z[c] > z[b] { c } else { b });
+        correct += usize::from(best == y[i]);
+    }
+    (loss / idx.len() as f64, correct as f64 / idx.len() as f64)
+}
+
+/// Forward-gradient SGD on the head (one-sided, `dirs` directions of batch 8 per step), the
+/// features shifted by `center`. Returns (held-out at the best dev, best dev, best lr).
+fn fg_sim(
+    x: [&Vec<Vec<f32>>; 3],
+    y: [&Vec<usize>; 3],
+    k: usize,
+    center: &[f32],
+    steps: usize,
+) -> (f64, f64, f64) {
+    let xs: Vec<Vec<Vec<f64>>> = x
+        .iter()
+        .map(|s| {
+            s.iter()
+                .map(|r| r.iter().zip(center).map(|(a, c)| f64::from(a - c)).collect())
+                .collect()
+        })
+        .collect();
+    let d = xs[0][0].len();
+    let n = k * (d + 1);
+    let all = |s: usize| (0..xs[s].len()).collect::<Vec<_>>();
+    let (dev_idx, held_idx) = (all(1), all(2));
+    let mut best = (0.0, -1.0, 0.0);
+    for lr in [0.001, 0.003, 0.01, 0.03, 0.1] {
+        let mut rng = Normal(fwdllm_shared::perturb::SplitMix64::new(7));
+        let mut w = vec![0f64; n];
+        let mut v = vec![0f64; n];
+        let mut step_dir = vec![0f64; n];
+        let mut pick = fwdllm_shared::perturb::SplitMix64::new(11);
+        let (mut run_dev, mut run_held) = (-1.0, 0.0);
+        for step in 1..=steps {
+            let batch: Vec<usize> = (0..8)
+                .map(|_| (pick.next_u64() % xs[0].len() as u64) as usize)
+                .collect();
+            let (l0, _) = head_loss(&w, &xs[0], y[0], &batch, k);
+            step_dir.iter_mut().for_each(|s| *s = 0.0);
+            for _ in 0..64 {
+                v.iter_mut().for_each(|e| *e = rng.next());
+                let wp: Vec<f64> = w.iter().zip(&v).map(|(a, b)| a + 0.01 * b).collect();
+                let g = (head_loss(&wp, &xs[0], y[0], &batch, k).0 - l0) / 0.01;
+                for (s, e) in step_dir.iter_mut().zip(&v) {
+                    *s += g * e / 64.0;
+                }
+            }
+            for (a, s) in w.iter_mut().zip(&step_dir) {
+                *a -= lr * s;
+            }
+            if step % 100 == 0 {
+                let (dl, da) = head_loss(&w, &xs[1], y[1], &dev_idx, k);
+                if !dl.is_finite() {
+                    break;
+                }
+                if da > run_dev {
+                    run_dev = da;
+                    run_held = head_loss(&w, &xs[2], y[2], &held_idx, k).1;
+                }
+            }
+        }
+        eprintln!("  lr {lr}: dev {run_dev:.3} held-out {run_held:.3}");
+        if run_dev > best.1 {
+            best = (run_held, run_dev, lr);
+        }
+    }
+    best
 }
 
 /// Softmax regression with standardised inputs; returns held-out accuracy at the epoch with
@@ -176,6 +279,49 @@ fn main() -> anyhow::Result<()> {
     let last = pick(&|p| p.last.clone());
     let mean = pick(&|p| p.mean.clone());
     let both = pick(&|p| p.last.iter().chain(&p.mean).copied().collect());
+    for (name, x) in [("last", &last), ("mean", &mean)] {
+        // Conditioning of the raw features: a forward-gradient probe on unscaled features
+        // moves every dimension with one learning rate.
+        let d = x[0][0].len();
+        let n = x[0].len() as f64;
+        let mut sd: Vec<f64> = (0..d)
+            .map(|j| {
+                let m = x[0].iter().map(|r| r[j] as f64).sum::<f64>() / n;
+                (x[0].iter().map(|r| (r[j] as f64 - m).powi(2)).sum::<f64>() / n).sqrt()
+            })
+            .collect();
+        let rms: Vec<f64> = (0..d)
+            .map(|j| (x[0].iter().map(|r| (r[j] as f64).powi(2)).sum::<f64>() / n).sqrt())
+            .collect();
+        let mut r2 = rms.clone();
+        r2.sort_by(f64::total_cmp);
+        sd.sort_by(f64::total_cmp);
+        println!(
+            "{{\"features\":\"{name}\",\"sd_min\":{:.4},\"sd_median\":{:.4},\"sd_p99\":{:.4},\"sd_max\":{:.4},\"rms_median\":{:.4},\"rms_max\":{:.4}}}",
+            sd[0], sd[d / 2], sd[d * 99 / 100], sd[d - 1], r2[d / 2], r2[d - 1]
+        );
+    }
+    if a.fg {
+        let t = e.task().cloned().context("task")?;
+        let empty = e.pooled_hidden(&t, &[""])?.remove(0);
+        let d = last[0][0].len();
+        let train_mean: Vec<f32> = (0..d)
+            .map(|j| last[0].iter().map(|r| r[j]).sum::<f32>() / last[0].len() as f32)
+            .collect();
+        let zero = vec![0f32; d];
+        for (name, c) in [
+            ("raw", &zero),
+            ("empty-prompt centred", &empty.last),
+            ("train-mean centred", &train_mean),
+        ] {
+            eprintln!("forward-gradient head, last features, {name}:");
+            let (h, dv, lr) = fg_sim([&last[0], &last[1], &last[2]], [&y[0], &y[1], &y[2]], k, c, 3000);
+            println!(
+                "{{\"task\":\"{}\",\"fg\":\"{name}\",\"heldout_acc\":{h:.4},\"dev_acc\":{dv:.4},\"lr\":{lr}}}",
+                task.name
+            );
+        }
+    }
     for (name, x) in [("last", &last), ("mean", &mean), ("last+mean", &both)] {
         let (h, d, ep) = fit([&x[0], &x[1], &x[2]], [&y[0], &y[1], &y[2]], k, a.epochs);
         println!(

@@ -209,3 +209,59 @@ pub(super) fn loss_from_features(
         predictions,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds positions 0..3 of a 3-token prompt as the tail outputs them.
+    fn collect(pool: HeadFeatures) -> Features {
+        let mut acc = FeatureAccumulator::default();
+        let first = FeatureAccumulator::first_position(pool, 3);
+        for pos in first..3 {
+            let logits = [pos as f32, -(pos as f32)];
+            let hidden = [1.0 + pos as f32, 10.0 * pos as f32];
+            acc.add(pool, pos + 1 == 3, &logits, Some(&hidden));
+        }
+        acc.finish(pool).expect("the last position was fed")
+    }
+
+    #[test]
+    fn last_pooling_reads_only_the_last_position() {
+        assert_eq!(FeatureAccumulator::first_position(HeadFeatures::Last, 3), 2);
+        let f = collect(HeadFeatures::Last);
+        assert_eq!(f.logits, vec![2.0, -2.0]);
+        assert_eq!(f.hidden, Some(vec![3.0, 20.0]));
+    }
+
+    #[test]
+    fn mean_pooling_averages_every_position_and_keeps_the_last_logits() {
+        assert_eq!(FeatureAccumulator::first_position(HeadFeatures::Mean, 3), 0);
+        let f = collect(HeadFeatures::Mean);
+        assert_eq!(f.logits, vec![2.0, -2.0]);
+        assert_eq!(f.hidden, Some(vec![2.0, 10.0]));
+    }
+
+    #[test]
+    fn a_prompt_without_its_last_position_has_no_features() {
+        let mut acc = FeatureAccumulator::default();
+        acc.add(HeadFeatures::Mean, false, &[0.0], Some(&[1.0]));
+        assert!(acc.finish(HeadFeatures::Mean).is_none());
+    }
+
+    #[test]
+    fn the_cache_empties_when_the_pooling_changes() {
+        let mut cache = FeatureCache::new(1 << 20);
+        cache.use_labels(&[1, 2], HeadFeatures::Last);
+        let f = Arc::new(Features {
+            logits: vec![0.0, 0.0],
+            hidden: Some(vec![1.0]),
+        });
+        cache.insert(vec![5, 6], f);
+        assert!(cache.get(&[5, 6]).is_some());
+        cache.use_labels(&[1, 2], HeadFeatures::Last);
+        assert!(cache.get(&[5, 6]).is_some());
+        cache.use_labels(&[1, 2], HeadFeatures::Mean);
+        assert!(cache.get(&[5, 6]).is_none());
+    }
+}
