@@ -15,10 +15,7 @@ const CLIENT: &str = "board-1";
 const CHECKPOINT_EVERY: u64 = 2;
 
 fn config(dir: &Path) -> AggregatorConfig {
-    let mut cfg = AggregatorConfig::default();
-    cfg.job.name = "durability".into();
-    cfg.model.preset = "tiny".into();
-    cfg.state.dir = dir.to_path_buf();
+    let mut cfg = AggregatorConfig::tiny("durability", dir);
     cfg.state.checkpoint_every = CHECKPOINT_EVERY;
     // One update of two pairs fills a round, so every round commits at the cap.
     cfg.round.perturbations_per_client = 2;
