@@ -359,7 +359,7 @@ impl EvalPoint {
     }
 }
 
-/// The held-out accuracy whose first time a report records (`reached_085_s`).
+/// A report records when held-out accuracy first reached this (`reached_085_s`).
 const REACHED_ACCURACY: f64 = 0.85;
 
 /// Result of a local training run (also written as JSON).
