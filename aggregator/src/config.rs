@@ -194,6 +194,20 @@ impl Default for PacingConfig {
     }
 }
 
+impl PacingConfig {
+    /// No statistical gate and no extends: a round commits once every selected client has
+    /// answered its first request (or before, at the cap; or at the deadline, with quorum), so
+    /// when a round commits depends only on who answered. The tests script rounds with it.
+    pub fn commit_when_answered() -> PacingConfig {
+        PacingConfig {
+            target_z: 1e9,
+            min_perturbations: 1,
+            max_extends: 0,
+            ..PacingConfig::default()
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Schedule {
@@ -337,6 +351,17 @@ pub enum ConfigError {
 }
 
 impl AggregatorConfig {
+    /// A job on the `tiny` model preset with its state in `state_dir` and no periodic plots:
+    /// where simulations, the fuzzer and the tests start.
+    pub fn tiny(job: &str, state_dir: &Path) -> AggregatorConfig {
+        let mut cfg = AggregatorConfig::default();
+        cfg.job.name = job.into();
+        cfg.model.preset = "tiny".into();
+        cfg.state.dir = state_dir.to_path_buf();
+        cfg.state.plot_every = 0;
+        cfg
+    }
+
     /// Parses TOML text (unknown keys are errors, missing keys take defaults).
     pub fn from_toml(text: &str) -> Result<AggregatorConfig, String> {
         toml::from_str(text).map_err(|e| e.to_string())

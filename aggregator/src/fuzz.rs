@@ -471,10 +471,7 @@ pub struct IngestTarget {
 impl IngestTarget {
     pub fn new() -> std::io::Result<IngestTarget> {
         let dir = tempfile::tempdir()?;
-        let mut cfg = crate::config::AggregatorConfig::default();
-        cfg.job.name = "fuzz".into();
-        cfg.model.preset = "tiny".into();
-        cfg.state.dir = dir.path().to_path_buf();
+        let mut cfg = crate::config::AggregatorConfig::tiny("fuzz", dir.path());
         cfg.round.min_clients = 2;
         cfg.round.perturbations_per_client = 16;
         cfg.pacing.max_perturbations = 24;

@@ -647,16 +647,19 @@ mod tests {
             delta: 1e-6,
         };
         let key = NoiseKey::fixed([7; 32]);
-        let o = robust_pairs(
-            &RobustConfig::default(),
-            &dp,
-            &layout(),
-            &pairs,
-            &owners,
-            16,
-            3,
-            Some(&key),
-        );
+        let run = || {
+            robust_pairs(
+                &RobustConfig::default(),
+                &dp,
+                &layout(),
+                &pairs,
+                &owners,
+                16,
+                3,
+                Some(&key),
+            )
+        };
+        let o = run();
         assert!((o.dp_rho - 1.0 / 8.0).abs() < 1e-15);
         // Noise of σ = z·2C·√16 = 16 per pair: the sample standard deviation says so.
         let noise: Vec<f64> = o
@@ -668,17 +671,7 @@ mod tests {
         let sd = (noise.iter().map(|x| x * x).sum::<f64>() / noise.len() as f64).sqrt();
         assert!((sd / 16.0 - 1.0).abs() < 0.3, "sd {sd}");
         // Same key, same round: same noise (a restart before persisting commits the same).
-        let again = robust_pairs(
-            &RobustConfig::default(),
-            &dp,
-            &layout(),
-            &pairs,
-            &owners,
-            16,
-            3,
-            Some(&key),
-        );
-        assert_eq!(o, again);
+        assert_eq!(o, run());
         // R commits of ρ = 1/8 at δ = 1e-6.
         let c = RobustCounters {
             dp_commits: 100,

@@ -354,12 +354,8 @@ pub async fn bench(
     use std::sync::atomic::Ordering::Relaxed;
 
     let dir = tempfile::tempdir()?;
-    let mut cfg = AggregatorConfig::default();
-    cfg.job.name = "sim".into();
+    let mut cfg = AggregatorConfig::tiny("sim", dir.path());
     cfg.job.max_commits = commits;
-    cfg.model.preset = "tiny".into();
-    cfg.state.dir = dir.path().to_path_buf();
-    cfg.state.plot_every = 0;
     cfg.round.min_clients = clients as u32;
     cfg.round.quorum = (clients as u32 / 2).max(1);
     cfg.round.perturbations_per_client = perturbations;

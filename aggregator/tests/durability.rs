@@ -15,10 +15,7 @@ const CLIENT: &str = "board-1";
 const CHECKPOINT_EVERY: u64 = 2;
 
 fn config(dir: &Path) -> AggregatorConfig {
-    let mut cfg = AggregatorConfig::default();
-    cfg.job.name = "durability".into();
-    cfg.model.preset = "tiny".into();
-    cfg.state.dir = dir.to_path_buf();
+    let mut cfg = AggregatorConfig::tiny("durability", dir);
     cfg.state.checkpoint_every = CHECKPOINT_EVERY;
     // One update of two pairs fills a round, so every round commits at the cap.
     cfg.round.perturbations_per_client = 2;
@@ -66,6 +63,28 @@ fn commit_once(c: &mut Coordinator) -> WeightsHash {
     assert_eq!(c.version(), version + 1, "the full round commits");
     c.persist().expect("persist");
     c.weights().hash()
+}
+
+/// Commits until the version after the first checkpoint and closes the aggregator; returns
+/// the weights hash of that version.
+fn commit_past_the_first_checkpoint(mut agg: Coordinator) -> WeightsHash {
+    let mut hash = agg.weights().hash();
+    while agg.version() < CHECKPOINT_EVERY + 1 {
+        hash = commit_once(&mut agg);
+    }
+    hash
+}
+
+/// The aggregator reopened on `dir` resumes at the version after the first checkpoint, with
+/// weights `hash`, and only that checkpoint is left on disk.
+fn assert_resumes_past_the_first_checkpoint(dir: &Path, hash: WeightsHash) {
+    let resumed = open(dir);
+    assert_eq!(resumed.version(), CHECKPOINT_EVERY + 1);
+    assert_eq!(resumed.weights().hash(), hash);
+    assert_eq!(
+        checkpoint_files(dir),
+        vec![checkpoint_file_name(CHECKPOINT_EVERY)]
+    );
 }
 
 fn checkpoint_files(dir: &Path) -> Vec<String> {
@@ -141,22 +160,12 @@ fn crash_between_checkpoint_and_state_resumes_at_the_written_state() {
 fn crash_before_pruning_keeps_the_named_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let mut agg = open(dir);
-    let mut hash = agg.weights().hash();
+    let agg = open(dir);
     let old = fs::read(dir.join(checkpoint_file_name(0))).unwrap();
-    while agg.version() < CHECKPOINT_EVERY + 1 {
-        hash = commit_once(&mut agg);
-    }
-    drop(agg);
+    let hash = commit_past_the_first_checkpoint(agg);
     fs::write(dir.join(checkpoint_file_name(0)), old).unwrap();
 
-    let resumed = open(dir);
-    assert_eq!(resumed.version(), CHECKPOINT_EVERY + 1);
-    assert_eq!(resumed.weights().hash(), hash);
-    assert_eq!(
-        checkpoint_files(dir),
-        vec![checkpoint_file_name(CHECKPOINT_EVERY)]
-    );
+    assert_resumes_past_the_first_checkpoint(dir, hash);
 }
 
 /// A state directory of a build with one `checkpoint.bin` resumes and is rewritten versioned.
@@ -164,25 +173,14 @@ fn crash_before_pruning_keeps_the_named_checkpoint() {
 fn legacy_checkpoint_file_is_migrated() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let mut agg = open(dir);
-    let mut hash = agg.weights().hash();
-    while agg.version() < CHECKPOINT_EVERY + 1 {
-        hash = commit_once(&mut agg);
-    }
-    drop(agg);
+    let hash = commit_past_the_first_checkpoint(open(dir));
     fs::rename(
         dir.join(checkpoint_file_name(CHECKPOINT_EVERY)),
         dir.join(LEGACY_CHECKPOINT_FILE),
     )
     .unwrap();
 
-    let resumed = open(dir);
-    assert_eq!(resumed.version(), CHECKPOINT_EVERY + 1);
-    assert_eq!(resumed.weights().hash(), hash);
-    assert_eq!(
-        checkpoint_files(dir),
-        vec![checkpoint_file_name(CHECKPOINT_EVERY)]
-    );
+    assert_resumes_past_the_first_checkpoint(dir, hash);
 }
 
 /// A checkpoint that is not the one the state names is refused with an error naming the file.
@@ -190,11 +188,7 @@ fn legacy_checkpoint_file_is_migrated() {
 fn checkpoint_of_another_version_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let mut agg = open(dir);
-    while agg.version() < CHECKPOINT_EVERY + 1 {
-        commit_once(&mut agg);
-    }
-    drop(agg);
+    commit_past_the_first_checkpoint(open(dir));
     // A legacy file of the wrong version, with the right one missing.
     let named = dir.join(checkpoint_file_name(CHECKPOINT_EVERY));
     let mut cp: wire::Checkpoint = wire::decode(&fs::read(&named).unwrap()).unwrap();

@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use fwdllm_aggregator::config::AggregatorConfig;
+use fwdllm_aggregator::config::{AggregatorConfig, PacingConfig};
 use fwdllm_aggregator::coordinator::{AggEvent, Coordinator, UpdateOutcome};
 use fwdllm_aggregator::robust::{zcdp_to_epsilon, NoiseKey};
 use fwdllm_shared::perturb::gaussian_approx;
@@ -15,20 +15,15 @@ use fwdllm_shared::wire::{self, AgentState, AgentStatus, ClientUpdate, SeedScala
 const PER_CLIENT: usize = 16;
 
 fn config(dir: &Path, clients: u32) -> AggregatorConfig {
-    let mut cfg = AggregatorConfig::default();
-    cfg.job.name = "robust".into();
-    cfg.model.preset = "tiny".into();
-    cfg.state.dir = dir.to_path_buf();
-    cfg.state.plot_every = 0;
+    let mut cfg = AggregatorConfig::tiny("robust", dir);
     cfg.round.perturbations_per_client = PER_CLIENT as u32;
     cfg.round.min_clients = clients;
     cfg.round.quorum = 1;
     cfg.round.deadline_s = 20.0;
-    // Commit once every selected client has answered the first request.
-    cfg.pacing.max_extends = 0;
-    cfg.pacing.min_perturbations = 1;
-    cfg.pacing.max_perturbations = 10_000;
-    cfg.pacing.target_z = 1e9;
+    cfg.pacing = PacingConfig {
+        max_perturbations: 10_000,
+        ..PacingConfig::commit_when_answered()
+    };
     cfg.step.lr = 0.1;
     cfg.step.schedule = fwdllm_aggregator::config::Schedule::Constant;
     // No trust region: these tests measure what the pairs alone do to the weights.

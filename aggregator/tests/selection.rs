@@ -15,10 +15,7 @@ use fwdllm_shared::wire::{
 const CLIENTS: [&str; 2] = ["board-1", "board-2"];
 
 fn open(dir: &Path) -> Coordinator {
-    let mut cfg = AggregatorConfig::default();
-    cfg.job.name = "selection".into();
-    cfg.model.preset = "tiny".into();
-    cfg.state.dir = dir.to_path_buf();
+    let mut cfg = AggregatorConfig::tiny("selection", dir);
     cfg.selection.eval_every = 2;
     cfg.round.perturbations_per_client = 1;
     cfg.round.min_clients = 2;

@@ -586,7 +586,7 @@ impl EngineCommand {
                     q.set_task(&tcfg)?;
                     report.quantized_zero_shot = Some(q.evaluate(None, &split.heldout)?);
                     report.quantized_with_adapter = Some(q.evaluate(Some(&best), &split.heldout)?);
-                    engine::train::write_report(&out.join("metrics.json"), &report)?;
+                    engine::train_run::write_report(&out.join("metrics.json"), &report)?;
                 }
                 println!(
                     "zero-shot held-out acc {:.3} loss {:.4} -> best (step {}) held-out acc {:.3} loss {:.4}; {} steps, {} loss evaluations, {:.0} s; reached 0.85 at {:?} s wall, {:?} s of training",

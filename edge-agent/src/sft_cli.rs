@@ -147,7 +147,7 @@ pub fn shard(args: ShardArgs, task: SftTaskConfig) -> anyhow::Result<()> {
     };
     let e = Engine::load(&cfg)?;
     let split = args.task.load_sft(&e, &task)?;
-    let shards = data::sft::shard_sft(&split.train, args.clients, args.seed);
+    let shards = data::shard_iid(&split.train, args.clients, args.seed);
     for (p, s) in data::sft::write_sft_shards(&args.out, &shards)?
         .iter()
         .zip(&shards)

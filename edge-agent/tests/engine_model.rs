@@ -1,29 +1,19 @@
 //! Engine tests on the real SmolLM2-135M model (set-up cache) with short inputs.
 //! The F32 copy is created through the same cached `prepare` path the CLI uses.
 
-use std::path::PathBuf;
+mod real_model;
 
 use fwdllm_agent::data::{self, Example, TaskConfig};
 use fwdllm_agent::engine::{
     Engine, EngineConfig, EngineError, ForwardPath, Precision, TrainConfig,
 };
 use fwdllm_shared::lora::{LoraLayout, LoraWeights};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+use real_model::{cache_dir, jsonl_stdout, model, predict, root};
 
 fn config(precision: Precision) -> EngineConfig {
-    let root = root();
-    let model = root.join(".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        model.is_file(),
-        "{} missing: run `make setup` first",
-        model.display()
-    );
     EngineConfig {
-        model,
-        cache_dir: root.join(".cache/prepared"),
+        model: model(),
+        cache_dir: cache_dir(),
         precision,
         // Tests run in parallel; one thread each keeps the 2-core machine sane.
         threads: 1,
@@ -646,44 +636,24 @@ fn predict_gives_evals_labels_and_probabilities_for_an_exported_adapter() {
         .collect();
     std::fs::write(&input, lines.join("\n")).unwrap();
     let r = root();
+    let task_file = r.join("edge-agent/tasks/bbc.toml");
     let run = |adapter: &std::path::Path| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_fwdllm-agent"))
-            .args([
-                "predict",
-                "--threads",
-                "1",
-                "--no-prefix-cache-disk",
+        predict(
+            &task_file,
+            adapter,
+            &input,
+            &[
                 "--max-text-tokens",
                 "24",
-            ])
-            .arg("--model")
-            .arg(r.join(".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"))
-            .arg("--cache-dir")
-            .arg(r.join(".cache/prepared"))
-            .arg("--task")
-            .arg(r.join("edge-agent/tasks/bbc.toml"))
-            .arg("--root")
-            .arg(&r)
-            .arg("--adapter")
-            .arg(adapter)
-            .arg("--input")
-            .arg(&input)
-            .args(["--text-field", "body"])
-            .output()
-            .unwrap()
+                "--root",
+                r.to_str().unwrap(),
+                "--text-field",
+                "body",
+            ],
+        )
     };
-    let out = run(&adapter);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let labels = &t.config.labels;
-    let got: Vec<serde_json::Value> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let got = jsonl_stdout(run(&adapter));
     assert_eq!(got.len(), held.len());
     let mut correct = 0;
     for (i, g) in got.iter().enumerate() {

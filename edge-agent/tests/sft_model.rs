@@ -1,7 +1,7 @@
 //! Instruction tuning on the real SmolLM2-135M model (set-up cache): greedy generation,
 //! SFT evaluation and training, and `predict` on an SFT task. Few examples, few tokens.
 
-use std::path::PathBuf;
+mod real_model;
 
 use fwdllm_agent::data::{self, SftExample, TaskFile};
 use fwdllm_agent::engine::generate::StopReason;
@@ -10,27 +10,14 @@ use fwdllm_agent::engine::{
     Engine, EngineConfig, EngineError, ForwardPath, Precision, TrainConfig,
 };
 use fwdllm_shared::lora::{LoraLayout, LoraWeights};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn model() -> PathBuf {
-    let m = root().join(".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        m.is_file(),
-        "{} missing: run `make setup` first",
-        m.display()
-    );
-    m
-}
+use real_model::{cache_dir, jsonl_stdout, model, predict, root};
 
 /// The SFT recipe's engine: tail path from its first layer, prefix at `prefix`.
 fn engine(prefix: Precision, path: ForwardPath) -> Engine {
     Engine::load(
         &EngineConfig {
             model: model(),
-            cache_dir: root().join(".cache/prepared"),
+            cache_dir: cache_dir(),
             // Tests run in parallel; one thread each keeps the 2-core machine sane.
             threads: 1,
             // n_ctx and n_batch stay at their defaults, those of the `predict` binary.
@@ -200,40 +187,9 @@ fn predict_on_an_sft_task_writes_the_greedy_generations() {
         .map(|d| serde_json::json!({ "description": d }).to_string())
         .collect();
     std::fs::write(&input, lines.join("\n")).unwrap();
-    let run = |input: &std::path::Path| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_fwdllm-agent"))
-            .args([
-                "predict",
-                "--threads",
-                "1",
-                "--no-prefix-cache-disk",
-                "--seqs-per-decode",
-                "4",
-            ])
-            .arg("--model")
-            .arg(model())
-            .arg("--cache-dir")
-            .arg(root().join(".cache/prepared"))
-            .arg("--task")
-            .arg(&task_path)
-            .arg("--adapter")
-            .arg(&adapter)
-            .arg("--input")
-            .arg(input)
-            .output()
-            .unwrap()
-    };
-    let out = run(&input);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let got: Vec<serde_json::Value> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let run =
+        |input: &std::path::Path| predict(&task_path, &adapter, input, &["--seqs-per-decode", "4"]);
+    let got = jsonl_stdout(run(&input));
     let prompts: Vec<&str> = ex.iter().map(|x| x.prompt.as_str()).collect();
     let want = e.generate_greedy(&prompts, 8).unwrap();
     assert_eq!(got.len(), 3);

@@ -2,26 +2,15 @@
 //! llama.cpp) with llama.cpp's own tokenizer on the real SmolLM2 model (set-up cache): every
 //! BBC article and every AG News row must give the same token ids.
 
+mod real_model;
+
 use std::path::{Path, PathBuf};
 
 use fwdllm_agent::data::TaskConfig;
 use fwdllm_agent::engine::llama::{Llama, LlamaParams};
 use fwdllm_shared::gguf::{write_gguf_f32, F32Tensor, GgufValue};
 use fwdllm_shared::tokenizer::{GgufTokenizer, TokenizerError};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn model_path() -> PathBuf {
-    let model = root().join(".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        model.is_file(),
-        "{} missing: run `make setup` first",
-        model.display()
-    );
-    model
-}
+use real_model::{model, root};
 
 /// llama.cpp with the smallest context: only its tokenizer is used.
 fn llama() -> Llama {
@@ -35,11 +24,11 @@ fn llama() -> Llama {
         embd_input: false,
         layer_input: None,
     };
-    Llama::load(&model_path(), &params).unwrap()
+    Llama::load(&model(), &params).unwrap()
 }
 
 fn tokenizer() -> GgufTokenizer {
-    GgufTokenizer::from_gguf(model_path()).unwrap()
+    GgufTokenizer::from_gguf(model()).unwrap()
 }
 
 fn theirs(llama: &Llama, text: &str, add_special: bool) -> Vec<u32> {

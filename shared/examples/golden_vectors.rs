@@ -10,9 +10,9 @@
 //! ```
 
 use fwdllm_shared::fixtures;
-use fwdllm_shared::lora::{LoraConfig, LoraLayout, LoraModule, LoraWeights, ModelShape, Trainable};
+use fwdllm_shared::lora::{LoraLayout, LoraWeights};
 use fwdllm_shared::perturb::{derive_seed, direction, direction_word, gaussian_approx, mix_seed};
-use fwdllm_shared::update::{apply_commit, perturbed_params, SeedCoeff};
+use fwdllm_shared::update::apply_commit;
 
 fn hex_bits(v: &[f32]) -> Vec<String> {
     v.iter().map(|x| format!("{:#010x}", x.to_bits())).collect()
@@ -51,52 +51,17 @@ fn main() {
     let (shape, config) = (fixtures::golden_shape(), fixtures::golden_lora());
     let mut w = LoraWeights::init(LoraLayout::new(&shape, &config).expect("valid layout"));
     out.insert("init_hash".into(), w.hash().to_string().into());
-    apply_commit(
-        &mut w,
-        &[
-            SeedCoeff {
-                seed: 1,
-                coeff: 0.25,
-            },
-            SeedCoeff {
-                seed: 2,
-                coeff: -0.125,
-            },
-            SeedCoeff {
-                seed: derive_seed(9, 1, 0, 0),
-                coeff: 1e-3,
-            },
-        ],
-    );
+    apply_commit(&mut w, &fixtures::golden_commit());
     out.insert("commit_hash".into(), w.hash().to_string().into());
     // A longer replay on the real SmolLM2 layout (rank 4, all modules, A and B trainable).
-    let big = LoraConfig {
-        rank: 4,
-        alpha: 8.0,
-        modules: LoraModule::ALL.to_vec(),
-        trainable: Trainable::AB,
-        init_seed: 7,
-        ..LoraConfig::default()
-    };
-    let mut w = LoraWeights::init(
-        LoraLayout::new(&ModelShape::smollm2_135m(), &big).expect("valid layout"),
+    let (replayed, perturbed) = fixtures::smollm2_replay();
+    out.insert(
+        "smollm2_replay_hash".into(),
+        replayed.hash().to_string().into(),
     );
-    for round in 0..20u64 {
-        let pairs: Vec<SeedCoeff> = (0..8u32)
-            .map(|k| SeedCoeff {
-                seed: derive_seed(11, round, k % 3, k),
-                coeff: (k as f32 - 3.5) * 3e-4 / (round as f32 + 1.0),
-            })
-            .collect();
-        apply_commit(&mut w, &pairs);
-    }
-    let mut scratch = Vec::new();
-    perturbed_params(&w, 99, -1e-3, &mut scratch);
-    let pw = LoraWeights::from_params(w.layout().clone(), scratch).expect("finite params");
-    out.insert("smollm2_replay_hash".into(), w.hash().to_string().into());
     out.insert(
         "smollm2_perturbed_hash".into(),
-        pw.hash().to_string().into(),
+        perturbed.hash().to_string().into(),
     );
     println!(
         "{}",

@@ -9,7 +9,7 @@
 //! * [`update`] — `(seed, coeff)` commit replay and perturbed parameter vectors.
 //! * [`gguf`] — GGUF v3 LoRA adapter writer (for stock llama.cpp) and a small GGUF reader.
 //! * [`durable`] — crash-safe file replacement (temp file, fsync, rename, fsync dir).
-//! * [`fixtures`] — small shapes and the golden-vector LoRA config for tests and simulations.
+//! * [`fixtures`] — small shapes and the golden vectors' inputs for tests and simulations.
 //! * [`wire`], [`topics`] — the versioned postcard wire format and MQTT topic names.
 //! * `mqtt_tls` (feature `tls`) — TLS settings and the rustls (ring) client configuration of
 //!   the daemons' broker connections.

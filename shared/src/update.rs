@@ -101,7 +101,7 @@ pub fn perturbed_params(weights: &LoraWeights, seed: u64, eps: f32, scratch: &mu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lora::{LoraConfig, LoraLayout, LoraModule, ModelShape, Trainable};
+    use crate::lora::{LoraConfig, LoraLayout, LoraModule, Trainable};
     use crate::perturb::{derive_seed, direction};
 
     fn layout(trainable: Trainable) -> LoraLayout {
@@ -132,52 +132,18 @@ mod tests {
     #[test]
     fn golden_hash_after_fixed_commit() {
         let mut w = LoraWeights::init(layout(Trainable::AB));
-        let pairs = [
-            SeedCoeff {
-                seed: 1,
-                coeff: 0.25,
-            },
-            SeedCoeff {
-                seed: 2,
-                coeff: -0.125,
-            },
-            SeedCoeff {
-                seed: derive_seed(9, 1, 0, 0),
-                coeff: 1e-3,
-            },
-        ];
-        apply_commit(&mut w, &pairs);
+        apply_commit(&mut w, &crate::fixtures::golden_commit());
         assert_eq!(
             w.hash().to_string(),
             "068b0bafce5745ca750cc1f7724b552e8e786ebf2773e35285068f1e7477880f"
         );
     }
 
-    /// Same replay as `examples/golden_vectors.rs` (whose output was diffed identical on
+    /// The replay `examples/golden_vectors.rs` prints (its output was diffed identical on
     /// x86-64 debug/release/native and aarch64 under qemu).
     #[test]
     fn golden_hash_of_smollm2_replay_and_perturbation() {
-        let big = LoraConfig {
-            rank: 4,
-            alpha: 8.0,
-            modules: LoraModule::ALL.to_vec(),
-            trainable: Trainable::AB,
-            init_seed: 7,
-            ..LoraConfig::default()
-        };
-        let mut w = LoraWeights::init(LoraLayout::new(&ModelShape::smollm2_135m(), &big).unwrap());
-        for round in 0..20u64 {
-            let pairs: Vec<SeedCoeff> = (0..8u32)
-                .map(|k| SeedCoeff {
-                    seed: derive_seed(11, round, k % 3, k),
-                    coeff: (k as f32 - 3.5) * 3e-4 / (round as f32 + 1.0),
-                })
-                .collect();
-            apply_commit(&mut w, &pairs);
-        }
-        let mut scratch = Vec::new();
-        perturbed_params(&w, 99, -1e-3, &mut scratch);
-        let pw = LoraWeights::from_params(w.layout().clone(), scratch).unwrap();
+        let (w, pw) = crate::fixtures::smollm2_replay();
         assert_eq!(
             w.hash().to_string(),
             "933fa37cdb57126a197d0a134db05cec168aced85cd76e217108fe9afd644e45"

@@ -30,6 +30,16 @@ impl Broker {
 
     /// Debian's mosquitto on 127.0.0.1, random free port, generated config; killed on drop.
     pub fn mosquitto() -> Broker {
+        Broker::mosquitto_with(|port| {
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_packet_size {MAX_PACKET}\n"
+            )
+        })
+    }
+
+    /// Debian's mosquitto on a free port of 127.0.0.1 with the config `conf(port)` (which
+    /// must open a listener on that port); returns once it listens, killed on drop.
+    pub fn mosquitto_with(conf: impl FnOnce(u16) -> String) -> Broker {
         let bin = Path::new("/usr/sbin/mosquitto");
         assert!(
             bin.exists(),
@@ -42,17 +52,11 @@ impl Broker {
         let _starting = STARTING.lock().unwrap_or_else(|e| e.into_inner());
         let port = fwdllm_aggregator::broker::free_port("127.0.0.1").expect("free port");
         let dir = tempfile::tempdir().expect("tempdir");
-        let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_packet_size {MAX_PACKET}\n"
-            ),
-        )
-        .expect("write mosquitto.conf");
+        let conf_path = dir.path().join("mosquitto.conf");
+        std::fs::write(&conf_path, conf(port)).expect("write mosquitto.conf");
         let child = Command::new(bin)
             .arg("-c")
-            .arg(&conf)
+            .arg(&conf_path)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

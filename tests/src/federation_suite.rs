@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fwdllm_aggregator::config::AggregatorConfig;
+use fwdllm_aggregator::config::{AggregatorConfig, PacingConfig};
 use fwdllm_aggregator::coordinator::{AggEvent, UpdateOutcome};
 use fwdllm_aggregator::server::{self, BrokerTarget, Hooks, RunSummary};
 use fwdllm_shared::lora::WeightsHash;
@@ -32,23 +32,18 @@ pub const JOB: &str = "fed-e2e";
 // ---------------------------------------------------------------------------------------------
 // Aggregator
 
+/// The suites' aggregator: a `tiny` job of [`JOB`] on the test broker whose rounds commit
+/// once every selected client has answered, a checkpoint every 3 commits.
 pub fn aggregator_config(state_dir: &Path, min_clients: u32, quorum: u32) -> AggregatorConfig {
-    let mut c = AggregatorConfig::default();
-    c.job.name = JOB.into();
-    c.model.preset = "tiny".into();
+    let mut c = AggregatorConfig::tiny(JOB, state_dir);
     c.broker.keep_alive_s = 5;
     c.broker.max_packet_bytes = MAX_PACKET;
-    c.state.dir = state_dir.to_path_buf();
     c.state.checkpoint_every = 3;
-    c.state.plot_every = 0;
     c.round.min_clients = min_clients;
     c.round.quorum = quorum;
     c.round.perturbations_per_client = 4;
     c.round.deadline_s = 20.0;
-    // Commit once every selected client answered the first request.
-    c.pacing.max_extends = 0;
-    c.pacing.min_perturbations = 1;
-    c.pacing.target_z = 1e9;
+    c.pacing = PacingConfig::commit_when_answered();
     c.step.lr = 0.5;
     c
 }

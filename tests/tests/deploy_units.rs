@@ -81,19 +81,24 @@ fn unit_with_stub_binaries(d: &Daemon, dir: &Path) -> PathBuf {
     path
 }
 
+/// `systemd-analyze <args> <unit>` on the unit of `d` with stub binaries.
+fn analyze_unit(analyze: &str, d: &Daemon, args: &[&str]) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    let unit = unit_with_stub_binaries(d, dir.path());
+    Command::new(analyze)
+        .args(args)
+        .arg(&unit)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn units_pass_systemd_analyze_verify() {
     let Some(analyze) = systemd_analyze() else {
         return;
     };
     for d in &DAEMONS {
-        let dir = tempfile::tempdir().unwrap();
-        let unit = unit_with_stub_binaries(d, dir.path());
-        let out = Command::new(analyze)
-            .args(["verify", "--man=no"])
-            .arg(&unit)
-            .output()
-            .unwrap();
+        let out = analyze_unit(analyze, d, &["verify", "--man=no"]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(
             out.status.success() && stderr.trim().is_empty(),
@@ -109,14 +114,8 @@ fn units_keep_their_hardening_score() {
         return;
     };
     for d in &DAEMONS {
-        let dir = tempfile::tempdir().unwrap();
-        let unit = unit_with_stub_binaries(d, dir.path());
         // --offline: judge the file alone, no running systemd needed (containers, CI).
-        let out = Command::new(analyze)
-            .args(["security", "--offline=true"])
-            .arg(&unit)
-            .output()
-            .unwrap();
+        let out = analyze_unit(analyze, d, &["security", "--offline=true"]);
         let stdout = String::from_utf8_lossy(&out.stdout);
         let level: f64 = stdout
             .lines()

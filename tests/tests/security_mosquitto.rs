@@ -7,28 +7,22 @@
 //! marker message, which mosquitto delivers in order after them), the agents' replicas never
 //! move off the aggregator's hashes, and the rounds go on.
 
-use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use fwdllm_agent::config::{AgentConfig, SourceKind};
 use fwdllm_agent::daemon::{Agent, SyntheticSource};
-use fwdllm_aggregator::config::AggregatorConfig;
-use fwdllm_aggregator::coordinator::AggEvent;
-use fwdllm_aggregator::server::{self, BrokerTarget, Hooks};
 use fwdllm_shared::lora::WeightsHash;
 use fwdllm_shared::mqtt_tls::TlsSettings;
 use fwdllm_shared::topics::Topics;
 use fwdllm_shared::wire::{self, ClientUpdate, RoundCommit, SeedScalar};
+use fwdllm_tests::broker::{Broker, MAX_PACKET};
+use fwdllm_tests::federation_suite::{aggregator_config, spawn_aggregator, JOB};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
-use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
-const JOB: &str = "sec";
 const WAIT: Duration = Duration::from_secs(90);
-const MAX_PACKET: usize = 8 << 20;
 const USERS: [&str; 4] = ["fwdllm-aggregator", "pi-1", "pi-2", "mallory"];
 
 fn run(cmd: &mut Command) {
@@ -81,19 +75,8 @@ fn make_certs(dir: &Path) {
     }
 }
 
-struct Mosquitto {
-    child: Child,
-    port: u16,
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_mosquitto(dir: &Path) -> Mosquitto {
+/// The fleet's mosquitto: passwords of [`USERS`], the shipped ACL, mutual TLS.
+fn start_mosquitto(dir: &Path) -> Broker {
     let pw = dir.join("passwd");
     for (i, u) in USERS.iter().enumerate() {
         let mut c = Command::new("mosquitto_passwd");
@@ -103,11 +86,10 @@ fn start_mosquitto(dir: &Path) -> Mosquitto {
         run(c.arg("-b").arg(&pw).arg(u).arg(format!("pw-{u}")));
     }
     let acl = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../systemd/mosquitto-fwdllm.acl");
-    let port = fwdllm_aggregator::broker::free_port("127.0.0.1").unwrap();
-    let conf = dir.join("mosquitto.conf");
     let p = |n: &str| dir.join(n).display().to_string();
-    std::fs::write(
-        &conf,
+    // `user root`: started as root (CI), mosquitto would drop to its own user, which cannot
+    // read the keys in our private temporary directory. Ignored when not started as root.
+    Broker::mosquitto_with(|port| {
         format!(
             "per_listener_settings false\nallow_anonymous false\npassword_file {}\nacl_file {}\n\
              persistence false\nmax_packet_size {MAX_PACKET}\nlistener {port} 127.0.0.1\n\
@@ -117,26 +99,8 @@ fn start_mosquitto(dir: &Path) -> Mosquitto {
             p("ca.pem"),
             p("broker.pem"),
             p("broker.key"),
-        ),
-    )
-    .unwrap();
-    // `user root`: started as root (CI), mosquitto would drop to its own user, which cannot
-    // read the keys in our private temporary directory. Ignored when not started as root.
-    let child = Command::new("/usr/sbin/mosquitto")
-        .arg("-c")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start mosquitto");
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let start = Instant::now();
-    // Readiness poll of the listener (bounded failure guard, not a delay).
-    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-        assert!(start.elapsed() < WAIT, "mosquitto not listening on {addr}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Mosquitto { child, port }
+        )
+    })
 }
 
 fn tls(dir: &Path) -> TlsSettings {
@@ -179,38 +143,15 @@ async fn tls_acl_refuse_impersonation_and_forged_commits_and_rounds_go_on() {
     let broker = start_mosquitto(dir);
     let topics = Topics::new(JOB).unwrap();
 
-    // Aggregator over TLS with its password.
-    let mut cfg = AggregatorConfig::default();
-    cfg.job.name = JOB.into();
-    cfg.model.preset = "tiny".into();
-    cfg.broker.keep_alive_s = 5;
-    cfg.broker.max_packet_bytes = MAX_PACKET;
+    // The suites' aggregator, over TLS with its password.
+    let mut cfg = aggregator_config(&dir.join("agg"), 2, 2);
     cfg.broker.username = "fwdllm-aggregator".into();
     cfg.broker.password_file = password_file(dir, "fwdllm-aggregator");
     cfg.broker.tls = tls(dir);
-    cfg.state.dir = dir.join("agg");
-    cfg.state.plot_every = 0;
-    cfg.round.min_clients = 2;
-    cfg.round.quorum = 2;
-    cfg.round.perturbations_per_client = 4;
-    cfg.pacing.max_extends = 0;
-    cfg.pacing.min_perturbations = 1;
-    cfg.pacing.target_z = 1e9;
     assert_eq!(cfg.validate(), vec![]);
-    let (tx, mut events) = broadcast::channel(4096);
+    let mut agg = spawn_aggregator(cfg, broker.addr());
+    let port = broker.addr().port();
     let stop = CancellationToken::new();
-    let agg = tokio::spawn(server::run(
-        cfg,
-        BrokerTarget {
-            host: "127.0.0.1".into(),
-            port: broker.port,
-        },
-        stop.clone(),
-        Hooks {
-            events: Some(tx),
-            on_commit: None,
-        },
-    ));
 
     // Two agents over mutual TLS, each with its own username = client id.
     let mut agent_tasks = Vec::new();
@@ -222,7 +163,7 @@ async fn tls_acl_refuse_impersonation_and_forged_commits_and_rounds_go_on() {
         c.agent.state_dir = dir.join(id).display().to_string();
         c.agent.systemd_notify = false;
         c.mqtt.host = "127.0.0.1".into();
-        c.mqtt.port = broker.port;
+        c.mqtt.port = port;
         c.mqtt.max_packet_bytes = MAX_PACKET;
         c.mqtt.keep_alive_s = 5;
         c.mqtt.username = id.into();
@@ -240,40 +181,11 @@ async fn tls_acl_refuse_impersonation_and_forged_commits_and_rounds_go_on() {
         agent_tasks.push(tokio::spawn(agent.run(stop.clone())));
     }
 
-    let committed = |events: &mut broadcast::Receiver<AggEvent>, version: u64| {
-        let mut events = events.resubscribe();
-        async move {
-            tokio::time::timeout(WAIT, async {
-                loop {
-                    if let AggEvent::Committed {
-                        version: v, hash, ..
-                    } = events.recv().await.expect("aggregator events")
-                    {
-                        if v >= version {
-                            return (v, hash);
-                        }
-                    }
-                }
-            })
-            .await
-            .expect("commit within the guard")
-        }
-    };
-    let hashes = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::new()));
-    {
-        let (h, mut rx) = (hashes.clone(), events.resubscribe());
-        tokio::spawn(async move {
-            while let Ok(e) = rx.recv().await {
-                if let AggEvent::Committed { version, hash, .. } = e {
-                    h.lock().unwrap().insert(version, hash);
-                }
-            }
-        });
-    }
-    let (v1, _) = committed(&mut events, 1).await;
+    let v1 = 1;
+    agg.committed(v1).await;
 
     // The spy reads everything (the aggregator's user may, under its own client id).
-    let (spy, mut spy_el) = raw_client(dir, broker.port, "fwdllm-aggregator", "spy");
+    let (spy, mut spy_el) = raw_client(dir, port, "fwdllm-aggregator", "spy");
     spy.subscribe(topics.all_filter(), QoS::AtLeastOnce)
         .await
         .unwrap();
@@ -284,7 +196,7 @@ async fn tls_acl_refuse_impersonation_and_forged_commits_and_rounds_go_on() {
     }
 
     // Mallory: a valid certificate and password, hostile intent.
-    let (mallory, mut mallory_el) = raw_client(dir, broker.port, "mallory", "mallory");
+    let (mallory, mut mallory_el) = raw_client(dir, port, "mallory", "mallory");
     let forged_update = wire::encode(&ClientUpdate {
         client_id: "pi-1".into(),
         round: 1_000_000,
@@ -355,14 +267,15 @@ async fn tls_acl_refuse_impersonation_and_forged_commits_and_rounds_go_on() {
     );
 
     // The rounds go on, and every agent's replica matches the aggregator's hashes.
-    let (v2, h2) = committed(&mut events, v1 + 2).await;
+    let v2 = v1 + 2;
+    let h2 = agg.committed(v2).await;
     for info in &mut infos {
         let i = tokio::time::timeout(WAIT, info.wait_for(|i| i.model_version >= v2))
             .await
             .expect("agent reaches the new version")
             .expect("agent info")
             .clone();
-        let want = hashes.lock().unwrap().get(&i.model_version).copied();
+        let want = agg.hash_of(i.model_version);
         assert_eq!(i.weights_hash, want, "agent at version {}", i.model_version);
         if i.model_version == v2 {
             assert_eq!(i.weights_hash, Some(h2));
@@ -370,12 +283,7 @@ async fn tls_acl_refuse_impersonation_and_forged_commits_and_rounds_go_on() {
     }
     // The aggregator rejected nothing: the forged update never reached it.
     stop.cancel();
-    let summary = tokio::time::timeout(WAIT, agg)
-        .await
-        .expect("aggregator stops")
-        .expect("aggregator task")
-        .expect("aggregator run");
-    assert_eq!(summary.rejected, 0);
+    assert_eq!(agg.stop().await.rejected, 0);
     for t in agent_tasks {
         let _ = tokio::time::timeout(WAIT, t).await;
     }
@@ -383,7 +291,7 @@ async fn tls_acl_refuse_impersonation_and_forged_commits_and_rounds_go_on() {
 
     // Without the right password the broker refuses the connection outright.
     let (_c, mut el) = {
-        let mut o = MqttOptions::new("pi-3", "127.0.0.1", broker.port);
+        let mut o = MqttOptions::new("pi-3", "127.0.0.1", port);
         o.set_credentials("pi-1", "wrong");
         let cfg = tls(dir).client_config("test", None).unwrap().unwrap();
         o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(cfg)));

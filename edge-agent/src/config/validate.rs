@@ -1,6 +1,7 @@
 //! Validation: semantic checks on a well-typed config, and the files `run` needs.
 
 use std::fmt;
+use std::ops::RangeInclusive;
 use std::path::Path;
 
 use super::{AgentConfig, SourceKind};
@@ -20,91 +21,100 @@ impl fmt::Display for ConfigProblem {
     }
 }
 
+/// The problems found so far, and the checks most keys need.
+struct Problems(Vec<ConfigProblem>);
+
+impl Problems {
+    fn bad(&mut self, key: &str, problem: String, fix: &str) {
+        self.0.push(ConfigProblem {
+            key: key.into(),
+            problem,
+            fix: fix.into(),
+        });
+    }
+
+    fn not_empty(&mut self, key: &str, value: &str, fix: &str) {
+        if value.is_empty() {
+            self.bad(key, "is empty".into(), fix);
+        }
+    }
+
+    fn not_zero<T: PartialEq + Default>(&mut self, key: &str, value: T, fix: &str) {
+        if value == T::default() {
+            self.bad(key, "is 0".into(), fix);
+        }
+    }
+
+    /// `value` must lie in `range` (NaN never does).
+    fn in_range<T: PartialOrd + fmt::Display>(
+        &mut self,
+        key: &str,
+        value: T,
+        range: RangeInclusive<T>,
+        fix: &str,
+    ) {
+        if !range.contains(&value) {
+            self.bad(key, format!("{value} is out of range"), fix);
+        }
+    }
+}
+
 impl AgentConfig {
     /// Semantic checks on a well-typed config; returns every problem found.
     pub fn validate(&self) -> Vec<ConfigProblem> {
-        let mut p = Vec::new();
-        let mut bad = |key: &str, problem: String, fix: &str| {
-            p.push(ConfigProblem {
-                key: key.into(),
-                problem,
-                fix: fix.into(),
-            });
-        };
-        let id = &self.agent.client_id;
-        if let Some(problem) = topic_level_problem(id) {
-            bad(
-                "agent.client_id",
-                problem,
-                "use letters, digits, '-', '_' or '.', at most 64 characters",
-            );
+        let mut p = Problems(Vec::new());
+        let topic_fix = "use letters, digits, '-', '_' or '.', at most 64 characters";
+        if let Some(problem) = topic_level_problem(&self.agent.client_id) {
+            p.bad("agent.client_id", problem, topic_fix);
         }
-        if self.agent.job.is_empty() {
-            bad(
-                "agent.job",
-                "is empty".into(),
-                "set the job name the aggregator uses",
-            );
-        } else if let Some(problem) = topic_level_problem(&self.agent.job) {
-            bad(
-                "agent.job",
-                problem,
-                "use letters, digits, '-', '_' or '.', at most 64 characters",
-            );
+        p.not_empty(
+            "agent.job",
+            &self.agent.job,
+            "set the job name the aggregator uses",
+        );
+        // Empty passes this check: that problem is the one above.
+        if let Some(problem) = topic_level_problem(&self.agent.job) {
+            p.bad("agent.job", problem, topic_fix);
         }
         let m = &self.mqtt;
-        if m.host.trim().is_empty() {
-            bad(
-                "mqtt.host",
-                "is empty".into(),
-                "set the broker host, e.g. \"127.0.0.1\"",
-            );
-        }
-        if m.port == 0 {
-            bad(
-                "mqtt.port",
-                "is 0".into(),
-                "set the broker port, usually 1883",
-            );
-        }
-        if m.keep_alive_s < 5 || m.keep_alive_s > 65_535 {
-            bad(
-                "mqtt.keep_alive_s",
-                format!("{} is out of range", m.keep_alive_s),
-                "use 5..=65535 (default 30)",
-            );
-        }
+        p.not_empty(
+            "mqtt.host",
+            m.host.trim(),
+            "set the broker host, e.g. \"127.0.0.1\"",
+        );
+        p.not_zero("mqtt.port", m.port, "set the broker port, usually 1883");
+        p.in_range(
+            "mqtt.keep_alive_s",
+            m.keep_alive_s,
+            5..=65_535,
+            "use 5..=65535 (default 30)",
+        );
         // A checkpoint of a small adapter is a few hundred KiB; MQTT's own limit is 256 MiB.
-        if m.max_packet_bytes < 64 * 1024 || m.max_packet_bytes > 268_435_455 {
-            bad(
-                "mqtt.max_packet_bytes",
-                format!("{} is out of range", m.max_packet_bytes),
-                "use 65536..=268435455; it must hold a full checkpoint (default 67108864)",
-            );
-        }
-        if m.connect_timeout_s == 0 {
-            bad(
-                "mqtt.connect_timeout_s",
-                "is 0".into(),
-                "use at least 1 (default 10)",
-            );
-        }
+        p.in_range(
+            "mqtt.max_packet_bytes",
+            m.max_packet_bytes,
+            64 * 1024..=268_435_455,
+            "use 65536..=268435455; it must hold a full checkpoint (default 67108864)",
+        );
+        p.not_zero(
+            "mqtt.connect_timeout_s",
+            m.connect_timeout_s,
+            "use at least 1 (default 10)",
+        );
         if !m.password_file.is_empty() && m.username.is_empty() {
-            bad(
+            p.bad(
                 "mqtt.password_file",
                 "is set without mqtt.username".into(),
                 "set mqtt.username too",
             );
         }
-        if m.backoff_initial_ms == 0 {
-            bad(
-                "mqtt.backoff_initial_ms",
-                "is 0".into(),
-                "use at least 1 (default 500)",
-            );
-        }
+        p.not_zero(
+            "mqtt.backoff_initial_ms",
+            m.backoff_initial_ms,
+            "use at least 1 (default 500)",
+        );
         if m.backoff_max_ms < m.backoff_initial_ms {
-            bad(
+            p.bad(
                 "mqtt.backoff_max_ms",
                 format!(
                     "{} is below mqtt.backoff_initial_ms = {}",
@@ -113,57 +123,46 @@ impl AgentConfig {
                 "make it at least backoff_initial_ms (default 60000)",
             );
         }
-        if !(m.backoff_multiplier.is_finite()
-            && m.backoff_multiplier >= 1.0
-            && m.backoff_multiplier <= 10.0)
-        {
-            bad(
-                "mqtt.backoff_multiplier",
-                format!("{} is out of range", m.backoff_multiplier),
-                "use 1.0..=10.0 (default 2.0)",
-            );
-        }
-        if !(m.backoff_jitter.is_finite() && (0.0..=1.0).contains(&m.backoff_jitter)) {
-            bad(
-                "mqtt.backoff_jitter",
-                format!("{} is out of range", m.backoff_jitter),
-                "use 0.0..=1.0 (default 0.5)",
-            );
-        }
+        p.in_range(
+            "mqtt.backoff_multiplier",
+            m.backoff_multiplier,
+            1.0..=10.0,
+            "use 1.0..=10.0 (default 2.0)",
+        );
+        p.in_range(
+            "mqtt.backoff_jitter",
+            m.backoff_jitter,
+            0.0..=1.0,
+            "use 0.0..=1.0 (default 0.5)",
+        );
         let l = &self.limits;
-        if !(l.max_temperature_c.is_finite()
-            && l.max_temperature_c >= 0.0
-            && l.max_temperature_c <= 150.0)
-        {
-            bad(
-                "limits.max_temperature_c",
-                format!("{} is out of range", l.max_temperature_c),
-                "use 0 (off) or a temperature up to 150",
-            );
-        }
-        if !(l.max_load_per_core.is_finite() && l.max_load_per_core >= 0.0) {
-            bad(
-                "limits.max_load_per_core",
-                format!("{} is out of range", l.max_load_per_core),
-                "use 0 (off) or a positive load",
-            );
-        }
-        if self.gradient.seeds_per_chunk == 0 {
-            bad(
-                "gradient.seeds_per_chunk",
-                "is 0".into(),
-                "use at least 1 (default 1)",
-            );
-        }
+        p.in_range(
+            "limits.max_temperature_c",
+            l.max_temperature_c,
+            0.0..=150.0,
+            "use 0 (off) or a temperature up to 150",
+        );
+        // Up to f64::MAX: any finite load.
+        p.in_range(
+            "limits.max_load_per_core",
+            l.max_load_per_core,
+            0.0..=f64::MAX,
+            "use 0 (off) or a positive load",
+        );
+        p.not_zero(
+            "gradient.seeds_per_chunk",
+            self.gradient.seeds_per_chunk,
+            "use at least 1 (default 1)",
+        );
         if !(1..=4096).contains(&self.gradient.discriminative_candidates) {
-            bad(
+            p.bad(
                 "gradient.discriminative_candidates",
                 format!("is {}", self.gradient.discriminative_candidates),
                 "use 1 (off, the default) up to 4096 candidates",
             );
         }
         if !self.gradient.synthetic_target_scale.is_finite() {
-            bad(
+            p.bad(
                 "gradient.synthetic_target_scale",
                 "is not finite".into(),
                 "use a finite number (default 0.05)",
@@ -171,60 +170,51 @@ impl AgentConfig {
         }
         if self.gradient.source == SourceKind::Engine {
             let e = &self.engine;
-            if e.model.is_empty() {
-                bad("engine.model", "is empty".into(), "set the GGUF model path");
-            }
-            if e.task.is_empty() {
-                bad(
-                    "engine.task",
-                    "is empty".into(),
-                    "set the task file (prompt, labels, words)",
-                );
-            }
-            if e.shard.is_empty() {
-                bad(
-                    "engine.shard",
-                    "is empty".into(),
-                    "set this agent's data shard (see `fwdllm-agent shard`)",
-                );
-            }
+            p.not_empty("engine.model", &e.model, "set the GGUF model path");
+            p.not_empty(
+                "engine.task",
+                &e.task,
+                "set the task file (prompt, labels, words)",
+            );
+            p.not_empty(
+                "engine.shard",
+                &e.shard,
+                "set this agent's data shard (see `fwdllm-agent shard`)",
+            );
             if e.n_ctx < 16 {
-                bad(
+                p.bad(
                     "engine.n_ctx",
                     format!("{} is too small", e.n_ctx),
                     "use at least 16 (default 2048)",
                 );
             }
-            if e.n_batch == 0 || e.n_batch > e.n_ctx {
-                bad(
-                    "engine.n_batch",
-                    format!("{} is out of range", e.n_batch),
-                    "use 1..=engine.n_ctx (default 2048)",
-                );
-            }
-            if e.seqs_per_decode == 0 {
-                bad(
-                    "engine.seqs_per_decode",
-                    "is 0".into(),
-                    "use at least 1 (default 8)",
-                );
-            }
+            p.in_range(
+                "engine.n_batch",
+                e.n_batch,
+                1..=e.n_ctx,
+                "use 1..=engine.n_ctx (default 2048)",
+            );
+            p.not_zero(
+                "engine.seqs_per_decode",
+                e.seqs_per_decode,
+                "use at least 1 (default 8)",
+            );
             if !matches!(e.precision.as_str(), "f32" | "f16" | "quantized") {
-                bad(
+                p.bad(
                     "engine.precision",
                     format!("{:?} is not a precision", e.precision),
                     "use \"f32\", \"f16\" or \"quantized\"",
                 );
             }
             if crate::engine::Precision::parse(&e.prefix_precision).is_none() {
-                bad(
+                p.bad(
                     "engine.prefix_precision",
                     format!("{:?} is not a precision", e.prefix_precision),
                     "use \"q8_0\" (default), \"quantized\", \"q4_0\", \"f16\" or \"f32\"",
                 );
             }
         }
-        p
+        p.0
     }
 
     /// Files that must exist for `run` (checked by `validate`, not by `load`, so unit tests and

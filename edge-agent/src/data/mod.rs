@@ -57,6 +57,42 @@ pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DataError + 
     }
 }
 
+/// The error of a problem on line `line` of `path`.
+pub(crate) fn row_err(path: &Path, line: usize) -> impl Fn(String) -> DataError + '_ {
+    move |problem| DataError::Row {
+        path: path.to_path_buf(),
+        line,
+        problem,
+    }
+}
+
+/// The error of a problem in the task config `path`.
+pub(crate) fn config_err(path: &Path) -> impl Fn(String) -> DataError + '_ {
+    move |problem| DataError::Config {
+        path: path.to_path_buf(),
+        problem,
+    }
+}
+
+/// `examples`, or the error that `path` held none.
+pub(crate) fn non_empty<T>(path: &Path, examples: Vec<T>) -> Result<Vec<T>, DataError> {
+    if examples.is_empty() {
+        return Err(DataError::Empty {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(examples)
+}
+
+/// A data path of a task: relative paths resolve against `root`.
+pub(crate) fn resolve(root: &Path, path: &Path) -> PathBuf {
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        root.join(path)
+    }
+}
+
 /// Where a task's examples come from. Relative paths are resolved against the root passed to
 /// [`TaskConfig::load_examples`] (the repository root for the shipped tasks).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -156,25 +192,18 @@ impl TaskConfig {
             .and_then(|t| t.get("kind").cloned())
             .is_some_and(|k| k.as_str() == Some("sft"))
         {
-            return Err(DataError::Config {
-                path: path.to_path_buf(),
-                problem: "this is an instruction-tuning task (kind = \"sft\") but this command needs a classification task (labels and words); use `train-local`, `predict` or the agent daemon, which take both kinds".into(),
-            });
+            return Err(config_err(path)(
+                "this is an instruction-tuning task (kind = \"sft\") but this command needs a classification task (labels and words); use `train-local`, `predict` or the agent daemon, which take both kinds".into(),
+            ));
         }
-        let cfg: TaskConfig = toml::from_str(&text).map_err(|e| DataError::Config {
-            path: path.to_path_buf(),
-            problem: e.to_string(),
-        })?;
+        let cfg: TaskConfig = toml::from_str(&text).map_err(|e| config_err(path)(e.to_string()))?;
         cfg.validate(path)?;
         Ok(cfg)
     }
 
     /// Checks the invariants the engine relies on.
     pub fn validate(&self, path: &Path) -> Result<(), DataError> {
-        let bad = |problem: String| DataError::Config {
-            path: path.to_path_buf(),
-            problem,
-        };
+        let bad = config_err(path);
         if self.labels.len() < 2 {
             return Err(bad("`labels` needs at least two labels".into()));
         }
@@ -201,15 +230,8 @@ impl TaskConfig {
 
     /// Reads all examples of the task's source, in a deterministic order.
     pub fn load_examples(&self, root: &Path) -> Result<Vec<Example>, DataError> {
-        let resolve = |p: &Path| {
-            if p.is_absolute() {
-                p.to_path_buf()
-            } else {
-                root.join(p)
-            }
-        };
         match &self.source {
-            DataSource::LabelDirs { dir } => read_label_dirs(&resolve(dir), &self.labels),
+            DataSource::LabelDirs { dir } => read_label_dirs(&resolve(root, dir), &self.labels),
             DataSource::Csv {
                 path,
                 label_column,
@@ -217,7 +239,7 @@ impl TaskConfig {
                 label_is_index,
                 joiner,
             } => read_csv(
-                &resolve(path),
+                &resolve(root, path),
                 label_column,
                 text_columns,
                 *label_is_index,
@@ -228,7 +250,7 @@ impl TaskConfig {
                 path,
                 text_field,
                 label_field,
-            } => read_jsonl(&resolve(path), text_field, label_field, &self.labels),
+            } => read_jsonl(&resolve(root, path), text_field, label_field, &self.labels),
         }
     }
 }
@@ -249,21 +271,12 @@ pub fn read_label_dirs(dir: &Path, labels: &[String]) -> Result<Vec<Example>, Da
             // Some BBC files carry stray Latin-1 bytes; replace rather than reject them.
             let text = String::from_utf8_lossy(&bytes).trim().to_string();
             if text.is_empty() {
-                return Err(DataError::Row {
-                    path: f,
-                    line: 1,
-                    problem: "empty text file".into(),
-                });
+                return Err(row_err(&f, 1)("empty text file".into()));
             }
             out.push(Example { text, label });
         }
     }
-    if out.is_empty() {
-        return Err(DataError::Empty {
-            path: dir.to_path_buf(),
-        });
-    }
-    Ok(out)
+    non_empty(dir, out)
 }
 
 /// Splits one CSV record (RFC 4180: quoted fields, `""` escapes, no embedded newlines).
@@ -304,6 +317,68 @@ pub(crate) fn split_csv_line(line: &str) -> Result<Vec<String>, String> {
     Ok(fields)
 }
 
+/// A CSV file with a header line, read whole; records are [`split_csv_line`]'s.
+pub(crate) struct CsvFile<'p> {
+    path: &'p Path,
+    text: String,
+    header: Vec<String>,
+}
+
+impl<'p> CsvFile<'p> {
+    /// Reads `path` and parses its header (a file without one is [`DataError::Empty`]).
+    pub(crate) fn read(path: &'p Path) -> Result<CsvFile<'p>, DataError> {
+        let text = fs::read_to_string(path).map_err(io_err(path))?;
+        let header = text.lines().next().ok_or_else(|| DataError::Empty {
+            path: path.to_path_buf(),
+        })?;
+        let header = split_csv_line(header).map_err(row_err(path, 1))?;
+        Ok(CsvFile { path, text, header })
+    }
+
+    /// The index of column `name`; if the header has none, an error on line 1 saying
+    /// `missing(header)`.
+    pub(crate) fn column(
+        &self,
+        name: &str,
+        missing: impl FnOnce(&[String]) -> String,
+    ) -> Result<usize, DataError> {
+        self.header
+            .iter()
+            .position(|h| h.trim() == name)
+            .ok_or_else(|| row_err(self.path, 1)(missing(&self.header)))
+    }
+
+    /// The records after the header with their 1-based line numbers. Blank lines are skipped;
+    /// a record with more or fewer fields than the header is an error.
+    pub(crate) fn records(
+        &self,
+    ) -> impl Iterator<Item = Result<(usize, Vec<String>), DataError>> + '_ {
+        let n = self.header.len();
+        self.text
+            .lines()
+            .enumerate()
+            .skip(1)
+            .filter(|(_, line)| !line.trim().is_empty())
+            .map(move |(i, line)| {
+                let lineno = i + 1;
+                let fields = split_csv_line(line).map_err(row_err(self.path, lineno))?;
+                if fields.len() != n {
+                    return Err(row_err(self.path, lineno)(format!(
+                        "{} fields, header has {n}",
+                        fields.len()
+                    )));
+                }
+                Ok((lineno, fields))
+            })
+    }
+}
+
+/// A CSV field as text: trimmed, and AG News's backslashes (its line breaks inside fields)
+/// turned into spaces.
+pub(crate) fn csv_text(field: &str) -> String {
+    field.trim().replace('\\', " ")
+}
+
 /// CSV reader for classification data (see [`DataSource::Csv`]).
 pub fn read_csv(
     path: &Path,
@@ -313,23 +388,10 @@ pub fn read_csv(
     joiner: &str,
     labels: &[String],
 ) -> Result<Vec<Example>, DataError> {
-    let text = fs::read_to_string(path).map_err(io_err(path))?;
-    let mut lines = text.lines().enumerate();
-    let row_err = |line: usize, problem: String| DataError::Row {
-        path: path.to_path_buf(),
-        line,
-        problem,
-    };
-    let (_, header) = lines.next().ok_or_else(|| DataError::Empty {
-        path: path.to_path_buf(),
-    })?;
-    let header = split_csv_line(header).map_err(|p| row_err(1, p))?;
+    let csv = CsvFile::read(path)?;
     let col = |name: &str| {
-        header.iter().position(|h| h.trim() == name).ok_or_else(|| {
-            row_err(
-                1,
-                format!("header has no column {name:?} (columns: {header:?})"),
-            )
+        csv.column(name, |header| {
+            format!("header has no column {name:?} (columns: {header:?})")
         })
     };
     let label_col = col(label_column)?;
@@ -338,18 +400,8 @@ pub fn read_csv(
         .map(|c| col(c))
         .collect::<Result<Vec<_>, _>>()?;
     let mut out = Vec::new();
-    for (i, line) in lines {
-        let lineno = i + 1;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let fields = split_csv_line(line).map_err(|p| row_err(lineno, p))?;
-        if fields.len() != header.len() {
-            return Err(row_err(
-                lineno,
-                format!("{} fields, header has {}", fields.len(), header.len()),
-            ));
-        }
+    for record in csv.records() {
+        let (lineno, fields) = record?;
         let raw = fields[label_col].trim();
         let label = if label_is_index {
             match raw.parse::<usize>() {
@@ -376,21 +428,16 @@ pub fn read_csv(
         };
         let text = text_cols
             .iter()
-            .map(|&c| fields[c].trim().replace('\\', " "))
+            .map(|&c| csv_text(&fields[c]))
             .filter(|s| !s.is_empty())
             .collect::<Vec<_>>()
             .join(joiner);
         if text.is_empty() {
-            return Err(row_err(lineno, "empty text".into()));
+            return Err(row_err(path, lineno)("empty text".into()));
         }
         out.push(Example { text, label });
     }
-    if out.is_empty() {
-        return Err(DataError::Empty {
-            path: path.to_path_buf(),
-        });
-    }
-    Ok(out)
+    non_empty(path, out)
 }
 
 /// The JSON values of a JSON Lines file with their 1-based line numbers; blank lines are
@@ -403,11 +450,8 @@ pub(crate) fn jsonl_values(path: &Path) -> Result<Vec<(usize, serde_json::Value)
         if line.trim().is_empty() {
             continue;
         }
-        let v = serde_json::from_str(line).map_err(|e| DataError::Row {
-            path: path.to_path_buf(),
-            line: i + 1,
-            problem: format!("invalid JSON: {e}"),
-        })?;
+        let v = serde_json::from_str(line)
+            .map_err(|e| row_err(path, i + 1)(format!("invalid JSON: {e}")))?;
         out.push((i + 1, v));
     }
     Ok(out)
@@ -422,11 +466,7 @@ pub fn read_jsonl(
 ) -> Result<Vec<Example>, DataError> {
     let mut out = Vec::new();
     for (lineno, v) in jsonl_values(path)? {
-        let row_err = |problem: String| DataError::Row {
-            path: path.to_path_buf(),
-            line: lineno,
-            problem,
-        };
+        let row_err = row_err(path, lineno);
         let t = v
             .get(text_field)
             .and_then(|x| x.as_str())
@@ -450,12 +490,7 @@ pub fn read_jsonl(
             label,
         });
     }
-    if out.is_empty() {
-        return Err(DataError::Empty {
-            path: path.to_path_buf(),
-        });
-    }
-    Ok(out)
+    non_empty(path, out)
 }
 
 /// One instruction-tuning example: the loss is next-token cross-entropy over `response` only.
@@ -471,11 +506,7 @@ pub struct SftExample {
 pub fn read_sft_jsonl(path: &Path) -> Result<Vec<SftExample>, DataError> {
     let mut out = Vec::new();
     for (lineno, v) in jsonl_values(path)? {
-        let row_err = |problem: String| DataError::Row {
-            path: path.to_path_buf(),
-            line: lineno,
-            problem,
-        };
+        let row_err = row_err(path, lineno);
         let field = |name: &str| {
             v.get(name)
                 .and_then(|x| x.as_str())
@@ -490,12 +521,7 @@ pub fn read_sft_jsonl(path: &Path) -> Result<Vec<SftExample>, DataError> {
         }
         out.push(SftExample { prompt, response });
     }
-    if out.is_empty() {
-        return Err(DataError::Empty {
-            path: path.to_path_buf(),
-        });
-    }
-    Ok(out)
+    non_empty(path, out)
 }
 
 /// The pinned generator of splits and shards (it lives in `shared`, next to `mix64`).
@@ -570,44 +596,59 @@ pub fn shard(
     partition: Partition,
     seed: u64,
 ) -> Vec<Vec<Example>> {
+    match partition {
+        Partition::Iid => shard_iid(examples, clients, seed),
+        Partition::Dirichlet { alpha } => shard_dirichlet(examples, clients, alpha, seed),
+    }
+}
+
+/// IID shards of any examples: shuffled with the shard stream of `seed`, dealt round-robin
+/// to `clients` shards.
+pub fn shard_iid<T: Clone>(examples: &[T], clients: usize, seed: u64) -> Vec<Vec<T>> {
+    let clients = clients.max(1);
+    let mut idx: Vec<usize> = (0..examples.len()).collect();
+    SplitMix64::new(seed ^ SHARD_DOMAIN).shuffle(&mut idx);
+    let mut shards = vec![Vec::new(); clients];
+    for (i, &j) in idx.iter().enumerate() {
+        shards[i % clients].push(examples[j].clone());
+    }
+    shards
+}
+
+/// Per label, client proportions drawn from Dirichlet(alpha) ([`Partition::Dirichlet`]).
+fn shard_dirichlet(
+    examples: &[Example],
+    clients: usize,
+    alpha: f64,
+    seed: u64,
+) -> Vec<Vec<Example>> {
     let clients = clients.max(1);
     let mut rng = SplitMix64::new(seed ^ SHARD_DOMAIN);
     let mut shards = vec![Vec::new(); clients];
-    match partition {
-        Partition::Iid => {
-            let mut idx: Vec<usize> = (0..examples.len()).collect();
-            rng.shuffle(&mut idx);
-            for (i, &j) in idx.iter().enumerate() {
-                shards[i % clients].push(examples[j].clone());
+    let n_labels = examples.iter().map(|e| e.label + 1).max().unwrap_or(0);
+    for label in 0..n_labels {
+        let mut idx: Vec<usize> = (0..examples.len())
+            .filter(|&i| examples[i].label == label)
+            .collect();
+        rng.shuffle(&mut idx);
+        let w: Vec<f64> = (0..clients)
+            .map(|_| gamma(&mut rng, alpha.max(1e-3)))
+            .collect();
+        let total: f64 = w.iter().sum();
+        // Cumulative cut points; the last client takes the remainder.
+        let mut start = 0usize;
+        let mut acc = 0.0;
+        for (c, wc) in w.iter().enumerate() {
+            acc += wc / total;
+            let end = if c + 1 == clients {
+                idx.len()
+            } else {
+                ((acc * idx.len() as f64).round() as usize).min(idx.len())
+            };
+            for &j in &idx[start..end.max(start)] {
+                shards[c].push(examples[j].clone());
             }
-        }
-        Partition::Dirichlet { alpha } => {
-            let n_labels = examples.iter().map(|e| e.label + 1).max().unwrap_or(0);
-            for label in 0..n_labels {
-                let mut idx: Vec<usize> = (0..examples.len())
-                    .filter(|&i| examples[i].label == label)
-                    .collect();
-                rng.shuffle(&mut idx);
-                let w: Vec<f64> = (0..clients)
-                    .map(|_| gamma(&mut rng, alpha.max(1e-3)))
-                    .collect();
-                let total: f64 = w.iter().sum();
-                // Cumulative cut points; the last client takes the remainder.
-                let mut start = 0usize;
-                let mut acc = 0.0;
-                for (c, wc) in w.iter().enumerate() {
-                    acc += wc / total;
-                    let end = if c + 1 == clients {
-                        idx.len()
-                    } else {
-                        ((acc * idx.len() as f64).round() as usize).min(idx.len())
-                    };
-                    for &j in &idx[start..end.max(start)] {
-                        shards[c].push(examples[j].clone());
-                    }
-                    start = end.max(start);
-                }
-            }
+            start = end.max(start);
         }
     }
     shards
@@ -620,14 +661,26 @@ pub fn write_shards(
     shards: &[Vec<Example>],
     labels: &[String],
 ) -> Result<Vec<PathBuf>, DataError> {
+    write_jsonl_shards(
+        dir,
+        shards,
+        |e| serde_json::json!({"text": e.text, "label": labels[e.label]}),
+    )
+}
+
+/// Writes shards as `<dir>/shard-<i>.jsonl`, one `row(example)` per line.
+pub(crate) fn write_jsonl_shards<T>(
+    dir: &Path,
+    shards: &[Vec<T>],
+    row: impl Fn(&T) -> serde_json::Value,
+) -> Result<Vec<PathBuf>, DataError> {
     fs::create_dir_all(dir).map_err(io_err(dir))?;
     let mut paths = Vec::new();
     for (i, s) in shards.iter().enumerate() {
         let p = dir.join(format!("shard-{i:03}.jsonl"));
         let mut f = std::io::BufWriter::new(fs::File::create(&p).map_err(io_err(&p))?);
         for e in s {
-            let row = serde_json::json!({"text": e.text, "label": labels[e.label]});
-            writeln!(f, "{row}").map_err(io_err(&p))?;
+            writeln!(f, "{}", row(e)).map_err(io_err(&p))?;
         }
         f.flush().map_err(io_err(&p))?;
         paths.push(p);

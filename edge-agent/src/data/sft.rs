@@ -9,12 +9,14 @@
 //! without weights), so callers pass a [`Truncate`] (the engine's, or the identity in tests).
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{io_err, split_csv_line, DataError, SftExample, Split, TaskConfig};
+use super::{
+    config_err, io_err, non_empty, resolve, row_err, CsvFile, DataError, SftExample, Split,
+    TaskConfig,
+};
 
 /// Which loss a task file describes; `classification` when the key is absent, so the
 /// classification tasks written before SFT existed keep working unchanged.
@@ -64,9 +66,9 @@ pub struct SftTaskConfig {
     #[serde(default = "default_max_response_tokens")]
     pub max_response_tokens: u32,
     pub source: SftSource,
-    #[serde(default = "default_heldout")]
+    #[serde(default = "super::default_heldout")]
     pub heldout: usize,
-    #[serde(default = "default_dev")]
+    #[serde(default = "super::default_dev")]
     pub dev: usize,
     #[serde(default)]
     pub split_seed: u64,
@@ -77,12 +79,6 @@ fn default_max_text_tokens() -> u32 {
 }
 fn default_max_response_tokens() -> u32 {
     32
-}
-fn default_heldout() -> usize {
-    200
-}
-fn default_dev() -> usize {
-    100
 }
 
 /// Cuts `text` to at most `max_tokens` tokens of the model's vocabulary.
@@ -186,10 +182,7 @@ impl Template {
 impl SftTaskConfig {
     /// Checks the templates and limits; `path` names the file in errors.
     pub fn validate(&self, path: &Path) -> Result<(Template, Template), DataError> {
-        let bad = |problem: String| DataError::Config {
-            path: path.to_path_buf(),
-            problem,
-        };
+        let bad = config_err(path);
         if self.kind != TaskKind::Sft {
             return Err(bad("an SFT task needs kind = \"sft\"".into()));
         }
@@ -223,12 +216,7 @@ impl SftTaskConfig {
         truncate: &Truncate<'_>,
     ) -> Result<Vec<SftExample>, DataError> {
         let (prompt, response) = self.validate(Path::new(&self.name))?;
-        let path = self.source.path();
-        let path = if path.is_absolute() {
-            path.to_path_buf()
-        } else {
-            root.join(path)
-        };
+        let path = resolve(root, self.source.path());
         let rows = match &self.source {
             SftSource::Csv { .. } => read_csv_rows(&path, &prompt, &response)?,
             SftSource::Jsonl { .. } => read_jsonl_rows(&path, &prompt, &response)?,
@@ -240,24 +228,17 @@ impl SftTaskConfig {
             let r = response.render(|f| get(f).unwrap_or_default().to_string());
             let r = truncate(&r, self.max_response_tokens);
             if r.trim().is_empty() {
-                return Err(DataError::Row {
-                    path: path.clone(),
-                    line,
-                    problem: format!(
-                        "the response {:?} renders empty: instruction tuning needs response tokens to score (fill the field or drop the row)",
-                        self.response
-                    ),
-                });
+                return Err(row_err(&path, line)(format!(
+                    "the response {:?} renders empty: instruction tuning needs response tokens to score (fill the field or drop the row)",
+                    self.response
+                )));
             }
             out.push(SftExample {
                 prompt: p,
                 response: r,
             });
         }
-        if out.is_empty() {
-            return Err(DataError::Empty { path });
-        }
-        Ok(out)
+        non_empty(&path, out)
     }
 }
 
@@ -275,44 +256,20 @@ fn wanted<'t>(prompt: &'t Template, response: &'t Template) -> Vec<(&'t str, &'s
 }
 
 fn read_csv_rows(path: &Path, prompt: &Template, response: &Template) -> Result<Rows, DataError> {
-    let text = fs::read_to_string(path).map_err(io_err(path))?;
-    let row_err = |line: usize, problem: String| DataError::Row {
-        path: path.to_path_buf(),
-        line,
-        problem,
-    };
-    let mut lines = text.lines().enumerate();
-    let (_, header) = lines.next().ok_or_else(|| DataError::Empty {
-        path: path.to_path_buf(),
-    })?;
-    let header = split_csv_line(header).map_err(|p| row_err(1, p))?;
+    let csv = CsvFile::read(path)?;
     let mut cols = Vec::new();
     for (f, which) in wanted(prompt, response) {
-        let c = header.iter().position(|h| h.trim() == f).ok_or_else(|| {
-            row_err(
-                1,
-                format!("header has no column {f:?}, which the task's `{which}` template names as {{{f}}} (columns: {header:?}); fix the template or the file"),
-            )
+        let c = csv.column(f, |header| {
+            format!("header has no column {f:?}, which the task's `{which}` template names as {{{f}}} (columns: {header:?}); fix the template or the file")
         })?;
         cols.push((f.to_string(), c));
     }
     let mut out = Vec::new();
-    for (i, line) in lines {
-        let lineno = i + 1;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let fields = split_csv_line(line).map_err(|p| row_err(lineno, p))?;
-        if fields.len() != header.len() {
-            return Err(row_err(
-                lineno,
-                format!("{} fields, header has {}", fields.len(), header.len()),
-            ));
-        }
-        // AG News writes line breaks inside fields as a backslash.
+    for record in csv.records() {
+        let (lineno, fields) = record?;
         let values = cols
             .iter()
-            .map(|(f, c)| (f.clone(), fields[*c].trim().replace('\\', " ")))
+            .map(|(f, c)| (f.clone(), super::csv_text(&fields[*c])))
             .collect();
         out.push((lineno, values));
     }
@@ -323,11 +280,7 @@ fn read_jsonl_rows(path: &Path, prompt: &Template, response: &Template) -> Resul
     let want = wanted(prompt, response);
     let mut out = Vec::new();
     for (lineno, v) in super::jsonl_values(path)? {
-        let row_err = |problem: String| DataError::Row {
-            path: path.to_path_buf(),
-            line: lineno,
-            problem,
-        };
+        let row_err = row_err(path, lineno);
         let mut values = Vec::with_capacity(want.len());
         for &(f, which) in &want {
             let s = match v.get(f) {
@@ -359,10 +312,7 @@ impl TaskFile {
     /// Reads and validates a task TOML file of either kind.
     pub fn from_file(path: &Path) -> Result<TaskFile, DataError> {
         let text = fs::read_to_string(path).map_err(io_err(path))?;
-        let bad = |problem: String| DataError::Config {
-            path: path.to_path_buf(),
-            problem,
-        };
+        let bad = config_err(path);
         let value: toml::Table = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
         let kind = match value.get("kind") {
             None => TaskKind::Classification,
@@ -398,31 +348,11 @@ pub fn split_sft(examples: Vec<SftExample>, task: &SftTaskConfig) -> Split<SftEx
 /// Writes SFT shards as `<dir>/shard-<i>.jsonl` of rendered `{"prompt", "response"}` pairs,
 /// which agents read back with [`super::read_sft_jsonl`].
 pub fn write_sft_shards(dir: &Path, shards: &[Vec<SftExample>]) -> Result<Vec<PathBuf>, DataError> {
-    fs::create_dir_all(dir).map_err(io_err(dir))?;
-    let mut paths = Vec::new();
-    for (i, s) in shards.iter().enumerate() {
-        let p = dir.join(format!("shard-{i:03}.jsonl"));
-        let mut f = std::io::BufWriter::new(fs::File::create(&p).map_err(io_err(&p))?);
-        for e in s {
-            let row = serde_json::json!({"prompt": e.prompt, "response": e.response});
-            writeln!(f, "{row}").map_err(io_err(&p))?;
-        }
-        f.flush().map_err(io_err(&p))?;
-        paths.push(p);
-    }
-    Ok(paths)
-}
-
-/// IID shards of SFT examples (shuffled with the shard stream's seed, dealt round-robin).
-pub fn shard_sft(examples: &[SftExample], clients: usize, seed: u64) -> Vec<Vec<SftExample>> {
-    let clients = clients.max(1);
-    let mut idx: Vec<usize> = (0..examples.len()).collect();
-    super::SplitMix64::new(seed ^ super::SHARD_DOMAIN).shuffle(&mut idx);
-    let mut shards = vec![Vec::new(); clients];
-    for (i, &j) in idx.iter().enumerate() {
-        shards[i % clients].push(examples[j].clone());
-    }
-    shards
+    super::write_jsonl_shards(
+        dir,
+        shards,
+        |e| serde_json::json!({"prompt": e.prompt, "response": e.response}),
+    )
 }
 
 #[cfg(test)]

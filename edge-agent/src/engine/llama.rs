@@ -359,24 +359,10 @@ impl Llama {
     pub fn tokenize(&self, text: &str, add_bos: bool) -> Vec<Token> {
         // SAFETY: model valid; vocab owned by model.
         let vocab = unsafe { sys::llama_model_get_vocab(self.model.as_ptr()) };
-        let mut out = vec![0 as Token; text.len() + 8];
-        // SAFETY: text pointer/len describe a valid buffer (not NUL-terminated, len given);
-        // out has out.len() slots. A negative return is the needed size.
-        let mut n = unsafe {
-            sys::llama_tokenize(
-                vocab,
-                text.as_ptr().cast(),
-                text.len() as i32,
-                out.as_mut_ptr(),
-                out.len() as i32,
-                add_bos,
-                false,
-            )
-        };
-        if n < 0 {
-            out.resize((-n) as usize, 0);
-            // SAFETY: as above with the enlarged buffer.
-            n = unsafe {
+        let tokenize_into = |out: &mut Vec<Token>| {
+            // SAFETY: text pointer/len describe a valid buffer (not NUL-terminated, len given);
+            // out has out.len() slots. A negative return is the needed size.
+            unsafe {
                 sys::llama_tokenize(
                     vocab,
                     text.as_ptr().cast(),
@@ -386,7 +372,13 @@ impl Llama {
                     add_bos,
                     false,
                 )
-            };
+            }
+        };
+        let mut out = vec![0 as Token; text.len() + 8];
+        let mut n = tokenize_into(&mut out);
+        if n < 0 {
+            out.resize((-n) as usize, 0);
+            n = tokenize_into(&mut out);
         }
         out.truncate(n.max(0) as usize);
         out

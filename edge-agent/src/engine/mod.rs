@@ -40,6 +40,7 @@ pub mod sft_train;
 pub mod tail;
 mod task;
 pub mod train;
+pub(crate) mod train_run;
 
 use head::{FeatureCache, HeadParams};
 

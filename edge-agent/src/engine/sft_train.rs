@@ -1,21 +1,19 @@
 //! Local forward-gradient training of an instruction (`kind = "sft"`) task: the loop of
-//! [`super::train::train_local`] — same seeds ([`local_seed`], discriminative
-//! [`block_seeds`]), same step ([`TrainConfig::step_coefficients`]: `c_k = −lr_t·g_k/K`, the
-//! norm clamp, [`apply_commit`]), same schedule and divergence guard — with the SFT loss
+//! [`super::train::train_local`] — the same step ([`super::train_run::Stepper`]: seeds,
+//! discriminative pick, `c_k = −lr_t·g_k/K`, the norm clamp, the schedule), the same records
+//! and divergence guard ([`super::train_run`]) — with the SFT loss
 //! (mean NLL of the response tokens through the full vocabulary) in place of the verbalizer
 //! loss. The best adapter is kept on dev NLL (lower is better); held-out NLL and the F1 of
 //! greedy generations are reported at evaluation points, never used for a decision.
 
-use std::io::Write;
 use std::path::Path;
-use std::time::Instant;
 
 use fwdllm_shared::lora::{LoraLayout, LoraModule, LoraWeights, Trainable};
-use fwdllm_shared::update::apply_commit;
 use serde::{Deserialize, Serialize};
 
 use super::sft_eval::{GenerationBudget, SftEvalReport};
-use super::train::{block_seeds, local_seed, EpochBatches, TrainConfig};
+use super::train::{EpochBatches, TrainConfig};
+use super::train_run::{write_report, BestOnDev, RunAt, RunLog, Stepper};
 use super::{Engine, EngineError};
 use crate::data::{SftExample, Split};
 
@@ -65,6 +63,20 @@ pub struct SftEvalPoint {
     pub f1: Option<f64>,
 }
 
+impl SftEvalPoint {
+    fn new(at: RunAt, split: &str, nll: f64, f1: Option<f64>) -> SftEvalPoint {
+        SftEvalPoint {
+            step: at.step,
+            wall_s: at.wall_s,
+            train_s: at.train_s,
+            loss_evaluations: at.loss_evaluations,
+            split: split.into(),
+            nll,
+            f1,
+        }
+    }
+}
+
 /// Result of a local SFT run (`<out>/metrics.json`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SftTrainReport {
@@ -107,67 +119,36 @@ pub fn train_sft_local(
     if split.train.is_empty() || split.dev.is_empty() || split.heldout.is_empty() {
         return Err(EngineError::EmptyBatch);
     }
-    std::fs::create_dir_all(out_dir).map_err(|e| EngineError::io(out_dir, e))?;
     let layout = LoraLayout::new(&engine.model_shape(), &cfg.lora)?;
     let mut weights = LoraWeights::init(layout.clone());
-    let start = Instant::now();
-    let mut evals = Vec::new();
+    let mut run = RunLog::create(out_dir, "train_nll", cfg, progress)?;
     let mut loss_evals = 0u64;
-    let mut eval_s = 0.0f64;
     let no_gen = GenerationBudget {
         examples: 0,
         ..budget
     };
 
-    let t_eval = Instant::now();
-    let zero_shot = engine.evaluate_sft(None, &split.heldout, budget)?;
+    let zero_shot = run.evaluate(|| engine.evaluate_sft(None, &split.heldout, budget))?;
     log::info!(
         "zero-shot held-out: nll {:.4} f1 {:?}",
         zero_shot.nll,
         zero_shot.f1
     );
-    evals.push(SftEvalPoint {
-        step: 0,
-        wall_s: 0.0,
-        train_s: 0.0,
-        loss_evaluations: 0,
-        split: "heldout".into(),
-        nll: zero_shot.nll,
-        f1: zero_shot.f1,
-    });
-    let mut best = weights.clone();
-    let mut best_dev = engine.evaluate_sft(Some(&weights), &split.dev, no_gen)?.nll;
-    eval_s += t_eval.elapsed().as_secs_f64();
-    let mut best_step = 0u64;
-    let mut lr_scale = 1.0f32;
+    run.push(SftEvalPoint::new(
+        RunAt::default(),
+        "heldout",
+        zero_shot.nll,
+        zero_shot.f1,
+    ));
+    let dev = run.evaluate(|| engine.evaluate_sft(Some(&weights), &split.dev, no_gen))?;
+    let mut best = BestOnDev::new(&weights, dev.nll);
 
-    let csv_path = out_dir.join("steps.csv");
-    let mut csv = std::io::BufWriter::new(
-        std::fs::File::create(&csv_path).map_err(|e| EngineError::io(&csv_path, e))?,
-    );
-    let csv_err = |e| EngineError::io(&csv_path, e);
-    writeln!(csv, "step,wall_s,loss_evaluations,train_nll,lr,update_norm").map_err(csv_err)?;
-    let bar = cfg.progress_bar(progress);
     let mut batches = EpochBatches::new(split.train.len(), cfg.seed);
-    let mut scratch = Vec::new();
-    let mut cand_scratch = Vec::new();
-    let mut previous: Option<Vec<f32>> = None;
+    let mut stepper = Stepper::new(cfg, &layout);
     let mut step = 0u64;
-    loop {
-        if cfg.budget_spent(step, start.elapsed().as_secs_f64()) {
-            break;
-        }
+    while !cfg.budget_spent(step, run.wall_s()) {
         let batch = batches.next(&split.train, cfg.batch_size);
-        let c = cfg.discriminative_candidates.max(1);
-        let seeds = block_seeds(
-            &layout,
-            cfg.directions,
-            0,
-            c,
-            previous.as_deref(),
-            |i| local_seed(cfg.seed, step, i),
-            &mut cand_scratch,
-        );
+        let seeds = stepper.seeds(step, 0);
         let (g, l) =
             engine.sft_forward_gradients(&weights, &batch, &seeds, cfg.eps, cfg.one_sided)?;
         loss_evals += if cfg.one_sided {
@@ -175,98 +156,65 @@ pub fn train_sft_local(
         } else {
             2 * seeds.len() as u64
         };
-        let lr = cfg.lr_at(step, lr_scale);
-        let (pairs, norm) = cfg.step_coefficients(&layout, &seeds, &g, lr, &mut scratch);
-        apply_commit(&mut weights, &pairs);
-        if c > 1 {
-            previous = Some(scratch.clone());
-        }
+        let (lr, norm) = stepper.apply(&mut weights, &seeds, &g, step);
         step += 1;
-        let wall = start.elapsed().as_secs_f64();
-        writeln!(
-            csv,
-            "{step},{wall:.2},{loss_evals},{l:.6},{lr:.5},{norm:.5}"
-        )
-        .map_err(csv_err)?;
-        csv.flush().map_err(csv_err)?;
+        run.step_done(step, loss_evals, l, lr, norm)?;
 
         if cfg.dev_every > 0 && step % cfg.dev_every as u64 == 0 {
-            let t_eval = Instant::now();
-            let dev = engine.evaluate_sft(Some(&weights), &split.dev, no_gen)?.nll;
-            eval_s += t_eval.elapsed().as_secs_f64();
-            let wall = start.elapsed().as_secs_f64();
-            evals.push(SftEvalPoint {
-                step,
-                wall_s: wall,
-                train_s: wall - eval_s,
-                loss_evaluations: loss_evals,
-                split: "dev".into(),
-                nll: dev,
-                f1: None,
-            });
-            write_evals(out_dir, &evals)?;
-            if dev < best_dev {
-                best = weights.clone();
-                best_dev = dev;
-                best_step = step;
-            } else if dev > best_dev + cfg.divergence_tol {
+            let dev = run
+                .evaluate(|| engine.evaluate_sft(Some(&weights), &split.dev, no_gen))?
+                .nll;
+            run.record(SftEvalPoint::new(
+                run.at(step, loss_evals),
+                "dev",
+                dev,
+                None,
+            ))?;
+            if best.keep_or_restore(&mut weights, dev, step, cfg.divergence_tol) {
                 log::warn!(
-                    "step {step}: dev nll {dev:.4} > best {best_dev:.4} + {}; restoring step {best_step} and halving lr",
-                    cfg.divergence_tol
+                    "step {step}: dev nll {dev:.4} > best {:.4} + {}; restoring step {} and halving lr",
+                    best.score,
+                    cfg.divergence_tol,
+                    best.step
                 );
-                weights = best.clone();
-                lr_scale *= 0.5;
-                previous = None;
+                stepper.halve_lr();
+                stepper.forget_previous();
             }
-            log::info!("step {step} dev nll {dev:.4} (best {best_dev:.4} at {best_step})");
+            log::info!(
+                "step {step} dev nll {dev:.4} (best {:.4} at {})",
+                best.score,
+                best.step
+            );
         }
         if cfg.heldout_every > 0 && step % cfg.heldout_every as u64 == 0 {
-            let t_eval = Instant::now();
-            let h = engine.evaluate_sft(Some(&weights), &split.heldout, budget)?;
-            eval_s += t_eval.elapsed().as_secs_f64();
-            let wall = start.elapsed().as_secs_f64();
-            evals.push(SftEvalPoint {
-                step,
-                wall_s: wall,
-                train_s: wall - eval_s,
-                loss_evaluations: loss_evals,
-                split: "heldout".into(),
-                nll: h.nll,
-                f1: h.f1,
-            });
-            write_evals(out_dir, &evals)?;
+            let h = run.evaluate(|| engine.evaluate_sft(Some(&weights), &split.heldout, budget))?;
+            run.record(SftEvalPoint::new(
+                run.at(step, loss_evals),
+                "heldout",
+                h.nll,
+                h.f1,
+            ))?;
             log::info!("step {step} held-out nll {:.4} f1 {:?}", h.nll, h.f1);
         }
-        bar.set_message(format!(
-            "nll {l:.3} lr {lr:.3} |u| {norm:.3} dev {best_dev:.3}"
-        ));
-        bar.set_position(if cfg.max_steps > 0 { step } else { wall as u64 });
+        run.show_progress(
+            step,
+            format!("nll {l:.3} lr {lr:.3} |u| {norm:.3} dev {:.3}", best.score),
+        );
     }
-    bar.finish_and_clear();
+    run.steps_finished();
 
     let dev = engine.evaluate_sft(Some(&weights), &split.dev, no_gen)?.nll;
-    if dev < best_dev {
-        best = weights.clone();
-        best_dev = dev;
-        best_step = step;
-    }
-    let t_eval = Instant::now();
-    let final_heldout = engine.evaluate_sft(Some(&best), &split.heldout, budget)?;
-    eval_s += t_eval.elapsed().as_secs_f64();
-    let wall = start.elapsed().as_secs_f64();
-    evals.push(SftEvalPoint {
-        step,
-        wall_s: wall,
-        train_s: wall - eval_s,
-        loss_evaluations: loss_evals,
-        split: "heldout-best".into(),
-        nll: final_heldout.nll,
-        f1: final_heldout.f1,
-    });
-    write_evals(out_dir, &evals)?;
-    let adapter = out_dir.join("adapter.gguf");
-    std::fs::write(&adapter, fwdllm_shared::gguf::write_lora_adapter(&best))
-        .map_err(|e| EngineError::io(&adapter, e))?;
+    best.keep_if_better(&weights, dev, step);
+    let final_heldout =
+        run.evaluate(|| engine.evaluate_sft(Some(&best.weights), &split.heldout, budget))?;
+    let at = run.at(step, loss_evals);
+    run.record(SftEvalPoint::new(
+        at,
+        "heldout-best",
+        final_heldout.nll,
+        final_heldout.f1,
+    ))?;
+    let evals = run.finish(&best.weights)?;
     let report = SftTrainReport {
         task: task.to_string(),
         config: cfg.clone(),
@@ -278,28 +226,14 @@ pub fn train_sft_local(
         sft_nll_rel_drop: (zero_shot.nll - final_heldout.nll) / zero_shot.nll,
         zero_shot,
         final_heldout,
-        best_step,
-        best_dev_nll: best_dev,
+        best_step: best.step,
+        best_dev_nll: best.score,
         steps: step,
-        wall_s: wall,
+        wall_s: at.wall_s,
         loss_evaluations: loss_evals,
         perturbations: step * cfg.directions as u64,
         evals,
     };
-    let p = out_dir.join("metrics.json");
-    std::fs::write(
-        &p,
-        serde_json::to_vec_pretty(&report).expect("report serialises"),
-    )
-    .map_err(|e| EngineError::io(&p, e))?;
-    Ok((report, best))
-}
-
-fn write_evals(out_dir: &Path, evals: &[SftEvalPoint]) -> Result<(), EngineError> {
-    let p = out_dir.join("evals.json");
-    std::fs::write(
-        &p,
-        serde_json::to_vec_pretty(evals).expect("evals serialise"),
-    )
-    .map_err(|e| EngineError::io(&p, e))
+    write_report(&out_dir.join("metrics.json"), &report)?;
+    Ok((report, best.weights))
 }

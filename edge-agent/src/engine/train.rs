@@ -11,14 +11,13 @@
 //! `best + divergence_tol` restores the best weights and halves the learning rate.
 //! The held-out split is only reported, never used for a decision.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use fwdllm_shared::lora::{LoraConfig, LoraLayout, LoraModule, LoraWeights, Trainable};
-use fwdllm_shared::update::{apply_commit, SeedCoeff};
+use fwdllm_shared::update::SeedCoeff;
 use serde::{Deserialize, Serialize};
 
+use super::train_run::{write_report, BestOnDev, RunAt, RunLog, Stepper};
 use super::{Engine, EngineError, EvalReport};
 use crate::data::{Example, Split, SplitMix64};
 
@@ -181,26 +180,6 @@ impl TrainConfig {
     pub fn budget_spent(&self, step: u64, wall_s: f64) -> bool {
         (self.max_steps > 0 && step >= self.max_steps as u64)
             || (self.max_wall_s > 0.0 && wall_s >= self.max_wall_s)
-    }
-
-    /// The progress bar of a local training run: over steps when they are capped, else over
-    /// seconds of wall time; hidden when `show` is false.
-    pub fn progress_bar(&self, show: bool) -> indicatif::ProgressBar {
-        if !show {
-            return indicatif::ProgressBar::hidden();
-        }
-        let b = indicatif::ProgressBar::new(if self.max_steps > 0 {
-            self.max_steps as u64
-        } else {
-            self.max_wall_s.max(1.0) as u64
-        });
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{elapsed_precise} [{bar:30}] {pos}/{len} {msg}",
-            )
-            .expect("static template"),
-        );
-        b
     }
 }
 
@@ -366,6 +345,23 @@ pub struct EvalPoint {
     pub loss: f64,
 }
 
+impl EvalPoint {
+    fn new(at: RunAt, split: &str, r: &EvalReport) -> EvalPoint {
+        EvalPoint {
+            step: at.step,
+            wall_s: at.wall_s,
+            train_s: at.train_s,
+            loss_evaluations: at.loss_evaluations,
+            split: split.into(),
+            accuracy: r.accuracy,
+            loss: r.loss,
+        }
+    }
+}
+
+/// A report records when held-out accuracy first reached this (`reached_085_s`).
+const REACHED_ACCURACY: f64 = 0.85;
+
 /// Result of a local training run (also written as JSON).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainReport {
@@ -392,8 +388,9 @@ pub struct TrainReport {
     pub quantized_with_adapter: Option<EvalReport>,
 }
 
-/// Runs local training; writes `<out_dir>/metrics.json`, `<out_dir>/steps.csv` and the best
-/// adapter `<out_dir>/adapter.gguf`. `progress` shows an indicatif bar.
+/// Runs local training; writes `<out_dir>/metrics.json`, `<out_dir>/steps.csv`,
+/// `<out_dir>/evals.json` (as it goes) and the best adapter `<out_dir>/adapter.gguf`.
+/// `progress` shows an indicatif bar.
 pub fn train_local(
     engine: &mut Engine,
     split: &Split,
@@ -401,71 +398,29 @@ pub fn train_local(
     out_dir: &Path,
     progress: bool,
 ) -> Result<(TrainReport, LoraWeights), EngineError> {
-    std::fs::create_dir_all(out_dir).map_err(|e| EngineError::io(out_dir, e))?;
     let layout = LoraLayout::new(&engine.model_shape(), &cfg.lora)?;
     let mut weights = LoraWeights::init(layout.clone());
-    let start = Instant::now();
-    let mut evals = Vec::new();
+    let mut run = RunLog::create(out_dir, "train_loss", cfg, progress)?;
     let mut loss_evals = 0u64;
 
-    // Time spent in evaluations, so that training time can be reported apart from it.
-    let mut eval_s = 0.0f64;
-    let t_eval = Instant::now();
-    let zero_shot = engine.evaluate(None, &split.heldout)?;
+    let zero_shot = run.evaluate(|| engine.evaluate(None, &split.heldout))?;
     log::info!(
         "zero-shot held-out: acc {:.3} loss {:.4}",
         zero_shot.accuracy,
         zero_shot.loss
     );
-    evals.push(EvalPoint {
-        step: 0,
-        wall_s: 0.0,
-        train_s: 0.0,
-        loss_evaluations: 0,
-        split: "heldout".into(),
-        accuracy: zero_shot.accuracy,
-        loss: zero_shot.loss,
-    });
-    let mut best = weights.clone();
-    let mut best_dev = engine.evaluate(Some(&weights), &split.dev)?;
-    eval_s += t_eval.elapsed().as_secs_f64();
-    let mut best_step = 0u64;
-    let mut lr_scale = 1.0f32;
-    let mut reached = None;
-    let mut reached_train = None;
+    run.push(EvalPoint::new(RunAt::default(), "heldout", &zero_shot));
+    let dev = run.evaluate(|| engine.evaluate(Some(&weights), &split.dev))?;
+    let mut best = BestOnDev::new(&weights, dev);
+    let mut reached: Option<RunAt> = None;
 
-    let csv_path = out_dir.join("steps.csv");
-    let mut csv = std::io::BufWriter::new(
-        std::fs::File::create(&csv_path).map_err(|e| EngineError::io(&csv_path, e))?,
-    );
-    writeln!(
-        csv,
-        "step,wall_s,loss_evaluations,train_loss,lr,update_norm"
-    )
-    .map_err(|e| EngineError::io(&csv_path, e))?;
-
-    let bar = cfg.progress_bar(progress);
     let mut batches = EpochBatches::new(split.train.len(), cfg.seed);
-    let mut scratch = Vec::new();
-    let mut cand_scratch = Vec::new();
-    let mut previous: Option<Vec<f32>> = None;
+    let mut stepper = Stepper::new(cfg, &layout);
     let mut step = 0u64;
     let mut train_ema: Option<f64> = None;
-    loop {
-        if cfg.budget_spent(step, start.elapsed().as_secs_f64()) {
-            break;
-        }
+    while !cfg.budget_spent(step, run.wall_s()) {
         let batch: Vec<Example> = batches.next(&split.train, cfg.batch_size);
-        let c = cfg.discriminative_candidates.max(1);
-        let seeds = block_seeds(
-            &layout,
-            cfg.directions,
-            cfg.head_directions,
-            c,
-            previous.as_deref(),
-            |i| local_seed(cfg.seed, step, i),
-            &mut cand_scratch,
-        );
+        let seeds = stepper.seeds(step, cfg.head_directions);
         let (g, l) =
             engine.forward_gradients_with_loss(&weights, &batch, &seeds, cfg.eps, cfg.one_sided)?;
         // Head-block directions reuse the unperturbed pass: they cost no loss evaluation.
@@ -482,134 +437,65 @@ pub fn train_local(
         } else {
             2 * passes.max(1)
         };
-        let lr = cfg.lr_at(step, lr_scale);
-        let (pairs, norm) = cfg.step_coefficients(&layout, &seeds, &g, lr, &mut scratch);
-        apply_commit(&mut weights, &pairs);
-        if c > 1 {
-            // The update just applied, Σ c_k v_k over the trainable values (step_coefficients
-            // built it in `scratch` before the clamp; the clamp only rescales it).
-            previous = Some(scratch.clone());
-        }
+        let (lr, norm) = stepper.apply(&mut weights, &seeds, &g, step);
         step += 1;
         train_ema = Some(match train_ema {
             None => l,
             Some(e) => 0.9 * e + 0.1 * l,
         });
-        let wall = start.elapsed().as_secs_f64();
-        writeln!(
-            csv,
-            "{step},{wall:.2},{loss_evals},{l:.6},{lr:.5},{norm:.5}"
-        )
-        .map_err(|e| EngineError::io(&csv_path, e))?;
-        // One line per step (seconds each): flush so an interrupted run leaves its log.
-        csv.flush().map_err(|e| EngineError::io(&csv_path, e))?;
+        run.step_done(step, loss_evals, l, lr, norm)?;
 
         if cfg.dev_every > 0 && step % cfg.dev_every as u64 == 0 {
-            let t_eval = Instant::now();
-            let dev = engine.evaluate(Some(&weights), &split.dev)?;
-            eval_s += t_eval.elapsed().as_secs_f64();
-            let wall = start.elapsed().as_secs_f64();
-            evals.push(EvalPoint {
-                step,
-                wall_s: wall,
-                train_s: wall - eval_s,
-                loss_evaluations: loss_evals,
-                split: "dev".into(),
-                accuracy: dev.accuracy,
-                loss: dev.loss,
-            });
-            write_evals(out_dir, &evals)?;
-            if dev.accuracy > best_dev.accuracy
-                || (dev.accuracy == best_dev.accuracy && dev.loss < best_dev.loss)
-            {
-                best = weights.clone();
-                best_dev = dev;
-                best_step = step;
-            } else if dev.loss > best_dev.loss + cfg.divergence_tol {
+            let dev = run.evaluate(|| engine.evaluate(Some(&weights), &split.dev))?;
+            run.record(EvalPoint::new(run.at(step, loss_evals), "dev", &dev))?;
+            if best.keep_or_restore(&mut weights, dev, step, cfg.divergence_tol) {
                 log::warn!(
-                    "step {step}: dev loss {:.4} > best {:.4} + {}; restoring step {best_step} and halving lr",
+                    "step {step}: dev loss {:.4} > best {:.4} + {}; restoring step {} and halving lr",
                     dev.loss,
-                    best_dev.loss,
-                    cfg.divergence_tol
+                    best.score.loss,
+                    cfg.divergence_tol,
+                    best.step
                 );
-                weights = best.clone();
-                lr_scale *= 0.5;
+                stepper.halve_lr();
             }
             log::info!(
-                "step {step} dev acc {:.3} loss {:.4} (best {:.3} at {best_step})",
+                "step {step} dev acc {:.3} loss {:.4} (best {:.3} at {})",
                 dev.accuracy,
                 dev.loss,
-                best_dev.accuracy
+                best.score.accuracy,
+                best.step
             );
         }
         if cfg.heldout_every > 0 && step % cfg.heldout_every as u64 == 0 {
-            let t_eval = Instant::now();
-            let h = engine.evaluate(Some(&weights), &split.heldout)?;
-            eval_s += t_eval.elapsed().as_secs_f64();
-            let wall = start.elapsed().as_secs_f64();
-            if h.accuracy >= 0.85 && reached.is_none() {
-                reached = Some(wall);
-                reached_train = Some(wall - eval_s);
-            }
-            evals.push(EvalPoint {
-                step,
-                wall_s: wall,
-                train_s: wall - eval_s,
-                loss_evaluations: loss_evals,
-                split: "heldout".into(),
-                accuracy: h.accuracy,
-                loss: h.loss,
-            });
-            write_evals(out_dir, &evals)?;
+            let h = run.evaluate(|| engine.evaluate(Some(&weights), &split.heldout))?;
+            let at = run.at(step, loss_evals);
+            reached = reached.or((h.accuracy >= REACHED_ACCURACY).then_some(at));
+            run.record(EvalPoint::new(at, "heldout", &h))?;
             log::info!(
                 "step {step} held-out acc {:.3} loss {:.4}",
                 h.accuracy,
                 h.loss
             );
         }
-        bar.set_message(format!(
-            "loss {:.3} lr {lr:.3} |u| {norm:.3} dev {:.3}",
-            train_ema.unwrap_or(l),
-            best_dev.accuracy
-        ));
-        if cfg.max_steps > 0 {
-            bar.set_position(step);
-        } else {
-            bar.set_position(wall as u64);
-        }
+        run.show_progress(
+            step,
+            format!(
+                "loss {:.3} lr {lr:.3} |u| {norm:.3} dev {:.3}",
+                train_ema.unwrap_or(l),
+                best.score.accuracy
+            ),
+        );
     }
-    bar.finish_and_clear();
-    csv.flush().map_err(|e| EngineError::io(&csv_path, e))?;
+    run.steps_finished();
 
     // Last check of the final weights against the best kept so far.
     let dev = engine.evaluate(Some(&weights), &split.dev)?;
-    if dev.accuracy > best_dev.accuracy
-        || (dev.accuracy == best_dev.accuracy && dev.loss < best_dev.loss)
-    {
-        best = weights.clone();
-        best_dev = dev;
-        best_step = step;
-    }
-    let t_eval = Instant::now();
-    let final_heldout = engine.evaluate(Some(&best), &split.heldout)?;
-    eval_s += t_eval.elapsed().as_secs_f64();
-    let wall = start.elapsed().as_secs_f64();
-    if final_heldout.accuracy >= 0.85 && reached.is_none() {
-        reached = Some(wall);
-        reached_train = Some(wall - eval_s);
-    }
-    evals.push(EvalPoint {
-        step,
-        wall_s: wall,
-        train_s: wall - eval_s,
-        loss_evaluations: loss_evals,
-        split: "heldout-best".into(),
-        accuracy: final_heldout.accuracy,
-        loss: final_heldout.loss,
-    });
-    let adapter = out_dir.join("adapter.gguf");
-    std::fs::write(&adapter, fwdllm_shared::gguf::write_lora_adapter(&best))
-        .map_err(|e| EngineError::io(&adapter, e))?;
+    best.keep_if_better(&weights, dev, step);
+    let final_heldout = run.evaluate(|| engine.evaluate(Some(&best.weights), &split.heldout))?;
+    let at = run.at(step, loss_evals);
+    reached = reached.or((final_heldout.accuracy >= REACHED_ACCURACY).then_some(at));
+    run.push(EvalPoint::new(at, "heldout-best", &final_heldout));
+    let evals = run.finish(&best.weights)?;
     let report = TrainReport {
         config: cfg.clone(),
         train_precision: engine.config().precision.as_str().into(),
@@ -617,40 +503,20 @@ pub fn train_local(
         trainable: layout.trainable_len(),
         zero_shot,
         final_heldout,
-        best_step,
-        best_dev,
+        best_step: best.step,
+        best_dev: best.score,
         steps: step,
-        wall_s: wall,
+        wall_s: at.wall_s,
         loss_evaluations: loss_evals,
         perturbations: step * cfg.directions as u64,
-        reached_085_s: reached,
-        reached_085_train_s: reached_train,
+        reached_085_s: reached.map(|r| r.wall_s),
+        reached_085_train_s: reached.map(|r| r.train_s),
         evals,
         quantized_zero_shot: None,
         quantized_with_adapter: None,
     };
     write_report(&out_dir.join("metrics.json"), &report)?;
-    Ok((report, best))
-}
-
-/// Writes the evaluation history so far (`<out_dir>/evals.json`), so an interrupted run
-/// still leaves its curve behind.
-fn write_evals(out_dir: &Path, evals: &[EvalPoint]) -> Result<(), EngineError> {
-    let p = out_dir.join("evals.json");
-    std::fs::write(
-        &p,
-        serde_json::to_vec_pretty(evals).expect("evals serialise"),
-    )
-    .map_err(|e| EngineError::io(&p, e))
-}
-
-/// Writes a report as pretty JSON.
-pub fn write_report(path: &Path, report: &TrainReport) -> Result<(), EngineError> {
-    std::fs::write(
-        path,
-        serde_json::to_vec_pretty(report).expect("report serialises"),
-    )
-    .map_err(|e| EngineError::io(path, e))
+    Ok((report, best.weights))
 }
 
 /// Default output directory of `train-local`.
