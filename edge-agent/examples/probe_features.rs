@@ -106,7 +106,12 @@ fn fg_sim(
         .iter()
         .map(|s| {
             s.iter()
-                .map(|r| r.iter().zip(center).map(|(a, c)| f64::from(a - c)).collect())
+                .map(|r| {
+                    r.iter()
+                        .zip(center)
+                        .map(|(a, c)| f64::from(a - c))
+                        .collect()
+                })
                 .collect()
         })
         .collect();
@@ -315,7 +320,13 @@ fn main() -> anyhow::Result<()> {
             ("train-mean centred", &train_mean),
         ] {
             eprintln!("forward-gradient head, last features, {name}:");
-            let (h, dv, lr) = fg_sim([&last[0], &last[1], &last[2]], [&y[0], &y[1], &y[2]], k, c, 3000);
+            let (h, dv, lr) = fg_sim(
+                [&last[0], &last[1], &last[2]],
+                [&y[0], &y[1], &y[2]],
+                k,
+                c,
+                3000,
+            );
             println!(
                 "{{\"task\":\"{}\",\"fg\":\"{name}\",\"heldout_acc\":{h:.4},\"dev_acc\":{dv:.4},\"lr\":{lr}}}",
                 task.name
