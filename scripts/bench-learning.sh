@@ -8,7 +8,11 @@
 #  4. learning_report gathers the reports (mean +- sd over seeds, the non-IID gap, the curves).
 #
 # Usage: scripts/bench-learning.sh            (about 75 minutes on 2 idle cores)
-#   env: SEEDS="1 2 3"  FED_COMMITS=1500  FED_MINUTES=8  BIN_DIR=target/release
+#   env (defaults):  SEEDS="1 2 3"  SPLITS="iid dirichlet0.1 dirichlet0.5"  FED_COMMITS=1500
+#                    FED_MINUTES=8  LOCAL_STEPS=6000  LOCAL_WALL_S=1500  DEMO=1
+#                    BIN_DIR=target/release
+#   A shorter run: SEEDS=1 SPLITS="iid dirichlet0.1" FED_COMMITS=600 DEMO=0 ... (the report
+#   says how many seeds each figure averages).
 # AG News is read in place from ../shared/data/ag_news/test.csv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,23 +20,27 @@ bin=${BIN_DIR:-target/release}
 for b in fwdllm-agent fwdllm examples/learning_report; do
   [ -x "$bin/$b" ] || { echo "no $bin/$b: run 'make bench-learning' (it builds first)" >&2; exit 1; }
 done
-seeds=(${SEEDS:-1 2 3})
+read -r -a seeds <<< "${SEEDS:-1 2 3}"
+read -r -a splits <<< "${SPLITS:-iid dirichlet0.1 dirichlet0.5}"
 commits=${FED_COMMITS:-1500}
 minutes=${FED_MINUTES:-8}
+local_steps=${LOCAL_STEPS:-6000}
+local_wall=${LOCAL_WALL_S:-1500}
 out=target/bench/learning
+rm -rf "$out/fed" "$out/demo.json"
 mkdir -p "$out/fed"
 
 # Local: the recipe's own step and wall budgets; evaluation cadence only.
 for task in bbc ag_news; do
   echo "== train-local $task"
   "$bin/fwdllm-agent" train-local --task "edge-agent/tasks/$task.toml" --threads 2 \
-    --max-steps 6000 --max-wall-s 1500 --dev-every 100 --heldout-every 500 --no-progress \
+    --max-steps "$local_steps" --max-wall-s "$local_wall" --dev-every 100 --heldout-every 500 --no-progress \
     --out "$out/$task-local"
 done
 
 # Federated, AG News, 8 agents.
 for seed in "${seeds[@]}"; do
-  for split in iid dirichlet0.1 dirichlet0.5; do
+  for split in "${splits[@]}"; do
     case $split in
       iid) args=(--split iid) ;;
       dirichlet*) args=(--split dirichlet --alpha "${split#dirichlet}") ;;
@@ -45,9 +53,11 @@ for seed in "${seeds[@]}"; do
 done
 
 # The demo's configuration (what `make demo` runs), with a JSON report.
-echo "== demo configuration: BBC, 4 agents, 10 minutes"
-"$bin/fwdllm" bench-federation --task edge-agent/tasks/bbc.toml --agents 4 --minutes 10 \
-  --sim-clients 0 --out-dir "$out/demo-run" --out "$out/demo.json"
+if [ "${DEMO:-1}" = 1 ]; then
+  echo "== demo configuration: BBC, 4 agents, 10 minutes"
+  "$bin/fwdllm" bench-federation --task edge-agent/tasks/bbc.toml --agents 4 --minutes 10 \
+    --sim-clients 0 --out-dir "$out/demo-run" --out "$out/demo.json"
+fi
 
 "$bin/examples/learning_report" --bbc-local "$out/bbc-local/metrics.json" \
   --ag-news-local "$out/ag_news-local/metrics.json" --fed-dir "$out/fed" --demo "$out/demo.json" \
