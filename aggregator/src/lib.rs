@@ -14,8 +14,11 @@
 //! * [`sim`] — simulated clients (real MQTT connections, synthetic quadratic loss).
 //! * [`monitor`] — live terminal view of a job on any broker.
 //! * [`export`] — GGUF LoRA export of the current weights.
+//! * [`chaos`] — the chaos bench's instruments: ledger subscriber, rulings, duplicating proxy,
+//!   accounting of lost / doubled updates and replica hashes.
 
 pub mod broker;
+pub mod chaos;
 pub mod config;
 pub mod coordinator;
 pub mod export;

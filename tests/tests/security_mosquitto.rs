@@ -208,7 +208,7 @@ async fn tls_acl_refuse_impersonation_and_forged_commits_and_rounds_go_on() {
         stop.clone(),
         Hooks {
             events: Some(tx),
-            on_commit: None,
+            ..Hooks::default()
         },
     ));
 

@@ -474,7 +474,7 @@ async fn federate(fed: &FedArgs, task_path: &Path, name: &str) -> anyhow::Result
         agg_stop.clone(),
         Hooks {
             events: Some(ev_tx),
-            on_commit: None,
+            ..Hooks::default()
         },
     ));
 
