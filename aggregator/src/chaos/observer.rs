@@ -10,17 +10,21 @@ use fwdllm_shared::topics::{TopicKind, Topics};
 use fwdllm_shared::wire::{self, AgentStatus, ClientUpdate, RoundAnnounce, RoundCommit};
 use log::{debug, warn};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::{ChaosError, Ledger};
+
+/// A condition checked by the subscriber task itself after every message (true: fired, drop it).
+type Trigger = Box<dyn FnMut(&Ledger) -> bool + Send>;
 
 /// A running ledger subscriber.
 pub struct Observer {
     client: AsyncClient,
     topics: Topics,
     ledger: Arc<Mutex<Ledger>>,
+    triggers: Arc<Mutex<Vec<Trigger>>>,
     /// Bumped on every message handled (waiters re-check their condition).
     changed: watch::Receiver<u64>,
     stop: CancellationToken,
@@ -49,9 +53,15 @@ impl Observer {
         let (tx, changed) = watch::channel(0u64);
         let (sub_tx, mut sub_rx) = watch::channel(false);
         let stop = CancellationToken::new();
+        let triggers: Arc<Mutex<Vec<Trigger>>> = Arc::default();
         let task = {
-            let (ledger, stop, client, topics) =
-                (ledger.clone(), stop.clone(), client.clone(), topics.clone());
+            let (ledger, stop, client, topics, triggers) = (
+                ledger.clone(),
+                stop.clone(),
+                client.clone(),
+                topics.clone(),
+                triggers.clone(),
+            );
             tokio::spawn(async move {
                 let mut subscribed = false;
                 loop {
@@ -79,7 +89,10 @@ impl Observer {
                             let _ = sub_tx.send(true);
                         }
                         Ok(Event::Incoming(Packet::Publish(p))) => {
-                            record(&topics, &mut lock(&ledger), &p.topic, &p.payload);
+                            let l = &mut lock(&ledger);
+                            record(&topics, l, &p.topic, &p.payload);
+                            let mut ts = triggers.lock().unwrap_or_else(|e| e.into_inner());
+                            ts.retain_mut(|t| !t(l));
                             tx.send_modify(|n| *n += 1);
                         }
                         Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
@@ -107,11 +120,46 @@ impl Observer {
             client,
             topics,
             ledger,
+            triggers,
             changed,
             stop,
             task,
             next_marker: 1,
         })
+    }
+
+    /// Fires once `f(ledger)` returns a value, checked by the subscriber task after every
+    /// message (and once now): no state the ledger passes through is missed, however fast
+    /// rounds go, so the value describes the moment the condition first held.
+    pub fn when<T: Send + 'static>(
+        &self,
+        mut f: impl FnMut(&Ledger) -> Option<T> + Send + 'static,
+    ) -> oneshot::Receiver<T> {
+        let (tx, rx) = oneshot::channel();
+        let l = lock(&self.ledger);
+        match f(&l) {
+            Some(v) => {
+                let _ = tx.send(v);
+            }
+            None => {
+                let mut tx = Some(tx);
+                let t: Trigger = Box::new(move |l| match f(l) {
+                    Some(v) => {
+                        if let Some(tx) = tx.take() {
+                            let _ = tx.send(v);
+                        }
+                        true
+                    }
+                    None => false,
+                });
+                self.triggers
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(t);
+            }
+        }
+        drop(l);
+        rx
     }
 
     /// The ledger so far (hold the guard briefly: the subscriber waits on it).
