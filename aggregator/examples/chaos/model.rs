@@ -31,6 +31,9 @@ use crate::scenarios::{record, GUARD};
 /// Largest MQTT packet of the model runs (the demo's).
 const MAX_PACKET: usize = 64 << 20;
 
+/// Held-out accuracy is also measured every this many versions (the learning curve).
+const CURVE_EVERY: u64 = 50;
+
 /// A Byzantine client: the honest engine's g, multiplied by `factor` (1000: scaled, −1:
 /// sign-flipped) before it is sent.
 struct Byzantine {
@@ -62,9 +65,11 @@ pub(crate) struct ModelSetup {
     pub(crate) model: PathBuf,
     pub(crate) task: PathBuf,
     pub(crate) agents: usize,
-    /// Byzantine agents (the last ones): the first half scale g by `scale`, the rest flip it.
+    /// Byzantine agents (the last ones): the first half scale g, the rest flip its sign.
     pub(crate) byzantine: usize,
+    /// Scale of the scaling Byzantine agents (a second robust run uses `scale_under_bound`).
     pub(crate) scale: f32,
+    pub(crate) scale_under_bound: f32,
     /// Commits per run; accuracy is measured at exactly this version.
     pub(crate) commits: u64,
     /// Held-out examples (0 = the task's whole held-out split).
@@ -72,44 +77,80 @@ pub(crate) struct ModelSetup {
 }
 
 impl ModelSetup {
-    /// g multiplier of agent `i` in a Byzantine run (None: honest).
-    fn factor(&self, i: usize) -> Option<f32> {
+    /// g multiplier of agent `i` in a Byzantine run scaling by `scale` (None: honest).
+    fn factor(&self, i: usize, scale: f32) -> Option<f32> {
         let first = self.agents.checked_sub(self.byzantine)?;
         if i < first {
             return None;
         }
         let scaled = self.byzantine.div_ceil(2);
-        Some(if i - first < scaled { self.scale } else { -1.0 })
+        Some(if i - first < scaled { scale } else { -1.0 })
     }
 }
 
 /// One run's settings.
 struct Variant {
     name: &'static str,
-    byzantine: bool,
+    /// Agents that run (the first ones of the fleet's shards).
+    agents: usize,
+    /// g multiplier of the scaling Byzantine agents (None: every agent honest).
+    scale: Option<f32>,
     robust: bool,
 }
 
-const VARIANTS: [Variant; 3] = [
-    Variant {
-        name: "byzantine_clean",
-        byzantine: false,
-        robust: true,
-    },
-    Variant {
-        name: "byzantine_robust",
-        byzantine: true,
-        robust: true,
-    },
-    Variant {
-        name: "byzantine_unprotected",
-        byzantine: true,
-        robust: false,
-    },
-];
+impl ModelSetup {
+    /// Clean (every agent honest); without the Byzantine agents (the honest ones alone, same
+    /// shards); Byzantine with robust aggregation at `scale` (g mostly above
+    /// `robust.max_abs_g`: the ingest bound rejects them) and at `scale_under_bound` (under it:
+    /// the per-round clip and the per-client cap act); Byzantine unprotected at `scale`.
+    fn variants(&self) -> [Variant; 5] {
+        let (n, honest) = (self.agents, self.agents - self.byzantine);
+        [
+            Variant {
+                name: "byzantine_clean",
+                agents: n,
+                scale: None,
+                robust: true,
+            },
+            Variant {
+                name: "byzantine_absent",
+                agents: honest,
+                scale: None,
+                robust: true,
+            },
+            Variant {
+                name: "byzantine_robust",
+                agents: n,
+                scale: Some(self.scale),
+                robust: true,
+            },
+            Variant {
+                name: "byzantine_robust_under_bound",
+                agents: n,
+                scale: Some(self.scale_under_bound),
+                robust: true,
+            },
+            Variant {
+                name: "byzantine_unprotected",
+                agents: n,
+                scale: Some(self.scale),
+                robust: false,
+            },
+        ]
+    }
+}
 
-/// Runs the three variants; returns their records and the accuracy summary.
-pub(crate) async fn run_all(s: &ModelSetup) -> Result<(Vec<Value>, Value)> {
+/// Percentage points from `a` to `b`, two decimals.
+fn points(a: f64, b: f64) -> f64 {
+    (10_000.0 * (b - a)).round() / 100.0
+}
+
+/// Runs the variants named in `only` (all when empty); returns their records and the accuracy
+/// summary.
+pub(crate) async fn run_all(s: &ModelSetup, only: &[String]) -> Result<(Vec<Value>, Value)> {
+    if s.byzantine > s.agents {
+        bail!("{} Byzantine agents of {}", s.byzantine, s.agents);
+    }
     let root = std::env::current_dir()?;
     let data = federation::load_data(&s.task, &root, s.agents, Partition::Iid, s.heldout)?;
     let train = TrainConfig::head_rows_recipe(data.task.labels.len());
@@ -125,41 +166,61 @@ pub(crate) async fn run_all(s: &ModelSetup) -> Result<(Vec<Value>, Value)> {
     let zero_shot = eval.evaluate(None, &data.heldout)?.accuracy;
     log::info!("zero-shot held-out accuracy {zero_shot:.4}");
     let mut records = Vec::new();
-    let mut acc = Vec::new();
-    for v in &VARIANTS {
-        let (mut j, weights) = run_variant(s, v, &data, &train).await?;
-        let a = eval.evaluate(Some(&weights), &data.heldout)?.accuracy;
+    let mut runs = serde_json::Map::new();
+    let (mut clean, mut absent) = (None, None);
+    let mut within = true;
+    for v in s.variants().iter().filter(|v| crate::wanted(only, v.name)) {
+        let (mut j, snapshots) = run_variant(s, v, &data, &train).await?;
+        let mut curve = Vec::new();
+        for (version, w) in &snapshots {
+            curve.push((*version, eval.evaluate(Some(w), &data.heldout)?.accuracy));
+        }
+        let a = curve.last().map_or(f64::NAN, |(_, a)| *a);
         log::info!(
             "{}: held-out accuracy {a:.4} at version {}",
             v.name,
             s.commits
         );
+        match v.name {
+            "byzantine_clean" => clean = Some(a),
+            "byzantine_absent" => absent = Some(a),
+            _ => {}
+        }
+        let from_clean = clean.map(|c| points(c, a));
+        if v.scale.is_some() && v.robust {
+            within &= from_clean.is_some_and(|p| p.abs() <= 3.0);
+        }
+        let byzantine = v.scale.map(|scale| {
+            (0..v.agents)
+                .filter_map(|i| s.factor(i, scale).map(|f| format!("agent-{i}: g x {f}")))
+                .collect::<Vec<_>>()
+        });
+        let summary = json!({
+            "accuracy": a,
+            "points_from_clean": from_clean,
+            "points_from_absent": absent.map(|b| points(b, a)),
+            "agents": v.agents,
+            "byzantine": byzantine,
+            "robust_aggregation": v.robust,
+            "accuracy_by_version": curve,
+        });
         let o = j.as_object_mut().expect("object");
         o.insert("heldout_accuracy".into(), json!(a));
         o.insert("accuracy_version".into(), json!(s.commits));
         records.push(j);
-        acc.push(a);
+        runs.insert(v.name.trim_start_matches("byzantine_").to_string(), summary);
     }
-    let points = |a: f64| (100.0 * (a - acc[0]) * 100.0).round() / 100.0;
-    let byz: Vec<String> = (0..s.agents)
-        .filter_map(|i| s.factor(i).map(|f| format!("agent-{i}: g x {f}")))
-        .collect();
     let summary = json!({
         "task": data.task.name,
         "model": s.model.display().to_string(),
-        "recipe": "the demo's: verbalizer head rows only, one engine per agent, one local step per commit",
+        "recipe": "the demo's: verbalizer head rows only, one engine per agent, about one local step per commit",
         "agents": s.agents,
-        "byzantine_agents": byz,
         "byzantine_fraction": s.byzantine as f64 / s.agents as f64,
         "commits": s.commits,
         "heldout_examples": data.heldout.len(),
         "zero_shot": zero_shot,
-        "clean": acc[0],
-        "byzantine_robust": acc[1],
-        "byzantine_unprotected": acc[2],
-        "robust_minus_clean_points": points(acc[1]),
-        "unprotected_minus_clean_points": points(acc[2]),
-        "robust_within_3_points_of_clean": (acc[1] - acc[0]).abs() * 100.0 <= 3.0,
+        "runs": runs,
+        "robust_within_3_points_of_clean": within,
     });
     Ok((records, summary))
 }
@@ -185,7 +246,7 @@ struct Fleet<'a> {
     dir: &'a Path,
 }
 
-fn spawn_agent(f: &Fleet<'_>, i: usize, byzantine: bool) -> Result<RunningAgent> {
+fn spawn_agent(f: &Fleet<'_>, i: usize, scale: Option<f32>) -> Result<RunningAgent> {
     let Fleet {
         s,
         data,
@@ -204,7 +265,7 @@ fn spawn_agent(f: &Fleet<'_>, i: usize, byzantine: bool) -> Result<RunningAgent>
     engine.set_task(&data.task)?;
     let shard: Vec<Example> = data.shards[i].clone();
     let honest = EngineSource::new(engine, shard, i as u64 + 1)?.with_dev(data.dev_sets[i].clone());
-    let source: Box<dyn GradientSource + Send> = match s.factor(i).filter(|_| byzantine) {
+    let source: Box<dyn GradientSource + Send> = match scale.and_then(|x| s.factor(i, x)) {
         Some(factor) => Box::new(Byzantine {
             inner: Box::new(honest),
             factor,
@@ -239,13 +300,14 @@ fn spawn_agent(f: &Fleet<'_>, i: usize, byzantine: bool) -> Result<RunningAgent>
     })
 }
 
-/// One variant: returns its record and the weights at version `s.commits`.
+/// One variant: returns its record and the weights every [`CURVE_EVERY`] versions up to
+/// `s.commits` (the last is exactly `s.commits`).
 async fn run_variant(
     s: &ModelSetup,
     v: &Variant,
     data: &FedData,
     train: &TrainConfig,
-) -> Result<(Value, LoraWeights)> {
+) -> Result<(Value, Vec<(u64, LoraWeights)>)> {
     let t0 = Instant::now();
     let dir = s.work.join(v.name);
     if dir.exists() {
@@ -263,13 +325,14 @@ async fn run_variant(
         GUARD,
     )
     .await?;
+    // Every agent does the full fleet's per-agent share, also when fewer run.
     let perturbations = federation::default_perturbations(train, s.agents as u32);
     let mut cfg = federation::aggregator_config(
         &job,
         &s.model,
         &dir.join("aggregator"),
         train,
-        s.agents as u32,
+        v.agents as u32,
         perturbations,
         0,
     )?;
@@ -304,8 +367,8 @@ async fn run_variant(
         dir: &agents_dir,
     };
     let mut agents = Vec::new();
-    for i in 0..s.agents {
-        agents.push(spawn_agent(&fleet, i, v.byzantine)?);
+    for i in 0..v.agents {
+        agents.push(spawn_agent(&fleet, i, v.scale)?);
     }
     let t_train = Instant::now();
     let target = s.commits;
@@ -362,17 +425,22 @@ async fn run_variant(
         let last = seen.last().map_or(0, |(v, _)| *v);
         lag = lag.max(fin.version.saturating_sub(last));
     }
-    // The weights at exactly the budget's version, from the verified replay.
+    // The weights every CURVE_EVERY versions and at exactly the budget's, from the replay
+    // (verified against the aggregator's hashes).
     let mut w = LoraWeights::init(layout);
+    let mut snapshots = Vec::new();
     for version in 1..=target {
         let c = ledger
             .commits
             .get(&version)
             .with_context(|| format!("commit of version {version} missing from the ledger"))?;
         apply_commit(&mut w, &c.pairs);
-    }
-    if check.hashes.get(&target) != Some(&w.hash()) {
-        bail!("the replay to version {target} does not verify");
+        if version % CURVE_EVERY == 0 || version == target {
+            if check.hashes.get(&version) != Some(&w.hash()) {
+                bail!("the replay to version {version} does not verify");
+            }
+            snapshots.push((version, w.clone()));
+        }
     }
     let mut j = record(
         &ledger,
@@ -387,7 +455,7 @@ async fn run_variant(
     let o = j.as_object_mut().expect("object");
     o.insert("name".into(), json!(v.name));
     o.insert("broker".into(), json!("rumqttd (embedded)"));
-    o.insert("agents".into(), json!(s.agents));
+    o.insert("agents".into(), json!(v.agents));
     o.insert(
         "agent_kind".into(),
         json!("in-process fwdllm-agent daemons, llama.cpp engine (demo recipe)"),
@@ -395,12 +463,17 @@ async fn run_variant(
     o.insert("commits_target".into(), json!(target));
     o.insert(
         "byzantine_agents".into(),
-        json!(if v.byzantine { s.byzantine } else { 0 }),
+        json!(if v.scale.is_some() {
+            s.byzantine.min(v.agents)
+        } else {
+            0
+        }),
     );
+    o.insert("byzantine_scale".into(), json!(v.scale));
     o.insert("robust_aggregation".into(), json!(v.robust));
     o.insert("perturbations_per_agent".into(), json!(perturbations));
     o.insert("aggregator_updates".into(), json!(summary.updates));
     o.insert("train_wall_s".into(), json!(train_s));
     o.insert("wall_s".into(), json!(t0.elapsed().as_secs_f64()));
-    Ok((j, w))
+    Ok((j, snapshots))
 }

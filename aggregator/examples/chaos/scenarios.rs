@@ -439,6 +439,7 @@ pub(crate) fn record(
         "replica_hash_mismatches": mismatches,
         "updates": tally,
         "duplicate_deliveries_ruled": rulings.duplicates(),
+        "stale_deliveries_ruled": rulings.verdicts(fwdllm_aggregator::chaos::Verdict::Stale),
         "rejected_by_reason": fin.rejected_by_reason,
         "robust_clipped_pairs": fin.clipped_pairs,
         "robust_capped_clients": fin.capped_clients,
