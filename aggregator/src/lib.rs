@@ -14,11 +14,18 @@
 //! * [`sim`] — simulated clients (real MQTT connections, synthetic quadratic loss).
 //! * [`monitor`] — live terminal view of a job on any broker.
 //! * [`export`] — GGUF LoRA export of the current weights.
+//! * [`federation`] (feature `engine`) — the demo's federation recipe: data dealt to agents,
+//!   engine and aggregator configs (shared by `fwdllm demo` and the chaos bench).
+//! * [`chaos`] — the chaos bench's instruments: ledger subscriber, rulings, duplicating proxy,
+//!   accounting of lost / doubled updates and replica hashes.
 
 pub mod broker;
+pub mod chaos;
 pub mod config;
 pub mod coordinator;
 pub mod export;
+#[cfg(feature = "engine")]
+pub mod federation;
 pub mod fuzz;
 pub mod metrics;
 pub mod monitor;

@@ -168,11 +168,18 @@ async fn send_all(client: &AsyncClient, out: Vec<Outgoing>) -> Result<(), rumqtt
     Ok(())
 }
 
-/// Hooks for embedding the aggregator (demo, tests, simulations).
+/// Hooks for embedding the aggregator (demo, tests, simulations, the chaos bench).
 #[derive(Default)]
 pub struct Hooks {
-    /// Receives every [`AggEvent`].
+    /// Receives every [`AggEvent`] once what produced it is on disk and its publications went
+    /// out (an observer's view).
     pub events: Option<broadcast::Sender<AggEvent>>,
+    /// Called with every [`AggEvent`] right after the state that produced it is on disk and
+    /// *before* the updates it consumed are acknowledged to the broker: a record written here
+    /// survives any later crash, so every acknowledged update has its outcome recorded (the
+    /// chaos bench's ledger, `crate::chaos`).
+    #[allow(clippy::type_complexity)]
+    pub on_event: Option<Box<dyn FnMut(&AggEvent) + Send>>,
     /// Called with each commit's version and weights; may return a held-out (accuracy, loss)
     /// evaluation, recorded with the next commit's metrics.
     pub on_commit: Option<OnCommit>,
@@ -181,6 +188,24 @@ pub struct Hooks {
 /// The commit hook of [`Hooks`].
 pub type OnCommit =
     Box<dyn FnMut(u64, &fwdllm_shared::lora::LoraWeights) -> Option<(f64, f64)> + Send>;
+
+/// [`Hooks::on_event`] for each event (before the acks of the batch that produced them).
+fn record(hooks: &mut Hooks, events: &[AggEvent]) {
+    if let Some(f) = hooks.on_event.as_mut() {
+        for e in events {
+            f(e);
+        }
+    }
+}
+
+/// [`Hooks::events`] for each event (after the batch's publications).
+fn emit(hooks: &Hooks, events: Vec<AggEvent>) {
+    if let Some(tx) = &hooks.events {
+        for e in events {
+            let _ = tx.send(e);
+        }
+    }
+}
 
 /// Runs the aggregator until `shutdown` is cancelled or `job.max_commits` is reached.
 pub async fn run(
@@ -201,22 +226,15 @@ pub async fn run(
     // connection would fight a restarted aggregator over the client id.
     let _stop_on_drop = stop.clone().drop_guard();
     let pump_task = tokio::spawn(pump(el, tx, stop.clone()));
-    if let Some(tx) = &hooks.events {
-        let _ = tx.send(AggEvent::Resumed {
-            version: coord.version(),
-            hash: coord.weights().hash(),
-            round: coord.round(),
-        });
-    }
+    let resumed = AggEvent::Resumed {
+        version: coord.version(),
+        hash: coord.weights().hash(),
+        round: coord.round(),
+    };
+    record(&mut hooks, std::slice::from_ref(&resumed));
+    emit(&hooks, vec![resumed]);
     let mut summary = RunSummary::default();
     let mut busy = Duration::ZERO;
-    let emit = |coord: &mut Coordinator, hooks: &Hooks| {
-        for e in coord.take_events() {
-            if let Some(tx) = &hooks.events {
-                let _ = tx.send(e);
-            }
-        }
-    };
     let mut commits_since_plot = 0u64;
     // systemd: READY after the first broker connection; the watchdog is pinged from this loop
     // (which wakes at least once a second), so a hung round loop gets the service restarted.
@@ -296,6 +314,8 @@ pub async fn run(
             coord.tick(now);
             // Write-ahead: state on disk before anything derived from it leaves the process.
             coord.persist()?;
+            let events = coord.take_events();
+            record(&mut hooks, &events);
             for p in &acks {
                 if p.qos != QoS::AtMostOnce {
                     client.ack(p).await?;
@@ -325,7 +345,7 @@ pub async fn run(
                 sink.plot();
             }
             send_all(&client, coord.take_outgoing()).await?;
-            emit(&mut coord, &hooks);
+            emit(&hooks, events);
             if let Some(w) = &watchdog {
                 w.ping();
             }
@@ -339,6 +359,8 @@ pub async fn run(
         warn!("scoring the last dev evaluations: {e}; export falls back to the last version");
     }
     coord.persist()?;
+    let events = coord.take_events();
+    record(&mut hooks, &events);
     sink.plot();
     let mut st = AgentStatus::new(cfg.broker.client_id.clone(), AgentState::Offline);
     st.model_version = coord.version();
@@ -359,7 +381,7 @@ pub async fn run(
         )
         .await;
     let _ = send_all(&client, coord.take_outgoing()).await;
-    emit(&mut coord, &hooks);
+    emit(&hooks, events);
     let _ = client.disconnect().await;
     // Let the event loop flush the disconnect before stopping it.
     let _ = tokio::time::timeout(Duration::from_secs(2), async {

@@ -79,7 +79,7 @@ pub fn spawn_aggregator(cfg: AggregatorConfig, broker: SocketAddr) -> RunningAgg
     };
     let hooks = Hooks {
         events: Some(tx),
-        on_commit: None,
+        ..Hooks::default()
     };
     let task = tokio::spawn(server::run(cfg, target, stop.clone(), hooks));
     RunningAggregator {

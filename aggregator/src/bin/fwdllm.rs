@@ -18,14 +18,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
-use fwdllm_agent::config::{AgentConfig, SourceKind};
 use fwdllm_agent::daemon::{Agent, AgentInfo, EngineSource};
-use fwdllm_agent::data::{self, Example, Partition, TaskConfig};
+use fwdllm_agent::data::{Example, Partition};
+use fwdllm_agent::engine::Engine;
 use fwdllm_agent::engine::TrainConfig;
-use fwdllm_agent::engine::{Engine, EngineConfig};
 use fwdllm_aggregator::broker::EmbeddedBroker;
-use fwdllm_aggregator::config::{AggregatorConfig, Schedule};
 use fwdllm_aggregator::coordinator::AggEvent;
+use fwdllm_aggregator::federation::{self, FedData};
 use fwdllm_aggregator::server::{self, BrokerTarget, Hooks};
 use fwdllm_aggregator::{export, metrics, monitor, sim};
 use fwdllm_shared::lora::LoraWeights;
@@ -368,21 +367,6 @@ fn evals_by_version(a: &[(u64, f64)], b: &[(u64, f64)]) -> Vec<(u64, f64)> {
     all
 }
 
-/// The engine for `lora`: the tail path (frozen prefix once per batch, F32 tail per
-/// perturbation) whenever the layout starts above layer 0, as the agent daemon would pick it.
-fn engine_config(
-    model: &Path,
-    threads: u32,
-    lora: &fwdllm_shared::lora::LoraConfig,
-) -> EngineConfig {
-    EngineConfig {
-        model: model.to_path_buf(),
-        threads,
-        ..EngineConfig::default()
-    }
-    .for_lora(lora)
-}
-
 fn evaluate(
     engine: &mut Engine,
     w: Option<&fwdllm_shared::lora::LoraWeights>,
@@ -397,35 +381,24 @@ async fn federate(fed: &FedArgs, task_path: &Path, name: &str) -> anyhow::Result
     if fed.agents == 0 {
         bail!("--agents must be at least 1");
     }
-    let task = TaskConfig::from_file(task_path)
-        .with_context(|| format!("task {}", task_path.display()))?;
-    let root = std::env::current_dir()?;
-    let examples = task.load_examples(&root).with_context(|| {
-        format!(
-            "data of task {} (run `make setup` for the BBC cache)",
-            task.name
-        )
-    })?;
-    let split = data::split(examples, task.split_seed, task.heldout, task.dev);
-    let mut heldout = split.heldout;
-    if fed.heldout > 0 {
-        heldout.truncate(fed.heldout);
-    }
     let partition = match fed.split {
         Split::Iid => Partition::Iid,
         Split::Dirichlet => Partition::Dirichlet { alpha: fed.alpha },
     };
-    let shards = data::shard(
-        &split.train,
+    let root = std::env::current_dir()?;
+    let FedData {
+        task,
+        heldout,
+        shards,
+        dev_sets,
+    } = federation::load_data(
+        task_path,
+        &root,
         fed.agents,
         partition,
-        fed.seed.unwrap_or(task.split_seed),
-    );
-    // Model selection: the task's dev split dealt round-robin, a fixed subset per agent.
-    let mut dev_sets: Vec<Vec<Example>> = vec![Vec::new(); fed.agents];
-    for (i, e) in split.dev.iter().enumerate() {
-        dev_sets[i % fed.agents].push(e.clone());
-    }
+        fed.seed,
+        fed.heldout,
+    )?;
     let out_dir = fed
         .out_dir
         .clone()
@@ -439,11 +412,11 @@ async fn federate(fed: &FedArgs, task_path: &Path, name: &str) -> anyhow::Result
     let train = TrainConfig::head_rows_recipe(task.labels.len());
     let perturbations = fed
         .perturbations
-        .unwrap_or_else(|| (train.directions / fed.agents as u32).max(1));
+        .unwrap_or_else(|| federation::default_perturbations(&train, fed.agents as u32));
 
     // Evaluation engine (held-out split lives only here).
     println!("loading the evaluation engine and measuring zero-shot accuracy on {} held-out examples ...", heldout.len());
-    let mut eval_engine = Engine::load(&engine_config(&fed.model, 2, &train.lora))?;
+    let mut eval_engine = Engine::load(&federation::engine_config(&fed.model, 2, &train.lora))?;
     eval_engine.set_task(&task)?;
     println!("engine path: {}", eval_engine.describe_path());
     let (zero_shot, _) = evaluate(&mut eval_engine, None, &heldout)?;
@@ -451,50 +424,17 @@ async fn federate(fed: &FedArgs, task_path: &Path, name: &str) -> anyhow::Result
 
     // Broker + aggregator.
     let broker = EmbeddedBroker::start("127.0.0.1", 0, 64 << 20)?;
-    let n = fed.agents as u32;
-    let mut cfg = AggregatorConfig::default();
-    cfg.job.name = format!("{name}-{}", task.name);
-    cfg.model.gguf = fed.model.clone();
-    cfg.lora = train.lora.clone();
-    cfg.state.dir = state_dir.clone();
-    cfg.state.checkpoint_every = 20;
-    cfg.state.plot_every = 20;
-    cfg.selection.eval_every = fed.eval_every;
+    let mut cfg = federation::aggregator_config(
+        &format!("{name}-{}", task.name),
+        &fed.model,
+        &state_dir,
+        &train,
+        fed.agents as u32,
+        perturbations,
+        fed.eval_every,
+    )?;
     cfg.job.max_commits = fed.max_commits;
-    cfg.round.perturbations_per_client = perturbations;
-    cfg.round.eps = train.eps;
-    cfg.round.min_clients = n;
-    cfg.round.quorum = n.div_ceil(2);
-    cfg.round.deadline_s = 60.0;
-    cfg.task.batch_size = train.batch_size as u32;
-    cfg.task.one_sided = train.one_sided;
-    // K = agents x perturbations pairs per commit, like the engine's tuned local training
-    // (K directions per step); the z gate rarely passes at this K (z ≈ ρK/√(2d)), so the
-    // round commits once every selected agent answered.
-    cfg.pacing.max_perturbations = n * perturbations;
-    cfg.pacing.min_perturbations = n * perturbations;
-    cfg.pacing.max_extends = 0;
-    // A commit of K pairs is, to first order, K / train.directions local steps: scaling the
-    // learning rate (and the clamp below) by that ratio keeps the progress and the noise per
-    // direction equal to the tuned local recipe (E[Δθ] ∝ lr, Var ∝ lr²·d/K).
-    let k_ratio = f64::from(n * perturbations) / f64::from(train.directions.max(1));
-    cfg.step.lr = f64::from(train.lr) * k_ratio;
-    cfg.step.schedule = Schedule::Cosine;
-    // The cosine horizon: as many commits as the local recipe's steps to its half-life and
-    // half again (a commit pools about one local step).
-    cfg.step.total_commits = ((1.5 * train.lr_half_life) as u64).max(600);
-    cfg.step.min_lr_ratio = 0.2;
-    // ≈ the engine's absolute clamp (max_update_norm) at the initial ‖θ‖ of this layout.
     let layout = cfg.layout().map_err(anyhow::Error::msg)?;
-    let theta0 = fwdllm_aggregator::step::params_norm(
-        fwdllm_shared::lora::LoraWeights::init(layout.clone()).params(),
-    );
-    cfg.step.trust_region =
-        f64::from(train.max_update_norm) * k_ratio / theta0.max(cfg.step.trust_floor).max(1e-6);
-    let problems = cfg.validate();
-    if !problems.is_empty() {
-        bail!("internal aggregator config invalid: {problems:?}");
-    }
     let (ev_tx, mut ev_rx) = broadcast::channel(65_536);
     let agg_stop = CancellationToken::new();
     // Weights every `curve_every` commits, evaluated after the run (not during it, where the
@@ -524,6 +464,7 @@ async fn federate(fed: &FedArgs, task_path: &Path, name: &str) -> anyhow::Result
         Hooks {
             events: Some(ev_tx),
             on_commit,
+            ..Hooks::default()
         },
     ));
 
@@ -536,22 +477,19 @@ async fn federate(fed: &FedArgs, task_path: &Path, name: &str) -> anyhow::Result
     let mut agents = Vec::new();
     for (i, (shard, dev)) in shards.into_iter().zip(dev_sets).enumerate() {
         let id = format!("agent-{i}");
-        let mut engine = Engine::load(&engine_config(&fed.model, threads, &train.lora))?;
+        let mut engine =
+            Engine::load(&federation::engine_config(&fed.model, threads, &train.lora))?;
         engine.set_task(&task)?;
         let source = EngineSource::new(engine, shard, i as u64 + 1)?.with_dev(dev);
-        let mut ac = AgentConfig::default();
-        ac.agent.client_id = id.clone();
-        ac.agent.job = cfg.job.name.clone();
-        ac.agent.state_dir = out_dir.join("agents").join(&id).display().to_string();
-        let _ = std::fs::remove_dir_all(&ac.agent.state_dir);
-        ac.agent.systemd_notify = false;
-        ac.mqtt.host = broker.host();
-        ac.mqtt.port = broker.port();
-        ac.mqtt.max_packet_bytes = 64 << 20;
-        ac.limits.min_free_memory_mb = 0;
-        ac.limits.max_temperature_c = 0.0;
-        ac.limits.max_load_per_core = 0.0;
-        ac.gradient.source = SourceKind::Synthetic; // the source is passed in directly
+        let agent_dir = out_dir.join("agents").join(&id);
+        let _ = std::fs::remove_dir_all(&agent_dir);
+        let ac = federation::agent_config(
+            &id,
+            &cfg.job.name,
+            &broker.host(),
+            broker.port(),
+            &agent_dir,
+        );
         let agent = Agent::new(ac, Box::new(source)).map_err(|e| anyhow::anyhow!("{e}"))?;
         let info = agent.watch();
         let stop = CancellationToken::new();

@@ -39,8 +39,11 @@ impl Coordinator {
             .collect()
     }
 
-    pub(super) fn is_eligible(&self, id: &str) -> bool {
-        self.clients.get(id).is_some_and(|s| s.state.is_eligible())
+    /// A selected client the open round still waits for: eligible, or of unknown status — after
+    /// a restart the statuses are not known yet when the queued updates arrive, and closing the
+    /// resumed round on quorum then would discard the rest of its answers as stale.
+    pub(super) fn may_answer(&self, id: &str) -> bool {
+        self.clients.get(id).is_none_or(|s| s.state.is_eligible())
     }
 
     /// An update arrived on `update/{client_id}`.

@@ -71,7 +71,7 @@ impl Coordinator {
         let awaiting = open
             .selected
             .iter()
-            .filter(|c| !answered_now.contains(c.as_str()) && self.is_eligible(c))
+            .filter(|c| !answered_now.contains(c.as_str()) && self.may_answer(c))
             .count();
         if awaiting == 0 && quorum {
             if open.extend < pc.max_extends {
