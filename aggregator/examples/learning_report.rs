@@ -62,6 +62,7 @@ fn mean_sd(xs: &[f64]) -> (f64, f64) {
 /// One federation run: its exported (dev-selected) held-out accuracy and its curve.
 struct FedRun {
     selected: f64,
+    last: f64,
     curve: Vec<(u64, f64)>,
 }
 
@@ -85,6 +86,8 @@ fn fed_runs(dir: &Path) -> anyhow::Result<BTreeMap<String, Vec<FedRun>>> {
         let v = read(&path)?;
         let selected = num(&v, "selected_accuracy")
             .with_context(|| format!("{}: no selected_accuracy", path.display()))?;
+        let last = num(&v, "final_accuracy")
+            .with_context(|| format!("{}: no final_accuracy", path.display()))?;
         let versions = v["curve_versions"].as_array().cloned().unwrap_or_default();
         let accs = v["curve_heldout_accuracy"]
             .as_array()
@@ -95,10 +98,11 @@ fn fed_runs(dir: &Path) -> anyhow::Result<BTreeMap<String, Vec<FedRun>>> {
             .zip(&accs)
             .filter_map(|(a, b)| Some((a.as_u64()?, b.as_f64()?)))
             .collect();
-        by_split
-            .entry(split.to_string())
-            .or_default()
-            .push(FedRun { selected, curve });
+        by_split.entry(split.to_string()).or_default().push(FedRun {
+            selected,
+            last,
+            curve,
+        });
     }
     Ok(by_split)
 }
@@ -130,20 +134,26 @@ fn plot(curves: &BTreeMap<String, Vec<(u64, f64)>>, png: &Path) -> anyhow::Resul
         .max()
         .unwrap_or(1)
         .max(1) as f64;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
+    // Text needs a font; without one (no fonts-dejavu-core) the curves are drawn unlabelled.
+    let text = fwdllm_aggregator::metrics::ensure_font();
+    let mut b = ChartBuilder::on(&root);
+    b.margin(12);
+    if text {
+        b.caption(
             "AG News, 8 agents: held-out accuracy over commits (mean of seeds)",
             ("sans-serif", 20),
         )
-        .margin(12)
         .x_label_area_size(36)
-        .y_label_area_size(52)
-        .build_cartesian_2d(0f64..max_v, 0.3f64..1.0f64)?;
-    chart
-        .configure_mesh()
-        .x_desc("model version (commits)")
-        .y_desc("held-out accuracy")
-        .draw()?;
+        .y_label_area_size(52);
+    }
+    let mut chart = b.build_cartesian_2d(0f64..max_v, 0.3f64..1.0f64)?;
+    if text {
+        chart
+            .configure_mesh()
+            .x_desc("model version (commits)")
+            .y_desc("held-out accuracy")
+            .draw()?;
+    }
     for (i, (name, pts)) in curves.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
         let series: Vec<(f64, f64)> = pts.iter().map(|&(v, a)| (v as f64, a)).collect();
@@ -152,6 +162,10 @@ fn plot(curves: &BTreeMap<String, Vec<(u64, f64)>>, png: &Path) -> anyhow::Resul
             .label(name.clone())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color));
         chart.draw_series(series.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
+    }
+    if !text {
+        root.present()?;
+        return Ok(());
     }
     chart
         .configure_series_labels()
@@ -200,10 +214,20 @@ fn main() -> anyhow::Result<()> {
     let mut fed = Map::new();
     for (split, rs) in &runs {
         let accs: Vec<f64> = rs.iter().map(|r| r.selected).collect();
+        let lasts: Vec<f64> = rs.iter().map(|r| r.last).collect();
         let (m, sd) = mean_sd(&accs);
+        // One seed has no spread to report.
+        let sd = (rs.len() > 1).then_some(sd);
         fed.insert(
             split.clone(),
-            json!({"seeds": rs.len(), "heldout_acc_mean": m, "heldout_acc_sd": sd, "heldout_acc": accs}),
+            json!({
+                "seeds": rs.len(),
+                "heldout_acc_mean": m,
+                "heldout_acc_sd": sd,
+                "heldout_acc": accs,
+                "last_version_heldout_acc_mean": mean_sd(&lasts).0,
+                "last_version_heldout_acc": lasts,
+            }),
         );
         curves.insert(split.clone(), mean_curve(rs));
     }
@@ -217,6 +241,20 @@ fn main() -> anyhow::Result<()> {
             match mean_of("dirichlet0.1") {
                 Some(d) => {
                     out.insert("noniid_gap_points".into(), json!(100.0 * (iid - d)));
+                    let last = |s: &str| {
+                        runs.get(s)
+                            .map(|rs| mean_sd(&rs.iter().map(|r| r.last).collect::<Vec<_>>()).0)
+                    };
+                    if let (Some(a), Some(b)) = (last("iid"), last("dirichlet0.1")) {
+                        out.insert(
+                            "noniid_gap_points_last_version".into(),
+                            json!(100.0 * (a - b)),
+                        );
+                    }
+                    out.insert(
+                        "fed_seeds".into(),
+                        json!(runs.get("iid").map_or(0, Vec::len)),
+                    );
                 }
                 None => {
                     missing.insert(
