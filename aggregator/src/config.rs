@@ -280,6 +280,12 @@ pub struct StateConfig {
     pub checkpoint_every: u64,
     /// Render metrics.png after every this many commits (0 = only at shutdown).
     pub plot_every: u64,
+    /// Group commit: one journal fsync makes at most this many received messages durable.
+    pub group_commit_max_updates: u32,
+    /// Group commit: a group closes this many milliseconds after its first message at the
+    /// latest (earlier when nothing more is waiting), so an update is acknowledged within this
+    /// bound plus one fsync.
+    pub group_commit_max_ms: u64,
 }
 
 impl Default for StateConfig {
@@ -288,6 +294,8 @@ impl Default for StateConfig {
             dir: PathBuf::from("/var/lib/fwdllm-aggregator"),
             checkpoint_every: 10,
             plot_every: 10,
+            group_commit_max_updates: 4096,
+            group_commit_max_ms: 20,
         }
     }
 }
@@ -553,6 +561,21 @@ impl AggregatorConfig {
                      commits since the last checkpoint, and some brokers deliver no more than \
                      {MAX_RETAINED_COMMITS} retained messages per subscription)",
                     self.state.checkpoint_every
+                ),
+            );
+        }
+        if self.state.group_commit_max_updates == 0 {
+            bad(
+                "state.group_commit_max_updates",
+                "is 0; a group needs at least 1 message, e.g. 4096".into(),
+            );
+        }
+        if self.state.group_commit_max_ms > 10_000 {
+            bad(
+                "state.group_commit_max_ms",
+                format!(
+                    "is {}; an update waits this long for its acknowledgement at most — use at most 10000 (default 20)",
+                    self.state.group_commit_max_ms
                 ),
             );
         }

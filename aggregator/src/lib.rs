@@ -5,6 +5,7 @@
 //! * [`step`] — learning-rate schedule and trust-region clamp folded into commit coefficients.
 //! * [`robust`] — ingest checks, robust clipping, per-client cap and DP noise of the scalars.
 //! * [`state`] — durable state (atomic writes) and resume.
+//! * [`journal`] — the write-ahead journal of updates (group commit between state snapshots).
 //! * [`server`] — the rumqttc driver (write-ahead persistence, manual acks, reconnect).
 //! * [`broker`] — embedded rumqttd on loopback.
 //! * [`config`] — TOML config and `validate`.
@@ -20,6 +21,7 @@ pub mod config;
 pub mod coordinator;
 pub mod export;
 pub mod fuzz;
+pub mod journal;
 pub mod metrics;
 pub mod monitor;
 pub mod pacing;
