@@ -30,6 +30,27 @@ pub struct AggregatorConfig {
     pub robust: RobustConfig,
     /// Optional differential privacy of the committed scalars (`crate::robust`).
     pub dp: DpConfig,
+    /// The Prometheus endpoint (`crate::prometheus`).
+    pub prometheus: PrometheusConfig,
+}
+
+/// The Prometheus endpoint. Off by default: the aggregator is a sandboxed service whose only
+/// network peer is the broker, an HTTP port is a new listener an operator should choose (and
+/// firewall) deliberately, and a fixed default port would collide when two aggregators share a
+/// host (tests, several jobs). Set e.g. `listen = "127.0.0.1:9464"` and scrape it locally or
+/// through a reverse proxy.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PrometheusConfig {
+    /// `host:port` to serve `/metrics` on; empty = no endpoint.
+    pub listen: String,
+}
+
+impl PrometheusConfig {
+    /// The listen address, None when off (`validate` reports an unparsable one).
+    pub fn addr(&self) -> Option<std::net::SocketAddr> {
+        self.listen.parse().ok()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -576,6 +597,15 @@ impl AggregatorConfig {
                 format!(
                     "is {}; an update waits this long for its acknowledgement at most — use at most 10000 (default 20)",
                     self.state.group_commit_max_ms
+                ),
+            );
+        }
+        if !self.prometheus.listen.is_empty() && self.prometheus.addr().is_none() {
+            bad(
+                "prometheus.listen",
+                format!(
+                    "is {:?}; use an IP address and port such as \"127.0.0.1:9464\", or \"\" for no endpoint",
+                    self.prometheus.listen
                 ),
             );
         }

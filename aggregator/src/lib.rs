@@ -10,6 +10,7 @@
 //! * [`broker`] — embedded rumqttd on loopback.
 //! * [`config`] — TOML config and `validate`.
 //! * [`metrics`] — CSV/JSONL records and the PNG plot.
+//! * [`prometheus`] — the `/metrics` endpoint (Prometheus text exposition).
 //! * [`fuzz`] — mutation fuzzing of the decoders, the ingest and the config loaders.
 //! * [`security`] — TLS and credentials of the broker connection; the embedded broker's users.
 //! * [`sim`] — simulated clients (real MQTT connections, synthetic quadratic loss).
@@ -25,6 +26,7 @@ pub mod journal;
 pub mod metrics;
 pub mod monitor;
 pub mod pacing;
+pub mod prometheus;
 pub mod robust;
 pub mod security;
 pub mod selection;

@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::AggregatorConfig;
 use crate::coordinator::{AggEvent, Coordinator, Outgoing};
 use crate::metrics::MetricsSink;
+use crate::prometheus::Prometheus;
 use crate::state::StateError;
 
 #[derive(Debug, Error)]
@@ -36,6 +37,8 @@ pub enum ServerError {
     Metrics(#[from] std::io::Error),
     #[error("broker security settings: {0}")]
     Security(#[from] crate::security::SecurityError),
+    #[error(transparent)]
+    Prometheus(#[from] crate::prometheus::PrometheusError),
 }
 
 pub fn now_ms() -> u64 {
@@ -196,6 +199,13 @@ pub async fn run(
     let mut coord = Coordinator::open(cfg.clone())?;
     let topics = coord.topics().clone();
     let mut sink = MetricsSink::open(&cfg.state.dir)?;
+    let mut prom = match cfg.prometheus.addr() {
+        Some(addr) => Some(Prometheus::serve(addr, &cfg.job.name)?),
+        None => None,
+    };
+    if let Some(p) = prom.as_mut() {
+        p.observe(&coord, &[], Instant::now());
+    }
     let mut opts = mqtt_options(&cfg, &target, &topics);
     crate::security::apply(&cfg.broker, &mut opts)?;
     let (client, el) = AsyncClient::new(opts, 4096);
@@ -320,8 +330,15 @@ pub async fn run(
                 if let Some(f) = hooks.on_commit.as_mut() {
                     if let Some((acc, loss)) = f(coord.version(), coord.weights()) {
                         coord.set_eval(acc, loss);
+                        if let Some(p) = &prom {
+                            p.set_eval(acc, loss);
+                        }
                     }
                 }
+            }
+            // After persist: the counters show only durable updates.
+            if let Some(p) = prom.as_mut() {
+                p.observe(&coord, &records, Instant::now());
             }
             for r in &records {
                 sink.record(r)?;

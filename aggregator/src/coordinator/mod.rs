@@ -165,6 +165,18 @@ pub struct Coordinator {
     writes: DurableWrites,
 }
 
+/// The open round at a glance (Prometheus gauges).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LiveRound {
+    pub selected: usize,
+    pub responded: usize,
+    /// Pairs in the pacing block.
+    pub pairs: usize,
+    pub pacing_z: f64,
+    /// Mean g² of the pacing block.
+    pub pooled_variance: f64,
+}
+
 /// How many fsync'd writes the coordinator made (group-commit figures).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DurableWrites {
@@ -224,6 +236,21 @@ impl Coordinator {
     /// Clients whose last status makes them eligible for a round.
     pub fn clients_online(&self) -> usize {
         self.online
+    }
+    /// Clients whose last status is busy.
+    pub fn clients_busy(&self) -> usize {
+        self.busy
+    }
+    /// The open round's live figures (O(d) for the pacing statistic, nothing per client).
+    pub fn live_round(&self) -> Option<LiveRound> {
+        let (open, pool) = (self.state.open.as_ref()?, self.pool.as_ref()?);
+        Some(LiveRound {
+            selected: open.selected.len(),
+            responded: self.tally.responded(),
+            pairs: pool.len(),
+            pacing_z: pool.z(),
+            pooled_variance: pool.mean_g2(),
+        })
     }
     pub fn open_round(&self) -> Option<&OpenRound> {
         self.state.open.as_ref()
