@@ -172,6 +172,10 @@ pub struct RoundConfig {
     /// adapter direction. They reuse the client's unperturbed pass, so they cost no forward
     /// pass; sent to agents as `task.extra["head_per_direction"]`.
     pub head_per_direction: u32,
+    /// A round that selects every eligible client lists their ids in its announcement only up
+    /// to this many; above, it announces `all` (a size independent of the fleet) and admits
+    /// any client that answers. Sampled selections (fraction < 1) are always listed.
+    pub selection_list_max: u32,
 }
 
 impl Default for RoundConfig {
@@ -184,6 +188,7 @@ impl Default for RoundConfig {
             min_clients: 1,
             fraction: 1.0,
             head_per_direction: 0,
+            selection_list_max: 256,
         }
     }
 }

@@ -8,12 +8,16 @@
 //!
 //! File `journal.bin` in `state.dir`:
 //! ```text
-//! "FWDJRNL1" | blake3(state.bin bytes it extends) (32 B)
-//! then records: len u32 LE | blake3(body)[..8] | body = client_len u16 LE | client | payload
+//! "FWDJRNL1" | base = blake3(state.bin bytes it extends) (32 B)
+//! then records: len u32 LE | blake3(base | body)[..8] | body = client_len u16 LE | client | payload
 //! ```
-//! * The header names the snapshot the records extend. A journal whose hash is not that of
-//!   the `state.bin` on disk is stale (the crash fell between a new snapshot and the fresh
-//!   journal: the snapshot already holds every record) and is ignored.
+//! * The header names the snapshot the records extend. A journal whose base is not the hash of
+//!   the `state.bin` on disk is stale (the crash fell between a new snapshot and the reset of
+//!   the journal: the snapshot already holds every record) and is ignored.
+//! * After a snapshot the same file is reset in place (header rewritten, truncated, one
+//!   `fdatasync`: no rename, no directory sync). Each record's check is keyed by its base, so
+//!   whatever a crash leaves of a reset — old header, new header over old records, a torn
+//!   header — no old record is ever read as extending the new snapshot.
 //! * A record is acknowledged (MQTT PUBACK) only after the append that holds it was synced, so
 //!   a torn tail (length or checksum wrong, file too short) holds only unacknowledged records,
 //!   which the broker redelivers: reading stops there.
@@ -23,7 +27,7 @@
 //!   nothing acknowledged is lost, nothing is counted twice.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use crate::state::StateError;
@@ -47,8 +51,11 @@ fn io(path: &Path, source: std::io::Error) -> StateError {
     }
 }
 
-fn check(body: &[u8]) -> [u8; 8] {
-    let h = blake3::hash(body);
+fn check(base: &blake3::Hash, body: &[u8]) -> [u8; 8] {
+    let mut h = blake3::Hasher::new();
+    h.update(base.as_bytes());
+    h.update(body);
+    let h = h.finalize();
     let mut c = [0u8; 8];
     c.copy_from_slice(&h.as_bytes()[..8]);
     c
@@ -59,27 +66,38 @@ fn check(body: &[u8]) -> [u8; 8] {
 pub struct Journal {
     path: PathBuf,
     file: File,
-    /// Appends made durable so far (for the group-commit figures).
-    syncs: u64,
+    base: blake3::Hash,
 }
 
 impl Journal {
-    /// Starts an empty journal extending the snapshot whose bytes hash to `base`, replacing
-    /// any previous journal atomically.
+    /// Starts an empty journal extending the snapshot whose bytes hash to `base` (the file is
+    /// created, or an existing one reset in place), durable with one `fdatasync`.
     pub fn create(dir: &Path, base: &blake3::Hash) -> Result<Journal, StateError> {
         let path = dir.join(JOURNAL_FILE);
+        let existed = path.exists();
+        let mut file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| io(&path, e))?;
         let mut header = Vec::with_capacity(HEADER_LEN);
         header.extend_from_slice(MAGIC);
         header.extend_from_slice(base.as_bytes());
-        crate::state::atomic_write(&path, &header)?;
-        let file = OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .map_err(|e| io(&path, e))?;
+        file.seek(SeekFrom::Start(0)).map_err(|e| io(&path, e))?;
+        file.write_all(&header).map_err(|e| io(&path, e))?;
+        file.set_len(HEADER_LEN as u64).map_err(|e| io(&path, e))?;
+        file.sync_data().map_err(|e| io(&path, e))?;
+        if !existed {
+            // A new file's name must be durable too (once per state directory).
+            crate::state::sync_dir(dir)?;
+        }
+        file.seek(SeekFrom::End(0)).map_err(|e| io(&path, e))?;
         Ok(Journal {
             path,
             file,
-            syncs: 0,
+            base: *base,
         })
     }
 
@@ -90,17 +108,11 @@ impl Journal {
         }
         let mut buf = Vec::new();
         for r in records {
-            encode(r, &mut buf);
+            encode(&self.base, r, &mut buf);
         }
         self.file.write_all(&buf).map_err(|e| io(&self.path, e))?;
         self.file.sync_data().map_err(|e| io(&self.path, e))?;
-        self.syncs += 1;
         Ok(())
-    }
-
-    /// Appends made durable by this handle.
-    pub fn syncs(&self) -> u64 {
-        self.syncs
     }
 
     /// The records of the journal in `dir` that extend the snapshot hashing to `base`, up to
@@ -125,11 +137,11 @@ impl Journal {
             }
             return Ok(Vec::new());
         }
-        Ok(decode_records(&bytes[HEADER_LEN..]))
+        Ok(decode_records(base, &bytes[HEADER_LEN..]))
     }
 }
 
-fn encode(r: &Record, buf: &mut Vec<u8>) {
+fn encode(base: &blake3::Hash, r: &Record, buf: &mut Vec<u8>) {
     let client = r.client.as_bytes();
     // Client ids are topic segments; longer ones cannot come off a topic this aggregator parses.
     let client = &client[..client.len().min(u16::MAX as usize)];
@@ -138,19 +150,19 @@ fn encode(r: &Record, buf: &mut Vec<u8>) {
     body.extend_from_slice(client);
     body.extend_from_slice(&r.payload);
     buf.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    buf.extend_from_slice(&check(&body));
+    buf.extend_from_slice(&check(base, &body));
     buf.extend_from_slice(&body);
 }
 
 /// Records up to the first incomplete or corrupt one (a torn tail: never acknowledged).
-fn decode_records(mut rest: &[u8]) -> Vec<Record> {
+fn decode_records(base: &blake3::Hash, mut rest: &[u8]) -> Vec<Record> {
     let mut out = Vec::new();
     while rest.len() >= FRAME_LEN {
         let len = u32::from_le_bytes(rest[..4].try_into().expect("4 bytes")) as usize;
         let Some(body) = rest.get(FRAME_LEN..FRAME_LEN + len) else {
             break;
         };
-        if check(body)[..] != rest[4..FRAME_LEN] || body.len() < 2 {
+        if check(base, body)[..] != rest[4..FRAME_LEN] || body.len() < 2 {
             break;
         }
         let n = u16::from_le_bytes([body[0], body[1]]) as usize;
@@ -191,7 +203,6 @@ mod tests {
         let a = vec![rec("a", b"\x01\x02"), rec("b", b"")];
         j.append(&a).unwrap();
         j.append(&[rec("c", &[7; 300])]).unwrap();
-        assert_eq!(j.syncs(), 2);
         let mut all = a.clone();
         all.push(rec("c", &[7; 300]));
         assert_eq!(Journal::read(dir.path(), &base).unwrap(), all);
@@ -212,6 +223,21 @@ mod tests {
         let mut bad = bytes.clone();
         bad[HEADER_LEN + FRAME_LEN + 3] ^= 1;
         std::fs::write(dir.path().join(JOURNAL_FILE), &bad).unwrap();
+        assert!(Journal::read(dir.path(), &base).unwrap().is_empty());
+        // A reset for a new snapshot, torn after the header: the old records, still on disk
+        // behind the new header, do not extend the new snapshot.
+        std::fs::write(dir.path().join(JOURNAL_FILE), &bytes).unwrap();
+        let next = blake3::hash(b"next state");
+        let mut torn = bytes.clone();
+        torn[MAGIC.len()..HEADER_LEN].copy_from_slice(next.as_bytes());
+        std::fs::write(dir.path().join(JOURNAL_FILE), &torn).unwrap();
+        assert!(Journal::read(dir.path(), &next).unwrap().is_empty());
+        // A complete reset keeps nothing of the old journal, and appends after it.
+        std::fs::write(dir.path().join(JOURNAL_FILE), &bytes).unwrap();
+        let mut j = Journal::create(dir.path(), &next).unwrap();
+        assert!(Journal::read(dir.path(), &next).unwrap().is_empty());
+        j.append(&a).unwrap();
+        assert_eq!(Journal::read(dir.path(), &next).unwrap(), a);
         assert!(Journal::read(dir.path(), &base).unwrap().is_empty());
         // No journal at all.
         std::fs::remove_file(dir.path().join(JOURNAL_FILE)).unwrap();

@@ -14,6 +14,8 @@
 //! * [`fuzz`] — mutation fuzzing of the decoders, the ingest and the config loaders.
 //! * [`security`] — TLS and credentials of the broker connection; the embedded broker's users.
 //! * [`sim`] — simulated clients (real MQTT connections, synthetic quadratic loss).
+//! * [`fleet`] — fleet-scale simulated clients sharing one replica (10,000 connections).
+//! * [`scale`] — the fleet-scale bench (`scale.json`): end-to-end ingest vs the broker ceiling.
 //! * [`monitor`] — live terminal view of a job on any broker.
 //! * [`export`] — GGUF LoRA export of the current weights.
 
@@ -21,6 +23,7 @@ pub mod broker;
 pub mod config;
 pub mod coordinator;
 pub mod export;
+pub mod fleet;
 pub mod fuzz;
 pub mod journal;
 pub mod metrics;
@@ -28,6 +31,7 @@ pub mod monitor;
 pub mod pacing;
 pub mod prometheus;
 pub mod robust;
+pub mod scale;
 pub mod security;
 pub mod selection;
 pub mod server;

@@ -208,7 +208,9 @@ pub async fn run(
     }
     let mut opts = mqtt_options(&cfg, &target, &topics);
     crate::security::apply(&cfg.broker, &mut opts)?;
-    let (client, el) = AsyncClient::new(opts, 4096);
+    let (client, mut el) = AsyncClient::new(opts, 4096);
+    // No Nagle: commits, announcements and acks are small writes whose latency paces rounds.
+    crate::fleet::no_delay(&mut el);
     let (tx, mut rx) = mpsc::unbounded_channel();
     let stop = CancellationToken::new();
     // Dropping this future (task abort = "kill") must also end the event loop, or a zombie

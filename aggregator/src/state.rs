@@ -151,6 +151,16 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
     })
 }
 
+/// Fsyncs a directory, making the names created in it durable.
+pub fn sync_dir(dir: &Path) -> Result<(), StateError> {
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| StateError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })
+}
+
 /// On-disk store of one aggregator.
 #[derive(Debug, Clone)]
 pub struct Store {

@@ -232,3 +232,53 @@ fn a_kill_between_the_snapshot_and_the_fresh_journal_counts_nothing_twice() {
         "the stale journal is not replayed"
     );
 }
+
+#[test]
+fn a_round_announced_to_all_admits_late_clients_and_replay_admits_the_same() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let open_all = |dir: &Path| {
+        let mut cfg = config(dir);
+        // Above this many selected clients the announcement says `all` instead of listing them.
+        cfg.round.selection_list_max = 2;
+        let mut c = Coordinator::open(cfg).unwrap();
+        for i in (0..CLIENTS).rev() {
+            let s = AgentStatus::new(client(i), AgentState::Online);
+            c.on_status(&client(i), &wire::encode_json(&s), 0);
+        }
+        c.persist().unwrap();
+        c
+    };
+    let mut c = open_all(dir);
+    let open = c.open_round().unwrap();
+    assert_eq!(open.announce.selection, wire::ClientSelection::All);
+    assert_eq!(open.selected.len(), CLIENTS);
+    // A client the aggregator has no status of answers the `all` round: admitted.
+    let late = "board-late";
+    let u = ClientUpdate {
+        client_id: late.into(),
+        round: 1,
+        base_version: 0,
+        seq: 0,
+        pairs: vec![SeedScalar { seed: 7, g: 0.25 }],
+        samples: 1,
+        loss_mean: 1.0,
+        loss_m2: 0.0,
+    };
+    assert_eq!(
+        c.on_update(late, &wire::encode(&u), 1),
+        UpdateOutcome::Accepted { pairs: 1 }
+    );
+    assert_eq!(
+        c.on_update(late, &wire::encode(&u), 1),
+        UpdateOutcome::Duplicate
+    );
+    feed(&mut c, 0);
+    c.persist().unwrap();
+    let before = c.open_round().unwrap().clone();
+    assert_eq!(before.selected.len(), CLIENTS + 1);
+    drop(c);
+    // Replayed from the journal (statuses are not known yet at replay): the same admission.
+    let c = open_all(dir);
+    assert_eq!(c.open_round().unwrap(), &before);
+}

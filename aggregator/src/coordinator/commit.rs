@@ -113,7 +113,6 @@ impl Coordinator {
             self.state.checkpoint_version = v;
             self.checkpoint_dirty = true;
         }
-        self.publish(self.topics.round(), Vec::new(), true, 1);
         // Metrics record of the finished round.
         let mut m = self.base_metrics("committed", now_ms);
         m.round = open.round;
@@ -146,11 +145,17 @@ impl Coordinator {
             perturbations: open.pairs.len(),
         });
         self.dirty = true;
-        if self.finished() {
-            self.events.push(AggEvent::Finished { version: v });
-        } else {
+        if !self.finished() {
             // Open the next round right away (same decision as an idle tick).
             self.decide(now_ms);
+        }
+        // The finished round's announcement is cleared, unless the next one already replaced
+        // it: a clear is one more message to every subscriber of the round topic, per round.
+        if self.state.open.is_none() {
+            self.publish(self.topics.round(), Vec::new(), true, 1);
+        }
+        if self.finished() {
+            self.events.push(AggEvent::Finished { version: v });
         }
     }
 }

@@ -8,7 +8,7 @@
 //! [`super::tally::Tally`] or a hash set. The raw update is queued for the journal; it becomes
 //! durable with its batch at the next [`Coordinator::persist`].
 
-use fwdllm_shared::wire::{self, AgentState, AgentStatus, ClientUpdate};
+use fwdllm_shared::wire::{self, AgentState, AgentStatus, ClientSelection, ClientUpdate};
 use log::{debug, info, warn};
 
 use super::{AggEvent, Coordinator, UpdateOutcome};
@@ -177,9 +177,23 @@ impl Coordinator {
             );
             return reject(&mut self.state, RejectReason::UnknownRequest, why);
         }
-        let Some(owner) = index else {
-            let why = format!("{client_id} is not selected for round {}", u.round);
-            return reject(&mut self.state, RejectReason::NotSelected, why);
+        let owner = match index {
+            Some(i) => i,
+            // A round announced to `All` admits any client that answers (the decision reads
+            // only the durable round, so the journal's replay admits the same clients).
+            None if open.announce.selection == ClientSelection::All => {
+                let eligible = self
+                    .clients
+                    .get(client_id)
+                    .is_some_and(|s| s.state.is_eligible());
+                let open = self.state.open.as_mut().expect("checked above");
+                open.selected.push(client_id.to_owned());
+                self.tally.add_selected(client_id, eligible)
+            }
+            None => {
+                let why = format!("{client_id} is not selected for round {}", u.round);
+                return reject(&mut self.state, RejectReason::NotSelected, why);
+            }
         };
         let limit = robust::max_pairs_per_request(&self.cfg, u.seq);
         if let Err((reason, why)) = robust::check_pairs(&self.cfg.robust, limit, &u.pairs) {

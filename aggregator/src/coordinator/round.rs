@@ -102,7 +102,18 @@ impl Coordinator {
 
     fn start_round(&mut self, eligible: Vec<String>, now_ms: u64) {
         let round = self.state.round + 1;
+        let everyone = eligible.len();
         let selected = self.select(eligible, round);
+        // Every eligible client, and more than a list should hold: announce `All`, whose size
+        // does not grow with the fleet (a list of 10,000 ids is ~100 KB, sent to each of the
+        // 10,000 subscribers of the round topic). Any client that answers is then admitted.
+        let selection = if selected.len() == everyone
+            && selected.len() > self.cfg.round.selection_list_max as usize
+        {
+            ClientSelection::All
+        } else {
+            ClientSelection::Clients(selected.clone())
+        };
         let deadline = now_ms + (self.cfg.round.deadline_s * 1000.0) as u64;
         let announce = RoundAnnounce {
             job: self.cfg.job.name.clone(),
@@ -112,7 +123,7 @@ impl Coordinator {
             perturbations_per_client: self.cfg.round.perturbations_per_client,
             eps: self.cfg.round.eps,
             deadline_unix_ms: deadline,
-            selection: ClientSelection::Clients(selected.clone()),
+            selection,
             task: {
                 let mut t = self.cfg.task.params();
                 if self.cfg.round.head_per_direction > 0 {
