@@ -8,6 +8,7 @@
 //! * [`journal`] — the write-ahead journal of updates (group commit between state snapshots).
 //! * [`server`] — the rumqttc driver (write-ahead persistence, manual acks, reconnect).
 //! * [`broker`] — embedded rumqttd on loopback.
+//! * [`bridge`] — a site broker bridged to a central one, and the bench across the bridge.
 //! * [`config`] — TOML config and `validate`.
 //! * [`metrics`] — CSV/JSONL records and the PNG plot.
 //! * [`prometheus`] — the `/metrics` endpoint (Prometheus text exposition).
@@ -19,6 +20,7 @@
 //! * [`monitor`] — live terminal view of a job on any broker.
 //! * [`export`] — GGUF LoRA export of the current weights.
 
+pub mod bridge;
 pub mod broker;
 pub mod config;
 pub mod coordinator;

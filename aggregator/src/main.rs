@@ -83,6 +83,9 @@ enum Cmd {
         /// The mosquitto binary.
         #[arg(long, default_value = "/usr/sbin/mosquitto")]
         mosquitto: PathBuf,
+        /// Simulated clients of the bridged-broker run (0 = skip it).
+        #[arg(long, default_value_t = 50)]
+        bridge_clients: usize,
         /// Write the JSON report here.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -174,6 +177,7 @@ fn main() -> anyhow::Result<()> {
             updates,
             ceiling_messages,
             mosquitto,
+            bridge_clients,
             out,
         } => {
             let opts = fwdllm_aggregator::scale::ScaleOptions {
@@ -183,6 +187,7 @@ fn main() -> anyhow::Result<()> {
                 updates_per_run: updates,
                 ceiling_messages,
                 mosquitto,
+                bridge_clients,
                 ..Default::default()
             };
             let report = fwdllm_aggregator::scale::run(&opts).context("scale bench")?;

@@ -12,7 +12,9 @@
 //!   connections sending update-sized QoS-1 messages as fast as they can to one bare subscriber
 //!   that only counts them (no decode, no aggregator, no fsync);
 //! * `ingest_over_broker_ceiling` — their ratio;
-//! * `ingest_flatness_10k_over_100` — end-to-end rate at 10,000 clients over the rate at 100.
+//! * `ingest_flatness_10k_over_100` — end-to-end rate at 10,000 clients over the rate at 100;
+//! * `bridge_lost`, `bridge_doubled`, `bridge_hash_mismatches` — [`crate::bridge`]'s run: clients
+//!   on a site broker bridged to the aggregator's central one, the bridge cut mid-round.
 //!
 //! Honesty: the simulator, the aggregator and Mosquitto share this machine's cores, so every run
 //! reports the CPU seconds each of them used inside its measured window (threads by name from
@@ -23,7 +25,6 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -34,7 +35,8 @@ use serde_json::{json, Value};
 use tokio::runtime::Runtime;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{free_port, EmbeddedBroker};
+use crate::bridge::{self, Mosquitto};
+use crate::broker::EmbeddedBroker;
 use crate::config::AggregatorConfig;
 use crate::coordinator::AggEvent;
 use crate::fleet::{self, FleetStats};
@@ -62,6 +64,8 @@ pub struct ScaleOptions {
     /// Messages of the broker-ceiling measurement.
     pub ceiling_messages: usize,
     pub mosquitto: PathBuf,
+    /// Simulated clients of the bridged run (0 = skip it).
+    pub bridge_clients: usize,
 }
 
 impl Default for ScaleOptions {
@@ -74,6 +78,7 @@ impl Default for ScaleOptions {
             perturbations: 4,
             ceiling_messages: 60_000,
             mosquitto: PathBuf::from("/usr/sbin/mosquitto"),
+            bridge_clients: 50,
         }
     }
 }
@@ -188,11 +193,7 @@ fn cpu_json(a: &CpuSample, b: &CpuSample, wall: f64) -> Value {
 
 /// A broker for the bench.
 enum BenchBroker {
-    Mosquitto {
-        child: Child,
-        port: u16,
-        _dir: tempfile::TempDir,
-    },
+    Mosquitto(Mosquitto),
     Embedded(EmbeddedBroker),
 }
 
@@ -202,67 +203,29 @@ impl BenchBroker {
     /// time, and mosquitto's defaults (20 in flight, 1,000 queued per client) would cap a group
     /// at 20 updates and drop QoS-1 updates past 1,000 waiting.
     fn mosquitto(bin: &Path, max_packet: usize) -> anyhow::Result<BenchBroker> {
-        let port = free_port("127.0.0.1")?;
-        let dir = tempfile::tempdir()?;
-        let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
-                 max_packet_size {max_packet}\nmax_inflight_messages 1000\n\
-                 max_queued_messages 100000\nset_tcp_nodelay true\nlog_type error\n"
-            ),
-        )?;
-        let child = Command::new(bin)
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-        // Readiness poll of the listener just started (a bounded guard, not a delay).
-        let start = Instant::now();
-        while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-            if start.elapsed() > Duration::from_secs(30) {
-                bail!("mosquitto not listening on {addr}");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Ok(BenchBroker::Mosquitto {
-            child,
-            port,
-            _dir: dir,
-        })
+        Ok(BenchBroker::Mosquitto(Mosquitto::start(
+            bin, max_packet, "",
+        )?))
     }
 
     fn port(&self) -> u16 {
         match self {
-            BenchBroker::Mosquitto { port, .. } => *port,
+            BenchBroker::Mosquitto(m) => m.port(),
             BenchBroker::Embedded(b) => b.port(),
         }
     }
 
     fn pid(&self) -> Option<u32> {
         match self {
-            BenchBroker::Mosquitto { child, .. } => Some(child.id()),
+            BenchBroker::Mosquitto(m) => Some(m.pid()),
             BenchBroker::Embedded(_) => None,
         }
     }
 
     fn name(&self) -> &'static str {
         match self {
-            BenchBroker::Mosquitto { .. } => "mosquitto",
+            BenchBroker::Mosquitto(_) => "mosquitto",
             BenchBroker::Embedded(_) => "embedded",
-        }
-    }
-}
-
-impl Drop for BenchBroker {
-    fn drop(&mut self) {
-        if let BenchBroker::Mosquitto { child, .. } = self {
-            let _ = child.kill();
-            let _ = child.wait();
         }
     }
 }
@@ -654,6 +617,24 @@ pub fn run(opts: &ScaleOptions) -> anyhow::Result<Value> {
         runs.push(ingest_run(&sim, &broker, n, opts)?);
     }
     let mut report = serde_json::Map::new();
+    if opts.bridge_clients > 0 {
+        log::info!(
+            "scale: {} clients across a bridged site broker",
+            opts.bridge_clients
+        );
+        match sim.block_on(bridge::bridged_run(&opts.mosquitto, opts.bridge_clients, 6)) {
+            Ok(o) => {
+                if let Value::Object(m) = bridge::report(&o, opts.bridge_clients) {
+                    report.extend(m);
+                }
+            }
+            Err(e) => {
+                for k in ["bridge_lost", "bridge_doubled", "bridge_hash_mismatches"] {
+                    absent.insert(k.into(), format!("bridged run failed: {e:#}"));
+                }
+            }
+        }
+    }
     match rate.get(&opts.headline) {
         Some(x) => {
             report.insert("ingest_updates_per_s_end_to_end".into(), json!(x));
