@@ -199,6 +199,11 @@ fn main() -> anyhow::Result<()> {
                 }
                 std::fs::write(&out, text).with_context(|| format!("writing {}", out.display()))?;
                 println!("wrote {}", out.display());
+                let png = out.with_extension("png");
+                match fwdllm_aggregator::scale::plot(&report, &png) {
+                    Ok(()) => println!("wrote {}", png.display()),
+                    Err(e) => eprintln!("plotting {}: {e}", png.display()),
+                }
             }
             Ok(())
         }

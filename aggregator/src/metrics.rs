@@ -109,7 +109,7 @@ pub fn read_jsonl(path: &Path) -> std::io::Result<Vec<AggregatorMetrics>> {
 
 /// Loads DejaVu Sans (Debian `fonts-dejavu-core`) for plot text once; without it the plot is
 /// drawn without labels.
-fn ensure_font() -> bool {
+pub(crate) fn ensure_font() -> bool {
     use std::sync::OnceLock;
     static OK: OnceLock<bool> = OnceLock::new();
     *OK.get_or_init(|| {

@@ -29,8 +29,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use anyhow::Context;
 use serde_json::{json, Value};
 use tokio::runtime::Runtime;
 use tokio_util::sync::CancellationToken;
@@ -43,9 +42,15 @@ use crate::fleet::{self, FleetStats};
 use crate::server::{self, BrokerTarget, Hooks, RunSummary};
 use crate::sim::SimParams;
 
-/// Thread names whose CPU is attributed to the aggregator and to the simulator.
-const AGG_THREADS: &str = "fwdllm-agg";
-const SIM_THREADS: &str = "fwdllm-sim";
+mod ceiling;
+mod cpu;
+mod plot;
+
+use ceiling::{broker_ceiling, update_len};
+pub use cpu::raise_fd_limit;
+use cpu::{cpu_json, sample_cpu, CpuSample, AGG_THREADS, SIM_THREADS};
+pub use plot::plot;
+
 /// Failure guard of one run (never reached when things work).
 const RUN_GUARD: Duration = Duration::from_secs(900);
 
@@ -83,116 +88,8 @@ impl Default for ScaleOptions {
     }
 }
 
-/// Raises the soft limit of open files to the hard limit (10,000 connections need as many
-/// descriptors here, and as many again in a broker child, which inherits the limit).
-/// Returns (soft, hard) after the change.
-pub fn raise_fd_limit() -> std::io::Result<(u64, u64)> {
-    let mut r = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit and setrlimit only read and write the struct passed by reference.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        if r.rlim_cur < r.rlim_max {
-            r.rlim_cur = r.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-        }
-    }
-    Ok((r.rlim_cur, r.rlim_max))
-}
-
-fn clock_ticks() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 {
-        t as f64
-    } else {
-        100.0
-    }
-}
-
-/// utime + stime in seconds from a `/proc/.../stat` line.
-fn stat_cpu(stat: &str) -> Option<f64> {
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // Fields after the command: state is field 3, utime 14 and stime 15 (1-based).
-    let u: f64 = f.get(11)?.parse().ok()?;
-    let s: f64 = f.get(12)?.parse().ok()?;
-    Some((u + s) / clock_ticks())
-}
-
-/// CPU seconds of this process's threads, summed by thread name.
-fn thread_cpu() -> BTreeMap<String, f64> {
-    let mut out = BTreeMap::new();
-    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
-        return out;
-    };
-    for e in dir.flatten() {
-        let p = e.path();
-        let name = std::fs::read_to_string(p.join("comm")).unwrap_or_default();
-        let cpu = std::fs::read_to_string(p.join("stat"))
-            .ok()
-            .and_then(|s| stat_cpu(&s));
-        if let Some(cpu) = cpu {
-            *out.entry(name.trim().to_owned()).or_insert(0.0) += cpu;
-        }
-    }
-    out
-}
-
-fn pid_cpu(pid: u32) -> Option<f64> {
-    stat_cpu(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
-}
-
-/// CPU seconds of the parts of a run at one instant.
-#[derive(Debug, Clone, Copy, Default)]
-struct CpuSample {
-    aggregator: f64,
-    simulator: f64,
-    process: f64,
-    broker: Option<f64>,
-}
-
-fn sample_cpu(broker_pid: Option<u32>) -> CpuSample {
-    let threads = thread_cpu();
-    let by = |prefix: &str| -> f64 {
-        threads
-            .iter()
-            .filter(|(n, _)| n.starts_with(prefix))
-            .map(|(_, c)| c)
-            .sum()
-    };
-    CpuSample {
-        aggregator: by(AGG_THREADS),
-        simulator: by(SIM_THREADS),
-        process: threads.values().sum(),
-        broker: broker_pid.and_then(pid_cpu),
-    }
-}
-
-fn cpu_json(a: &CpuSample, b: &CpuSample, wall: f64) -> Value {
-    let d = |x: f64, y: f64| ((y - x) * 1000.0).round() / 1000.0;
-    let other = d(
-        a.process - a.aggregator - a.simulator,
-        b.process - b.aggregator - b.simulator,
-    );
-    json!({
-        "window_wall_s": wall,
-        "aggregator_cpu_s": d(a.aggregator, b.aggregator),
-        "simulator_cpu_s": d(a.simulator, b.simulator),
-        "broker_cpu_s": a.broker.zip(b.broker).map(|(x, y)| d(x, y)),
-        "other_threads_cpu_s": other,
-        "note": "CPU seconds inside the measured window; the machine's cores are shared by all of them (and by other work: see machine.loadavg_at_start)",
-    })
-}
-
 /// A broker for the bench.
-enum BenchBroker {
+pub(super) enum BenchBroker {
     Mosquitto(Mosquitto),
     Embedded(EmbeddedBroker),
 }
@@ -208,14 +105,14 @@ impl BenchBroker {
         )?))
     }
 
-    fn port(&self) -> u16 {
+    pub(super) fn port(&self) -> u16 {
         match self {
             BenchBroker::Mosquitto(m) => m.port(),
             BenchBroker::Embedded(b) => b.port(),
         }
     }
 
-    fn pid(&self) -> Option<u32> {
+    pub(super) fn pid(&self) -> Option<u32> {
         match self {
             BenchBroker::Mosquitto(m) => Some(m.pid()),
             BenchBroker::Embedded(_) => None,
@@ -376,6 +273,19 @@ fn ingest_run(
         "state_snapshots": summary.durable_writes.snapshots,
         "aggregator_busy_updates_per_s": summary.ingest_updates_per_s(),
     });
+    // Round open to commit, from the aggregator's own records (metrics.jsonl).
+    let mut round_ms: Vec<u64> =
+        crate::metrics::read_jsonl(&dir.path().join(crate::metrics::JSONL_FILE))
+            .unwrap_or_default()
+            .iter()
+            .filter(|m| m.phase == "committed")
+            .map(|m| m.round_ms)
+            .collect();
+    round_ms.sort_unstable();
+    if !round_ms.is_empty() {
+        out["round_open_to_commit_ms_median"] = json!(round_ms[round_ms.len() / 2]);
+        out["round_open_to_commit_ms_max"] = json!(round_ms[round_ms.len() - 1]);
+    }
     match (first, last) {
         (Some(first), Some(last)) if summary.version == rounds && last > first => {
             let wall = last.duration_since(first).as_secs_f64();
@@ -397,160 +307,6 @@ fn ingest_run(
         }
     }
     Ok(out)
-}
-
-/// Mosquitto's QoS-1 fan-in: `publishers` connections publish `messages` update-sized
-/// payloads in all, as fast as they can, to one bare subscriber that only counts them.
-fn broker_ceiling(
-    sim: &Runtime,
-    broker: &BenchBroker,
-    publishers: usize,
-    messages: usize,
-    payload_len: usize,
-) -> anyhow::Result<Value> {
-    let port = broker.port();
-    let per = messages.div_ceil(publishers).max(1);
-    let total = per * publishers;
-    let broker_pid = broker.pid();
-    sim.block_on(async move {
-        let topic = |i: usize| format!("fwdllm/v1/ceiling/update/p{i:05}");
-        // The bare subscriber: QoS 1, acknowledges each message, decodes nothing.
-        let mut o = MqttOptions::new("ceiling-sub", "127.0.0.1", port);
-        o.set_clean_session(true);
-        o.set_keep_alive(Duration::from_secs(60));
-        let (sub, mut sub_el) = AsyncClient::new(o, 16);
-        fleet::no_delay(&mut sub_el);
-        sub.subscribe("fwdllm/v1/ceiling/update/+", QoS::AtLeastOnce)
-            .await?;
-        loop {
-            match sub_el.poll().await {
-                Ok(Event::Incoming(Packet::SubAck(_))) => break,
-                Ok(_) => {}
-                Err(e) => bail!("ceiling subscriber: {e}"),
-            }
-        }
-        let base = Instant::now();
-        let first_pub = Arc::new(AtomicU64::new(u64::MAX));
-        let connected = Arc::new(AtomicU64::new(0));
-        let (go_tx, go_rx) = tokio::sync::watch::channel(false);
-        let gate = Arc::new(tokio::sync::Semaphore::new(fleet::CONNECT_BURST));
-        let payload = vec![0x5au8; payload_len];
-        let mut tasks = Vec::new();
-        for i in 0..publishers {
-            let (first_pub, connected, mut go, gate) = (
-                first_pub.clone(),
-                connected.clone(),
-                go_rx.clone(),
-                gate.clone(),
-            );
-            let (topic, payload) = (topic(i), payload.clone());
-            tasks.push(tokio::spawn(async move {
-                let mut o = MqttOptions::new(format!("ceiling-p{i:05}"), "127.0.0.1", port);
-                o.set_clean_session(true);
-                o.set_keep_alive(Duration::from_secs(60));
-                let (c, mut el) = AsyncClient::new(o, per.max(16));
-                fleet::no_delay(&mut el);
-                let permit = gate.acquire_owned().await.expect("gate");
-                loop {
-                    match el.poll().await {
-                        Ok(Event::Incoming(Packet::ConnAck(_))) => break,
-                        Ok(_) => {}
-                        Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-                    }
-                }
-                drop(permit);
-                connected.fetch_add(1, Ordering::Relaxed);
-                while !*go.borrow_and_update() {
-                    if go.changed().await.is_err() {
-                        return;
-                    }
-                }
-                first_pub.fetch_min(base.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                for _ in 0..per {
-                    if c.try_publish(&topic, QoS::AtLeastOnce, false, payload.clone())
-                        .is_err()
-                    {
-                        break;
-                    }
-                }
-                let mut acked = 0;
-                while acked < per {
-                    match el.poll().await {
-                        Ok(Event::Incoming(Packet::PubAck(_))) => acked += 1,
-                        Ok(_) => {}
-                        Err(_) => break,
-                    }
-                }
-                let _ = c.disconnect().await;
-                let _ = tokio::time::timeout(Duration::from_secs(2), el.poll()).await;
-            }));
-        }
-        // Every publisher connected: go. The subscriber keeps its connection alive meanwhile.
-        while (connected.load(Ordering::Relaxed) as usize) < publishers {
-            tokio::select! {
-                ev = sub_el.poll() => { ev?; }
-                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
-            }
-        }
-        let cpu0 = sample_cpu(broker_pid);
-        go_tx.send_replace(true);
-        let mut got = 0usize;
-        let mut last = base;
-        let deadline = Instant::now() + Duration::from_secs(300);
-        while got < total && Instant::now() < deadline {
-            match tokio::time::timeout(Duration::from_secs(30), sub_el.poll()).await {
-                Ok(Ok(Event::Incoming(Packet::Publish(_)))) => {
-                    got += 1;
-                    last = Instant::now();
-                }
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => bail!("ceiling subscriber: {e}"),
-                Err(_) => break,
-            }
-        }
-        let cpu1 = sample_cpu(broker_pid);
-        for t in tasks {
-            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
-        }
-        let _ = sub.disconnect().await;
-        let first = base + Duration::from_nanos(first_pub.load(Ordering::Relaxed));
-        let wall = last.saturating_duration_since(first).as_secs_f64();
-        let mut out = json!({
-            "publishers": publishers,
-            "messages_sent": total,
-            "messages_received": got,
-            "payload_bytes": payload_len,
-        });
-        if got == total && wall > 0.0 {
-            out["msgs_per_s"] = json!(got as f64 / wall);
-            out["window_s"] = json!(wall);
-            out["cpu"] = cpu_json(&cpu0, &cpu1, wall);
-        } else {
-            out["absent_reason"] = json!(format!("received {got} of {total} messages"));
-        }
-        Ok(out)
-    })
-}
-
-/// The size of one update of `perturbations` pairs from a client of the fleet's names.
-fn update_len(perturbations: u32) -> usize {
-    use fwdllm_shared::wire::{self, ClientUpdate, SeedScalar};
-    wire::encode(&ClientUpdate {
-        client_id: "s1000-00000".into(),
-        round: 1,
-        base_version: 0,
-        seq: 0,
-        pairs: (0..perturbations)
-            .map(|k| SeedScalar {
-                seed: u64::MAX - u64::from(k),
-                g: 0.5,
-            })
-            .collect(),
-        samples: perturbations,
-        loss_mean: 1.0,
-        loss_m2: 0.0,
-    })
-    .len()
 }
 
 /// Runs the bench and returns the report (`scale.json`).
