@@ -33,6 +33,16 @@ bench: setup
 	target/release/fwdllm-agent bench-engine --threads 2 --out target/bench/engine.json
 	target/release/fwdllm bench-federation --out target/bench/federation.json
 	target/release/examples/fuzz --out target/bench/fuzz.json
+	target/release/fwdllm-aggregator scale --out target/bench/scale.json
+
+# Fleet scale alone: 100 / 1,000 / 10,000 simulated MQTT clients through mosquitto (and 1,000
+# through the embedded broker), end-to-end ingest against mosquitto's own QoS-1 ceiling measured
+# in the same run -> target/bench/scale.json (a few minutes; raises its own open-file limit).
+.PHONY: scale
+scale: setup
+	@mkdir -p target/bench
+	$(RELEASE_BUILD)
+	target/release/fwdllm-aggregator scale --out target/bench/scale.json
 
 # Issue 16's learning figures: local BBC and AG News, federated AG News with 8 agents on IID and
 # Dirichlet shards (3 seeds), the demo configuration -> target/bench/learning.json and

@@ -107,20 +107,16 @@ fn fed_runs(dir: &Path) -> anyhow::Result<BTreeMap<String, Vec<FedRun>>> {
     Ok(by_split)
 }
 
-/// Mean curve over runs at the versions every run reached.
+/// Mean curve over runs, point by point (the k-th snapshot of each run: snapshots are taken at
+/// the first version past each multiple of `--curve-every`, so versions differ by a few commits
+/// between runs), up to the shortest run; the version is the points' mean.
 fn mean_curve(runs: &[FedRun]) -> Vec<(u64, f64)> {
-    let Some(first) = runs.first() else {
-        return Vec::new();
-    };
-    first
-        .curve
-        .iter()
-        .filter_map(|&(v, _)| {
-            let at: Vec<f64> = runs
-                .iter()
-                .filter_map(|r| r.curve.iter().find(|c| c.0 == v).map(|c| c.1))
-                .collect();
-            (at.len() == runs.len()).then(|| (v, mean_sd(&at).0))
+    let len = runs.iter().map(|r| r.curve.len()).min().unwrap_or(0);
+    (0..len)
+        .map(|k| {
+            let v: Vec<f64> = runs.iter().map(|r| r.curve[k].0 as f64).collect();
+            let a: Vec<f64> = runs.iter().map(|r| r.curve[k].1).collect();
+            (mean_sd(&v).0.round() as u64, mean_sd(&a).0)
         })
         .collect()
 }

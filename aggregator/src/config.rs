@@ -30,6 +30,27 @@ pub struct AggregatorConfig {
     pub robust: RobustConfig,
     /// Optional differential privacy of the committed scalars (`crate::robust`).
     pub dp: DpConfig,
+    /// The Prometheus endpoint (`crate::prometheus`).
+    pub prometheus: PrometheusConfig,
+}
+
+/// The Prometheus endpoint. Off by default: the aggregator is a sandboxed service whose only
+/// network peer is the broker, an HTTP port is a new listener an operator should choose (and
+/// firewall) deliberately, and a fixed default port would collide when two aggregators share a
+/// host (tests, several jobs). Set e.g. `listen = "127.0.0.1:9464"` and scrape it locally or
+/// through a reverse proxy.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PrometheusConfig {
+    /// `host:port` to serve `/metrics` on; empty = no endpoint.
+    pub listen: String,
+}
+
+impl PrometheusConfig {
+    /// The listen address, None when off (`validate` reports an unparsable one).
+    pub fn addr(&self) -> Option<std::net::SocketAddr> {
+        self.listen.parse().ok()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -151,6 +172,10 @@ pub struct RoundConfig {
     /// adapter direction. They reuse the client's unperturbed pass, so they cost no forward
     /// pass; sent to agents as `task.extra["head_per_direction"]`.
     pub head_per_direction: u32,
+    /// A round that selects every eligible client lists their ids in its announcement only up
+    /// to this many; above, it announces `all` (a size independent of the fleet) and admits
+    /// any client that answers. Sampled selections (fraction < 1) are always listed.
+    pub selection_list_max: u32,
 }
 
 impl Default for RoundConfig {
@@ -163,6 +188,7 @@ impl Default for RoundConfig {
             min_clients: 1,
             fraction: 1.0,
             head_per_direction: 0,
+            selection_list_max: 256,
         }
     }
 }
@@ -294,6 +320,12 @@ pub struct StateConfig {
     pub checkpoint_every: u64,
     /// Render metrics.png after every this many commits (0 = only at shutdown).
     pub plot_every: u64,
+    /// Group commit: one journal fsync makes at most this many received messages durable.
+    pub group_commit_max_updates: u32,
+    /// Group commit: a group closes this many milliseconds after its first message at the
+    /// latest (earlier when nothing more is waiting), so an update is acknowledged within this
+    /// bound plus one fsync.
+    pub group_commit_max_ms: u64,
 }
 
 impl Default for StateConfig {
@@ -302,6 +334,8 @@ impl Default for StateConfig {
             dir: PathBuf::from("/var/lib/fwdllm-aggregator"),
             checkpoint_every: 10,
             plot_every: 10,
+            group_commit_max_updates: 4096,
+            group_commit_max_ms: 20,
         }
     }
 }
@@ -578,6 +612,30 @@ impl AggregatorConfig {
                      commits since the last checkpoint, and some brokers deliver no more than \
                      {MAX_RETAINED_COMMITS} retained messages per subscription)",
                     self.state.checkpoint_every
+                ),
+            );
+        }
+        if self.state.group_commit_max_updates == 0 {
+            bad(
+                "state.group_commit_max_updates",
+                "is 0; a group needs at least 1 message, e.g. 4096".into(),
+            );
+        }
+        if self.state.group_commit_max_ms > 10_000 {
+            bad(
+                "state.group_commit_max_ms",
+                format!(
+                    "is {}; an update waits this long for its acknowledgement at most — use at most 10000 (default 20)",
+                    self.state.group_commit_max_ms
+                ),
+            );
+        }
+        if !self.prometheus.listen.is_empty() && self.prometheus.addr().is_none() {
+            bad(
+                "prometheus.listen",
+                format!(
+                    "is {:?}; use an IP address and port such as \"127.0.0.1:9464\", or \"\" for no endpoint",
+                    self.prometheus.listen
                 ),
             );
         }

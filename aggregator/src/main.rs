@@ -1,4 +1,4 @@
-//! `fwdllm-aggregator`: run / validate / export / sim.
+//! `fwdllm-aggregator`: run / validate / export / sim / scale.
 
 use std::path::PathBuf;
 
@@ -60,6 +60,35 @@ enum Cmd {
         /// An external broker (`host:port`, e.g. mosquitto) instead of the embedded one.
         #[arg(long)]
         broker: Option<String>,
+    },
+    /// Fleet-scale bench: 100 / 1,000 / 10,000 simulated clients through mosquitto (and the
+    /// embedded broker), end-to-end ingest against mosquitto's own QoS-1 ceiling (scale.json).
+    Scale {
+        /// Client counts run through mosquitto (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "100,1000,10000")]
+        clients: Vec<usize>,
+        /// Client counts also run through the embedded broker (comma-separated; `--embedded`
+        /// alone = none).
+        #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "1000")]
+        embedded: Vec<usize>,
+        /// The client count of the headline figure and of the ceiling's publishers.
+        #[arg(long, default_value_t = 1000)]
+        headline: usize,
+        /// Updates per run (rounds = this / clients, at least 3).
+        #[arg(long, default_value_t = 30_000)]
+        updates: usize,
+        /// Messages of the broker-ceiling measurement.
+        #[arg(long, default_value_t = 60_000)]
+        ceiling_messages: usize,
+        /// The mosquitto binary.
+        #[arg(long, default_value = "/usr/sbin/mosquitto")]
+        mosquitto: PathBuf,
+        /// Simulated clients of the bridged-broker run (0 = skip it).
+        #[arg(long, default_value_t = 50)]
+        bridge_clients: usize,
+        /// Write the JSON report here.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
 }
 
@@ -140,6 +169,43 @@ fn main() -> anyhow::Result<()> {
                 );
                 anyhow::Ok(())
             })
+        }
+        Cmd::Scale {
+            clients,
+            embedded,
+            headline,
+            updates,
+            ceiling_messages,
+            mosquitto,
+            bridge_clients,
+            out,
+        } => {
+            let opts = fwdllm_aggregator::scale::ScaleOptions {
+                clients,
+                embedded,
+                headline,
+                updates_per_run: updates,
+                ceiling_messages,
+                mosquitto,
+                bridge_clients,
+                ..Default::default()
+            };
+            let report = fwdllm_aggregator::scale::run(&opts).context("scale bench")?;
+            let text = serde_json::to_string_pretty(&report)? + "\n";
+            println!("{text}");
+            if let Some(out) = out {
+                if let Some(d) = out.parent() {
+                    std::fs::create_dir_all(d)?;
+                }
+                std::fs::write(&out, text).with_context(|| format!("writing {}", out.display()))?;
+                println!("wrote {}", out.display());
+                let png = out.with_extension("png");
+                match fwdllm_aggregator::scale::plot(&report, &png) {
+                    Ok(()) => println!("wrote {}", png.display()),
+                    Err(e) => eprintln!("plotting {}: {e}", png.display()),
+                }
+            }
+            Ok(())
         }
         Cmd::Sim {
             clients,

@@ -6,7 +6,9 @@
 //! reconnect with capped exponential backoff plus jitter (rumqttc has none of its own).
 //!
 //! Incoming publishes are forwarded from the event-loop task to the coordinator task, which
-//! handles them in batches: one fsync'd state write per batch, then the batch's acks.
+//! handles them in groups (group commit, `state.group_commit_max_updates` /
+//! `state.group_commit_max_ms`): one fsync for the whole group (a journal append, or a state
+//! snapshot after a round event), then the group's acks and whatever the group produced.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -22,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::AggregatorConfig;
 use crate::coordinator::{AggEvent, Coordinator, Outgoing};
 use crate::metrics::MetricsSink;
+use crate::prometheus::Prometheus;
 use crate::state::StateError;
 
 #[derive(Debug, Error)]
@@ -34,6 +37,8 @@ pub enum ServerError {
     Metrics(#[from] std::io::Error),
     #[error("broker security settings: {0}")]
     Security(#[from] crate::security::SecurityError),
+    #[error(transparent)]
+    Prometheus(#[from] crate::prometheus::PrometheusError),
 }
 
 pub fn now_ms() -> u64 {
@@ -56,6 +61,8 @@ pub struct RunSummary {
     /// Time spent handling incoming updates (decode, pool, persist), one task = one core.
     pub ingest_busy_s: f64,
     pub ingest_updates: u64,
+    /// Fsync'd writes: state snapshots and group-committed journal appends.
+    pub durable_writes: crate::coordinator::DurableWrites,
 }
 
 impl RunSummary {
@@ -217,9 +224,18 @@ pub async fn run(
     let mut coord = Coordinator::open(cfg.clone())?;
     let topics = coord.topics().clone();
     let mut sink = MetricsSink::open(&cfg.state.dir)?;
+    let mut prom = match cfg.prometheus.addr() {
+        Some(addr) => Some(Prometheus::serve(addr, &cfg.job.name)?),
+        None => None,
+    };
+    if let Some(p) = prom.as_mut() {
+        p.observe(&coord, &[], Instant::now());
+    }
     let mut opts = mqtt_options(&cfg, &target, &topics);
     crate::security::apply(&cfg.broker, &mut opts)?;
-    let (client, el) = AsyncClient::new(opts, 4096);
+    let (client, mut el) = AsyncClient::new(opts, 4096);
+    // No Nagle: commits, announcements and acks are small writes whose latency paces rounds.
+    crate::fleet::no_delay(&mut el);
     let (tx, mut rx) = mpsc::unbounded_channel();
     let stop = CancellationToken::new();
     // Dropping this future (task abort = "kill") must also end the event loop, or a zombie
@@ -236,6 +252,8 @@ pub async fn run(
     let mut summary = RunSummary::default();
     let mut busy = Duration::ZERO;
     let mut commits_since_plot = 0u64;
+    let group_max = cfg.state.group_commit_max_updates.max(1) as usize;
+    let group_window = Duration::from_millis(cfg.state.group_commit_max_ms);
     // systemd: READY after the first broker connection; the watchdog is pinged from this loop
     // (which wakes at least once a second), so a hung round loop gets the service restarted.
     let watchdog = fwdllm_shared::service::Watchdog::from_env();
@@ -257,15 +275,13 @@ pub async fn run(
             let started = Instant::now();
             let mut acks = Vec::new();
             let mut n_updates = 0u64;
-            let mut batch: Vec<Incoming> = first.into_iter().collect();
-            while batch.len() < 512 {
-                match rx.try_recv() {
-                    Ok(m) => batch.push(m),
-                    Err(_) => break,
-                }
-            }
-            let now = now_ms();
-            for m in batch {
+            let mut n_msgs = 0usize;
+            let mut next = first;
+            // Group commit: handle messages as they come until the group is full, its time is
+            // up, or nothing more is waiting; then one persist (one fsync) makes the whole
+            // group durable, and only then are its messages acknowledged.
+            while let Some(m) = next.take() {
+                let now = now_ms();
                 match m {
                     Incoming::Connected { session_present } => {
                         info!(
@@ -310,7 +326,12 @@ pub async fn run(
                         acks.push(p);
                     }
                 }
+                n_msgs += 1;
+                if n_msgs < group_max && started.elapsed() < group_window {
+                    next = rx.try_recv().ok();
+                }
             }
+            let now = now_ms();
             coord.tick(now);
             // Write-ahead: state on disk before anything derived from it leaves the process.
             coord.persist()?;
@@ -331,8 +352,15 @@ pub async fn run(
                 if let Some(f) = hooks.on_commit.as_mut() {
                     if let Some((acc, loss)) = f(coord.version(), coord.weights()) {
                         coord.set_eval(acc, loss);
+                        if let Some(p) = &prom {
+                            p.set_eval(acc, loss);
+                        }
                     }
                 }
+            }
+            // After persist: the counters show only durable updates.
+            if let Some(p) = prom.as_mut() {
+                p.observe(&coord, &records, Instant::now());
             }
             for r in &records {
                 sink.record(r)?;
@@ -401,6 +429,7 @@ pub async fn run(
     summary.stale = c.stale;
     summary.rejected = c.rejected;
     summary.ingest_busy_s = busy.as_secs_f64();
+    summary.durable_writes = coord.durable_writes();
     result?;
     Ok(summary)
 }

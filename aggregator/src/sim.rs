@@ -45,6 +45,8 @@ pub struct SimStats {
     pub bytes_received: AtomicU64,
     pub commits_applied: AtomicU64,
     pub hash_mismatches: AtomicU64,
+    /// Every seed sent, in every update (the bridge bench checks each is committed once).
+    pub sent_seeds: std::sync::Mutex<Vec<u64>>,
 }
 
 /// The synthetic objective every simulated client shares.
@@ -296,6 +298,11 @@ async fn run_client(
                 }
             })
             .collect();
+        stats
+            .sent_seeds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(pairs.iter().map(|p| p.seed));
         next_k.insert(a.round, k0 + a.perturbations_per_client);
         if next_k.len() > 8 {
             let first = *next_k.keys().next().expect("non-empty");

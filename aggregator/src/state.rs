@@ -8,7 +8,10 @@
 //!   on, the commit log since that checkpoint, the open round (its pooled pairs and the
 //!   (client, seq) keys already counted), counters.
 //!
-//! `state.bin` is the commit point. A new checkpoint is written under its own name before the
+//! * `journal.bin` — the updates received since `state.bin` was written, appended in groups,
+//!   one `fdatasync` per group ([`crate::journal`]); replayed on top of `state.bin` at start.
+//!
+//! `state.bin` is the commit point of round events; the journal, of updates. A new checkpoint is written under its own name before the
 //! state that refers to it, and older checkpoints are deleted only after that state is on disk, so
 //! a crash at any point leaves the checkpoint the on-disk state names. Weights on load = that
 //! checkpoint + replay of the logged commits, each verified against its recorded hash.
@@ -91,19 +94,6 @@ pub struct OpenRound {
     pub refused: Vec<(String, u32)>,
 }
 
-impl OpenRound {
-    pub fn has_answered(&self, client: &str, seq: u32) -> bool {
-        self.answered.iter().any(|(c, s)| c == client && *s == seq)
-    }
-
-    pub fn responded(&self) -> usize {
-        let mut ids: Vec<&str> = self.answered.iter().map(|(c, _)| c.as_str()).collect();
-        ids.sort_unstable();
-        ids.dedup();
-        ids.len()
-    }
-}
-
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Counters {
     pub updates: u64,
@@ -161,6 +151,16 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
     })
 }
 
+/// Fsyncs a directory, making the names created in it durable.
+pub fn sync_dir(dir: &Path) -> Result<(), StateError> {
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| StateError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })
+}
+
 /// On-disk store of one aggregator.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -186,12 +186,22 @@ impl Store {
         self.dir.join(STATE_FILE).exists()
     }
 
-    pub fn save_state(&self, s: &DurableState) -> Result<(), StateError> {
+    /// Writes `state.bin` atomically; returns the blake3 hash of its bytes (what the journal
+    /// that follows names as its base).
+    pub fn save_state(&self, s: &DurableState) -> Result<blake3::Hash, StateError> {
         let bytes = postcard::to_stdvec(s).map_err(|e| StateError::Corrupt {
             path: self.dir.join(STATE_FILE),
             message: e.to_string(),
         })?;
-        atomic_write(&self.dir.join(STATE_FILE), &bytes)
+        atomic_write(&self.dir.join(STATE_FILE), &bytes)?;
+        Ok(blake3::hash(&bytes))
+    }
+
+    /// The blake3 hash of the `state.bin` on disk (the base a valid journal names).
+    pub fn state_hash(&self) -> Result<blake3::Hash, StateError> {
+        let path = self.dir.join(STATE_FILE);
+        let bytes = fs::read(&path).map_err(|source| StateError::Io { path, source })?;
+        Ok(blake3::hash(&bytes))
     }
 
     pub fn save_checkpoint(&self, c: &Checkpoint) -> Result<(), StateError> {

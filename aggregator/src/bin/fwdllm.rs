@@ -443,8 +443,12 @@ async fn federate(fed: &FedArgs, task_path: &Path, name: &str) -> anyhow::Result
     let on_commit: Option<server::OnCommit> = (fed.curve_every > 0).then(|| {
         let snapshots = snapshots.clone();
         let every = fed.curve_every;
+        let mut bucket = 0;
+        // Called once per durable group of messages, which may hold several commits: a
+        // snapshot at the first version past each multiple of `every`.
         Box::new(move |version: u64, w: &LoraWeights| {
-            if version % every == 0 {
+            if version / every > bucket {
+                bucket = version / every;
                 snapshots
                     .lock()
                     .expect("snapshot list")

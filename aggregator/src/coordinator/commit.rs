@@ -1,6 +1,11 @@
 //! The commit of a round: the robust steps on the persisted raw pairs (clipping, per-client
 //! cap, DP noise), the step (learning rate, trust region), the new weights and their
 //! [`RoundCommit`], the retained commit log and checkpoint, and the round's metrics record.
+//!
+//! Cost of a commit of P pairs: O(P) for the robust steps (medians by selection), O(P·d) to
+//! apply them to the weights (d = trainable values), O(parameters) for the weights hash and,
+//! every `checkpoint_every` commits, the checkpoint; then one `state.bin` snapshot holding the
+//! commit log since the last checkpoint. Once per round, so O(d) amortised per pooled pair.
 
 use fwdllm_shared::update::apply_commit;
 use fwdllm_shared::wire::{self, Checkpoint, RoundCommit};
@@ -25,6 +30,7 @@ impl Coordinator {
         let open = self.state.open.take().expect("commit needs an open round");
         let pool = self.pool.take().expect("pool exists while a round is open");
         self.seen_seeds.clear();
+        let responded = std::mem::take(&mut self.tally).responded();
         let theta_norm = params_norm(self.weights.params());
         // Robust clipping, the per-client cap and DP noise act on the persisted raw pairs here,
         // before anything is committed, so a restarted aggregator commits the same.
@@ -79,7 +85,7 @@ impl Coordinator {
             "round {} committed ({reason:?}): version {v}, {} pairs from {} clients, z = {:.2}, lr = {:.3e}, ‖Δθ‖ = {:.3e}{}, loss = {:.4}",
             open.round,
             open.pairs.len(),
-            open.responded(),
+            responded,
             pool.z(),
             step.lr,
             step.step_norm,
@@ -107,12 +113,11 @@ impl Coordinator {
             self.state.checkpoint_version = v;
             self.checkpoint_dirty = true;
         }
-        self.publish(self.topics.round(), Vec::new(), true, 1);
         // Metrics record of the finished round.
         let mut m = self.base_metrics("committed", now_ms);
         m.round = open.round;
         m.clients_selected = open.selected.len() as u32;
-        m.clients_responded = open.responded() as u32;
+        m.clients_responded = responded as u32;
         m.updates = open.answered.len() as u32;
         m.perturbations = open.pairs.len() as u32;
         m.extends = open.extend;
@@ -140,11 +145,17 @@ impl Coordinator {
             perturbations: open.pairs.len(),
         });
         self.dirty = true;
-        if self.finished() {
-            self.events.push(AggEvent::Finished { version: v });
-        } else {
+        if !self.finished() {
             // Open the next round right away (same decision as an idle tick).
             self.decide(now_ms);
+        }
+        // The finished round's announcement is cleared, unless the next one already replaced
+        // it: a clear is one more message to every subscriber of the round topic, per round.
+        if self.state.open.is_none() {
+            self.publish(self.topics.round(), Vec::new(), true, 1);
+        }
+        if self.finished() {
+            self.events.push(AggEvent::Finished { version: v });
         }
     }
 }
@@ -156,6 +167,9 @@ fn g_abs_stats(pairs: &[fwdllm_shared::wire::SeedScalar]) -> (f64, f64) {
         return (0.0, 0.0);
     }
     let mut a: Vec<f64> = pairs.iter().map(|p| f64::from(p.g).abs()).collect();
-    a.sort_by(f64::total_cmp);
-    (a[a.len() / 2], a[a.len() - 1])
+    let max = a.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    // O(P): the element a sort would put at len/2.
+    let mid = a.len() / 2;
+    let (_, median, _) = a.select_nth_unstable_by(mid, f64::total_cmp);
+    (*median, max)
 }

@@ -2,17 +2,24 @@
 //! is decoded, then accepted into the open round or refused — duplicate (client, round, seq),
 //! stale or future round, wrong version, unknown request, client not selected, or pairs that
 //! fail the robust checks — and every accepted pair is pooled once per seed.
+//!
+//! Cost per update: O(pairs · d) to pool its pairs (d = trainable values), O(1) in the number
+//! of clients and of updates already pending — every lookup goes through the round's
+//! [`super::tally::Tally`] or a hash set. The raw update is queued for the journal; it becomes
+//! durable with its batch at the next [`Coordinator::persist`].
 
-use fwdllm_shared::wire::{self, AgentStatus, ClientUpdate};
+use fwdllm_shared::wire::{self, AgentState, AgentStatus, ClientSelection, ClientUpdate};
 use log::{debug, info, warn};
 
 use super::{AggEvent, Coordinator, UpdateOutcome};
+use crate::journal::Record;
 use crate::robust::{self, RejectReason};
 use crate::state::DurableState;
 
 impl Coordinator {
     /// A retained status arrived (empty payload = cleared).
     pub fn on_status(&mut self, client_id: &str, payload: &[u8], now_ms: u64) {
+        let before = self.clients.get(client_id).map(|s| s.state);
         if payload.is_empty() {
             self.clients.remove(client_id);
         } else {
@@ -28,7 +35,36 @@ impl Coordinator {
                 Err(e) => warn!("bad status from {client_id}: {e}"),
             }
         }
+        let after = self.clients.get(client_id).map(|s| s.state);
+        if before != after {
+            self.count_status(client_id, before, after);
+        }
         self.tick(now_ms);
+    }
+
+    /// Keeps the online/busy counts and the open round's awaited count in step with a status
+    /// change: O(1), so a fleet's statuses cost nothing per update.
+    fn count_status(&mut self, id: &str, before: Option<AgentState>, after: Option<AgentState>) {
+        let eligible = |s: Option<AgentState>| s.is_some_and(AgentState::is_eligible);
+        let busy = |s: Option<AgentState>| s == Some(AgentState::Busy);
+        match (eligible(before), eligible(after)) {
+            (false, true) => self.online += 1,
+            (true, false) => self.online -= 1,
+            _ => {}
+        }
+        match (busy(before), busy(after)) {
+            (false, true) => self.busy += 1,
+            (true, false) => self.busy -= 1,
+            _ => {}
+        }
+        // The open round waits for a selected client of unknown status too: after a restart
+        // the queued updates arrive before the retained statuses, and closing the resumed round
+        // on quorum then would discard the rest of its answers as stale (found by the chaos
+        // bench; `aggregator/tests/restart_round.rs`).
+        let may_answer = |s: Option<AgentState>| s.is_none_or(AgentState::is_eligible);
+        if may_answer(before) != may_answer(after) {
+            self.tally.set_eligible(id, may_answer(after));
+        }
     }
 
     pub(super) fn eligible(&self) -> Vec<String> {
@@ -39,16 +75,25 @@ impl Coordinator {
             .collect()
     }
 
-    /// A selected client the open round still waits for: eligible, or of unknown status — after
-    /// a restart the statuses are not known yet when the queued updates arrive, and closing the
-    /// resumed round on quorum then would discard the rest of its answers as stale.
-    pub(super) fn may_answer(&self, id: &str) -> bool {
-        self.clients.get(id).is_none_or(|s| s.state.is_eligible())
+    /// An update arrived on `update/{client_id}`: ingested, queued for the journal, then the
+    /// round decides. Acknowledge it only after the next [`Coordinator::persist`].
+    pub fn on_update(&mut self, client_id: &str, payload: &[u8], now_ms: u64) -> UpdateOutcome {
+        let outcome = self.ingest(client_id, payload, true);
+        // A snapshot already due holds this update; otherwise it goes to the journal.
+        if !self.dirty {
+            self.pending.push(Record {
+                client: client_id.to_owned(),
+                payload: payload.to_vec(),
+            });
+        }
+        self.decide(now_ms);
+        outcome
     }
 
-    /// An update arrived on `update/{client_id}`.
-    pub fn on_update(&mut self, client_id: &str, payload: &[u8], now_ms: u64) -> UpdateOutcome {
-        let outcome = match wire::decode::<ClientUpdate>(payload) {
+    /// The state change of one update, without the decision: live traffic, and the journal's
+    /// replay at start (`live = false`: no events, they were emitted before the crash).
+    pub(super) fn ingest(&mut self, client_id: &str, payload: &[u8], live: bool) -> UpdateOutcome {
+        match wire::decode::<ClientUpdate>(payload) {
             Err(e) => {
                 self.state.counters.rejected += 1;
                 self.state
@@ -58,18 +103,17 @@ impl Coordinator {
             }
             Ok(u) => {
                 let o = self.accept(client_id, &u);
-                self.events.push(AggEvent::Update {
-                    client: client_id.to_string(),
-                    round: u.round,
-                    seq: u.seq,
-                    outcome: o.clone(),
-                });
+                if live {
+                    self.events.push(AggEvent::Update {
+                        client: client_id.to_string(),
+                        round: u.round,
+                        seq: u.seq,
+                        outcome: o.clone(),
+                    });
+                }
                 o
             }
-        };
-        self.dirty = true;
-        self.decide(now_ms);
-        outcome
+        }
     }
 
     fn accept(&mut self, client_id: &str, u: &ClientUpdate) -> UpdateOutcome {
@@ -115,7 +159,8 @@ impl Coordinator {
                 current: open.round,
             };
         }
-        if open.has_answered(client_id, u.seq) {
+        let index = self.tally.index_of(client_id);
+        if index.is_some_and(|i| self.tally.has_answered(i, u.seq)) {
             self.state.counters.duplicates += 1;
             debug!(
                 "duplicate update ({client_id}, {}, {}) counted once",
@@ -137,23 +182,38 @@ impl Coordinator {
             );
             return reject(&mut self.state, RejectReason::UnknownRequest, why);
         }
-        let Some(owner) = open.selected.iter().position(|c| c == client_id) else {
-            let why = format!("{client_id} is not selected for round {}", u.round);
-            return reject(&mut self.state, RejectReason::NotSelected, why);
+        let owner = match index {
+            Some(i) => i,
+            // A round announced to `All` admits any client that answers (the decision reads
+            // only the durable round, so the journal's replay admits the same clients).
+            None if open.announce.selection == ClientSelection::All => {
+                let eligible = self
+                    .clients
+                    .get(client_id)
+                    .is_none_or(|s| s.state.is_eligible());
+                let open = self.state.open.as_mut().expect("checked above");
+                open.selected.push(client_id.to_owned());
+                self.tally.add_selected(client_id, eligible)
+            }
+            None => {
+                let why = format!("{client_id} is not selected for round {}", u.round);
+                return reject(&mut self.state, RejectReason::NotSelected, why);
+            }
         };
         let limit = robust::max_pairs_per_request(&self.cfg, u.seq);
         if let Err((reason, why)) = robust::check_pairs(&self.cfg.robust, limit, &u.pairs) {
             // The round stops waiting for this answer: a client that sent junk once would
             // otherwise hold every round open until its deadline.
-            let key = (client_id.to_string(), u.seq);
-            let open = self.state.open.as_mut().expect("checked above");
-            if reason.is_content() && !open.refused.contains(&key) {
-                open.refused.push(key);
+            if reason.is_content() && !self.tally.is_refused(owner, u.seq) {
+                let open = self.state.open.as_mut().expect("checked above");
+                open.refused.push((client_id.to_string(), u.seq));
+                self.tally.refuse(owner, u.seq);
             }
             return reject(&mut self.state, reason, why);
         }
         let open = self.state.open.as_mut().expect("checked above");
         open.answered.push((client_id.to_string(), u.seq));
+        self.tally.answer(owner, u.seq);
         open.loss.merge(
             u64::from(u.samples),
             f64::from(u.loss_mean),
@@ -167,7 +227,7 @@ impl Coordinator {
         for p in &u.pairs {
             if self.seen_seeds.insert(p.seed) {
                 open.pairs.push(*p);
-                open.owners.push(owner as u32);
+                open.owners.push(owner);
                 pool.add(*p);
                 n += 1;
             } else {

@@ -25,21 +25,30 @@
 //! - `round` — the decision after every event (open, extend, commit, abandon), client
 //!   selection, the announcements;
 //! - `commit` — the commit: robust steps, step, new weights, commit log, checkpoint;
-//! - `dev_eval` — model selection's dev evaluations in, and their events.
+//! - `dev_eval` — model selection's dev evaluations in, and their events;
+//! - `tally` — the open round's incremental counts, so that `accept` and `decide` cost O(1).
+//!
+//! Durability: an update is journaled raw ([`crate::journal`]) and made durable with its batch
+//! by one `fdatasync` (group commit); round events (open, extend, commit, abandon) rewrite
+//! `state.bin` and start a fresh journal. Nothing derived from an update — its acknowledgement,
+//! a commit holding it, a metric counting it — leaves the process before [`Coordinator::persist`]
+//! has made it durable.
 
 mod commit;
 mod dev_eval;
 mod ingest;
 mod persist;
 mod round;
+mod tally;
 
 use std::collections::{BTreeMap, HashSet};
 
 use fwdllm_shared::lora::{LoraWeights, WeightsHash};
 use fwdllm_shared::topics::Topics;
-use fwdllm_shared::wire::{AgentState, AgentStatus, AggregatorMetrics, Checkpoint};
+use fwdllm_shared::wire::{AgentStatus, AggregatorMetrics, Checkpoint};
 
 use crate::config::AggregatorConfig;
+use crate::journal::{Journal, Record};
 use crate::pacing::RoundPool;
 use crate::robust::{NoiseKey, RobustCounters};
 use crate::selection::Selection;
@@ -143,9 +152,45 @@ pub struct Coordinator {
     selection: Selection,
     /// Key of the DP noise stream (present when `dp.enabled`).
     noise_key: Option<NoiseKey>,
+    /// The open round's incremental counts (empty when no round is open).
+    tally: tally::Tally,
+    /// Clients whose last status is eligible, and busy (kept in step by `on_status`).
+    online: usize,
+    busy: usize,
+    /// The journal extending the last snapshot, and the updates received since the last
+    /// [`Self::persist`] (journaled only while no snapshot is due: a snapshot holds them).
+    journal: Option<Journal>,
+    pending: Vec<Record>,
+    /// Durable writes so far: state snapshots and journal appends (group commits).
+    writes: DurableWrites,
+}
+
+/// The open round at a glance (Prometheus gauges).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LiveRound {
+    pub selected: usize,
+    pub responded: usize,
+    /// Pairs in the pacing block.
+    pub pairs: usize,
+    pub pacing_z: f64,
+    /// Mean g² of the pacing block.
+    pub pooled_variance: f64,
+}
+
+/// How many fsync'd writes the coordinator made (group-commit figures).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DurableWrites {
+    /// `state.bin` rewrites (round events, start).
+    pub snapshots: u64,
+    /// Journal appends: one `fdatasync` each, for every update received since the last one.
+    pub journal_appends: u64,
+    /// Updates made durable by journal appends.
+    pub journaled_updates: u64,
 }
 
 impl Coordinator {
+    /// Rebuilds the open round's derived state (pool, seen seeds, tally) from the durable
+    /// state: O(round), when a round opens or the aggregator resumes.
     fn rebuild_pool(&mut self) {
         self.seen_seeds.clear();
         self.pool = self.state.open.as_ref().map(|open| {
@@ -156,6 +201,15 @@ impl Coordinator {
             }
             pool
         });
+        let clients = &self.clients;
+        let tally = match &self.state.open {
+            // Unknown status counts as awaited (see `count_status`).
+            Some(open) => tally::Tally::new(open, |id| {
+                clients.get(id).is_none_or(|s| s.state.is_eligible())
+            }),
+            None => tally::Tally::default(),
+        };
+        self.tally = tally;
     }
 
     pub fn config(&self) -> &AggregatorConfig {
@@ -175,6 +229,29 @@ impl Coordinator {
     }
     pub fn counters(&self) -> Counters {
         self.state.counters
+    }
+    /// Fsync'd writes so far (snapshots and group-committed journal appends).
+    pub fn durable_writes(&self) -> DurableWrites {
+        self.writes
+    }
+    /// Clients whose last status makes them eligible for a round.
+    pub fn clients_online(&self) -> usize {
+        self.online
+    }
+    /// Clients whose last status is busy.
+    pub fn clients_busy(&self) -> usize {
+        self.busy
+    }
+    /// The open round's live figures (O(d) for the pacing statistic, nothing per client).
+    pub fn live_round(&self) -> Option<LiveRound> {
+        let (open, pool) = (self.state.open.as_ref()?, self.pool.as_ref()?);
+        Some(LiveRound {
+            selected: open.selected.len(),
+            responded: self.tally.responded(),
+            pairs: pool.len(),
+            pacing_z: pool.z(),
+            pooled_variance: pool.mean_g2(),
+        })
     }
     pub fn open_round(&self) -> Option<&OpenRound> {
         self.state.open.as_ref()
@@ -228,16 +305,8 @@ impl Coordinator {
             round: self.state.round,
             model_version: self.state.version,
             phase: phase.into(),
-            clients_online: self
-                .clients
-                .values()
-                .filter(|s| s.state.is_eligible())
-                .count() as u32,
-            clients_busy: self
-                .clients
-                .values()
-                .filter(|s| s.state == AgentState::Busy)
-                .count() as u32,
+            clients_online: self.online as u32,
+            clients_busy: self.busy as u32,
             perturbations_total: c.perturbations,
             pacing_target: self.cfg.pacing.target_z,
             theta_norm: params_norm(self.weights.params()),
@@ -260,7 +329,7 @@ impl Coordinator {
         let mut m = self.base_metrics(phase, now_ms);
         if let (Some(open), Some(pool)) = (&self.state.open, &self.pool) {
             m.clients_selected = open.selected.len() as u32;
-            m.clients_responded = open.responded() as u32;
+            m.clients_responded = self.tally.responded() as u32;
             m.updates = open.answered.len() as u32;
             m.perturbations = pool.len() as u32;
             m.extends = open.extend;

@@ -2,6 +2,11 @@
 //! a new job at version 0), [`Coordinator::persist`] (a new checkpoint, then the state that
 //! names it — the commit point — then pruning), and the retained messages re-derived from that
 //! state after a start or a reconnect ([`Coordinator::republish_retained`]).
+//!
+//! Group commit: between round events `persist` only appends the updates received since the
+//! last call to the journal (one `fdatasync` for all of them); a round event rewrites
+//! `state.bin` (O(open round + commit log)) and starts a fresh journal. At open the journal's
+//! records are replayed through the ingest on top of `state.bin`.
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -10,8 +15,9 @@ use fwdllm_shared::topics::Topics;
 use fwdllm_shared::wire::{self, AgentState, AgentStatus, Checkpoint};
 use log::info;
 
-use super::Coordinator;
+use super::{Coordinator, DurableWrites};
 use crate::config::AggregatorConfig;
+use crate::journal::Journal;
 use crate::robust::{NoiseKey, RobustCounters};
 use crate::selection::Selection;
 use crate::state::{Counters, DurableState, StateError, Store, STATE_FORMAT};
@@ -28,8 +34,10 @@ impl Coordinator {
             dir: cfg.state.dir.clone(),
             message,
         })?;
+        let mut journaled = Vec::new();
         let (state, weights, checkpoint) = if store.exists() {
             let (state, weights, checkpoint) = store.load()?;
+            journaled = Journal::read(store.dir(), &store.state_hash()?)?;
             if state.job != cfg.job.name
                 || &state.shape != layout.shape()
                 || &state.lora != layout.config()
@@ -106,25 +114,54 @@ impl Coordinator {
             eval: None,
             selection,
             noise_key,
+            tally: Default::default(),
+            online: 0,
+            busy: 0,
+            journal: None,
+            pending: Vec::new(),
+            writes: DurableWrites::default(),
         };
         c.rebuild_pool();
+        if !journaled.is_empty() {
+            info!(
+                "replaying {} journaled updates on top of {}",
+                journaled.len(),
+                crate::state::STATE_FILE
+            );
+        }
+        for r in &journaled {
+            c.ingest(&r.client, &r.payload, false);
+        }
+        // A fresh snapshot holding the replayed updates, and an empty journal after it.
         c.persist()?;
         Ok(c)
     }
 
     /// Writes what changed: a new checkpoint under its own name, then the state that names it
-    /// (the commit point), then deletes the checkpoints no state needs any more. A crash between
-    /// any two steps leaves the previous state with the checkpoint it names.
-    /// Call before sending [`Self::take_outgoing`].
+    /// (the commit point) and a fresh journal after it — or, when no round event happened, only
+    /// the updates received since the last call, appended to the journal with one `fdatasync`
+    /// (group commit) — then deletes the checkpoints no state needs any more. A crash between
+    /// any two steps leaves the previous state with the checkpoint it names and the journal
+    /// that extends it. Call before sending [`Self::take_outgoing`] and before acknowledging the
+    /// updates handled since the last call.
     pub fn persist(&mut self) -> Result<(), StateError> {
         if self.checkpoint_dirty {
             self.store.save_checkpoint(&self.checkpoint)?;
             self.checkpoint_dirty = false;
             self.prune_checkpoints = true;
         }
-        if self.dirty {
-            self.store.save_state(&self.state)?;
+        if self.dirty || (self.journal.is_none() && !self.pending.is_empty()) {
+            let base = self.store.save_state(&self.state)?;
+            self.writes.snapshots += 1;
+            // A crash here leaves the old journal, which names the old snapshot: ignored.
+            self.journal = Some(Journal::create(self.store.dir(), &base)?);
+            self.pending.clear();
             self.dirty = false;
+        } else if let (Some(j), false) = (self.journal.as_mut(), self.pending.is_empty()) {
+            j.append(&self.pending)?;
+            self.writes.journal_appends += 1;
+            self.writes.journaled_updates += self.pending.len() as u64;
+            self.pending.clear();
         }
         if self.prune_checkpoints {
             self.store

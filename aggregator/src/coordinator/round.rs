@@ -2,6 +2,11 @@
 //! commits it (pacing gate, perturbation cap, extends exhausted, deadline with quorum), extends
 //! it (everyone selected answered, extends left) or abandons it (deadline without quorum);
 //! client selection (a deterministic per-round sample) and the round's announcements.
+//!
+//! Cost: `decide` is O(1) in clients and pending updates (plus the pacing statistic, O(d) in
+//! the trainable values): every count it reads is kept by the round's tally. Opening a round is
+//! O(C) in the eligible clients (plus O(S log S) to sort a sampled selection of S), once per
+//! round; an extend is O(S).
 
 use fwdllm_shared::wire::{self, ClientSelection, RoundAnnounce};
 use log::{info, warn};
@@ -32,8 +37,10 @@ impl Coordinator {
             return;
         }
         let Some(open) = self.state.open.as_ref() else {
-            let eligible = self.eligible();
-            if eligible.len() >= self.cfg.round.min_clients as usize {
+            // The count first: statuses arrive one by one, and listing the eligible clients
+            // on each would make a fleet's start O(C²).
+            if self.online >= self.cfg.round.min_clients as usize {
+                let eligible = self.eligible();
                 self.start_round(eligible, now_ms);
             }
             return;
@@ -43,8 +50,7 @@ impl Coordinator {
             .as_ref()
             .expect("pool exists while a round is open");
         let k = pool.len();
-        let responded = open.responded();
-        let quorum = responded >= self.cfg.round.quorum as usize && k > 0;
+        let quorum = self.tally.responded() >= self.cfg.round.quorum as usize && k > 0;
         let pc = &self.cfg.pacing;
         if k >= pc.max_perturbations as usize {
             return self.commit(CommitReason::Cap, now_ms);
@@ -58,22 +64,7 @@ impl Coordinator {
             }
             return self.abandon(now_ms);
         }
-        // A set, not `has_answered` per client: this runs after every update, and a linear
-        // scan per selected client made a round cost O(clients³) (ingest fell from 12,000 to
-        // 860 updates/s between 100 and 1,000 simulated clients).
-        let answered_now: std::collections::HashSet<&str> = open
-            .answered
-            .iter()
-            .chain(&open.refused)
-            .filter(|(_, seq)| *seq == open.extend)
-            .map(|(c, _)| c.as_str())
-            .collect();
-        let awaiting = open
-            .selected
-            .iter()
-            .filter(|c| !answered_now.contains(c.as_str()) && self.may_answer(c))
-            .count();
-        if awaiting == 0 && quorum {
+        if self.tally.awaiting() == 0 && quorum {
             if open.extend < pc.max_extends {
                 self.extend(now_ms);
             } else {
@@ -88,14 +79,22 @@ impl Coordinator {
             .max(self.cfg.round.min_clients as usize)
             .min(n);
         if want < n {
-            // Deterministic per-round shuffle: rank by blake3(round || id).
-            eligible.sort_by_key(|id| {
-                let mut h = blake3::Hasher::new();
-                h.update(&round.to_le_bytes());
-                h.update(id.as_bytes());
-                *h.finalize().as_bytes()
-            });
-            eligible.truncate(want);
+            // Deterministic per-round shuffle: the `want` lowest blake3(round || id), found in
+            // O(n) (the keys are distinct, so the set is the one a full sort would keep).
+            let mut keyed: Vec<([u8; 32], String)> = eligible
+                .into_iter()
+                .map(|id| {
+                    let mut h = blake3::Hasher::new();
+                    h.update(&round.to_le_bytes());
+                    h.update(id.as_bytes());
+                    (*h.finalize().as_bytes(), id)
+                })
+                .collect();
+            if want > 0 {
+                keyed.select_nth_unstable_by(want - 1, |a, b| a.0.cmp(&b.0));
+            }
+            keyed.truncate(want);
+            eligible = keyed.into_iter().map(|(_, id)| id).collect();
             eligible.sort();
         }
         eligible
@@ -103,7 +102,18 @@ impl Coordinator {
 
     fn start_round(&mut self, eligible: Vec<String>, now_ms: u64) {
         let round = self.state.round + 1;
+        let everyone = eligible.len();
         let selected = self.select(eligible, round);
+        // Every eligible client, and more than a list should hold: announce `All`, whose size
+        // does not grow with the fleet (a list of 10,000 ids is ~100 KB, sent to each of the
+        // 10,000 subscribers of the round topic). Any client that answers is then admitted.
+        let selection = if selected.len() == everyone
+            && selected.len() > self.cfg.round.selection_list_max as usize
+        {
+            ClientSelection::All
+        } else {
+            ClientSelection::Clients(selected.clone())
+        };
         let deadline = now_ms + (self.cfg.round.deadline_s * 1000.0) as u64;
         let announce = RoundAnnounce {
             job: self.cfg.job.name.clone(),
@@ -113,7 +123,7 @@ impl Coordinator {
             perturbations_per_client: self.cfg.round.perturbations_per_client,
             eps: self.cfg.round.eps,
             deadline_unix_ms: deadline,
-            selection: ClientSelection::Clients(selected.clone()),
+            selection,
             task: {
                 let mut t = self.cfg.task.params();
                 if self.cfg.round.head_per_direction > 0 {
@@ -179,6 +189,7 @@ impl Coordinator {
             .expect("extend needs an open round");
         open.extend += 1;
         open.announce.extend = open.extend;
+        self.tally.next_request(open.extend);
         open.announce.perturbations_per_client = self.cfg.pacing.extend_perturbations;
         let (round, extend) = (open.round, open.extend);
         let bytes = wire::encode(&open.announce);
@@ -203,7 +214,7 @@ impl Coordinator {
         warn!(
             "round {} abandoned at its deadline: {} of quorum {} clients answered",
             open.round,
-            open.responded(),
+            self.tally.responded(),
             self.cfg.round.quorum
         );
         let round = open.round;
@@ -213,6 +224,7 @@ impl Coordinator {
         self.state.open = None;
         self.pool = None;
         self.seen_seeds.clear();
+        self.tally = Default::default();
         self.publish(self.topics.round(), Vec::new(), true, 1);
         self.publish(self.topics.metrics(), wire::encode_json(&m), true, 0);
         self.records.push(m);
