@@ -70,22 +70,7 @@ pub fn spawn_agent(config: AgentConfig) -> RunningAgent {
     );
     let agent = Agent::new(config, Box::new(source)).expect("valid agent config");
     let info = agent.watch();
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let (mut rx, s2) = (agent.watch(), seen.clone());
-    tokio::spawn(async move {
-        loop {
-            {
-                let i = rx.borrow_and_update();
-                let mut s = s2.lock().unwrap();
-                if s.last().map(|l: &(u64, Option<WeightsHash>)| l.0) != Some(i.model_version) {
-                    s.push((i.model_version, i.weights_hash));
-                }
-            }
-            if rx.changed().await.is_err() {
-                break;
-            }
-        }
-    });
+    let seen = agent.version_trail();
     let stop = CancellationToken::new();
     let task = tokio::spawn(agent.run(stop.clone()));
     RunningAgent {

@@ -274,22 +274,7 @@ fn spawn_agent(f: &Fleet<'_>, i: usize, scale: Option<f32>) -> Result<RunningAge
     };
     let ac = federation::agent_config(&id, job, &broker.host(), broker.port(), &dir.join(&id));
     let agent = Agent::new(ac, source).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let (mut rx, s2) = (agent.watch(), seen.clone());
-    tokio::spawn(async move {
-        loop {
-            {
-                let i = rx.borrow_and_update();
-                let mut s = s2.lock().unwrap_or_else(|e| e.into_inner());
-                if s.last().map(|l: &(u64, Option<WeightsHash>)| l.0) != Some(i.model_version) {
-                    s.push((i.model_version, i.weights_hash));
-                }
-            }
-            if rx.changed().await.is_err() {
-                break;
-            }
-        }
-    });
+    let seen = agent.version_trail();
     let stop = CancellationToken::new();
     let task = tokio::spawn(agent.run(stop.clone()));
     Ok(RunningAgent {

@@ -64,6 +64,10 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{AgentConfig, ConfigProblem};
+
+/// (model version, weights hash) in the order an agent's replica reached them
+/// ([`Agent::version_trail`]).
+pub type VersionTrail = std::sync::Arc<std::sync::Mutex<Vec<(u64, Option<WeightsHash>)>>>;
 pub use backoff::Backoff;
 pub use device::{DeviceMonitor, DeviceSample};
 pub use engine_source::{EngineSource, EngineSourceError};
@@ -192,6 +196,29 @@ impl Agent {
     /// A live view of the daemon's [`AgentInfo`]; stays readable after `run` returns.
     pub fn watch(&self) -> watch::Receiver<AgentInfo> {
         self.info.subscribe()
+    }
+
+    /// Every model version the replica passes through, with its hash, in order (tests and
+    /// benches check replay against the aggregator's commits). Needs a tokio runtime: a task
+    /// follows [`Agent::watch`] until the agent is dropped.
+    pub fn version_trail(&self) -> VersionTrail {
+        let trail = VersionTrail::default();
+        let (mut rx, seen) = (self.watch(), trail.clone());
+        tokio::spawn(async move {
+            loop {
+                {
+                    let i = rx.borrow_and_update();
+                    let mut s = seen.lock().unwrap_or_else(|e| e.into_inner());
+                    if s.last().map(|l| l.0) != Some(i.model_version) {
+                        s.push((i.model_version, i.weights_hash));
+                    }
+                }
+                if rx.changed().await.is_err() {
+                    break;
+                }
+            }
+        });
+        trail
     }
 
     /// Runs until `shutdown` is cancelled (then: abandons the current perturbation, publishes
