@@ -376,13 +376,9 @@ pub async fn bridged_run(
     clients: usize,
     commits: u64,
 ) -> anyhow::Result<BridgeOutcome> {
-    let mut cfg = AggregatorConfig::default();
     let dir = tempfile::tempdir()?;
-    cfg.job.name = "bridged".into();
+    let mut cfg = AggregatorConfig::tiny("bridged", dir.path());
     cfg.job.max_commits = commits;
-    cfg.model.preset = "tiny".into();
-    cfg.state.dir = dir.path().to_path_buf();
-    cfg.state.plot_every = 0;
     cfg.state.checkpoint_every = 3;
     cfg.selection.eval_every = 0;
     cfg.round.min_clients = clients as u32;

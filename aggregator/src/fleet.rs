@@ -370,15 +370,5 @@ async fn thin_client(
             break;
         }
     }
-    // A clean DISCONNECT (no last will), flushed within a bound.
-    let _ = client.disconnect().await;
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        loop {
-            match el.poll().await {
-                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => break,
-                _ => {}
-            }
-        }
-    })
-    .await;
+    crate::sim::disconnect_flushed(&client, &mut el, Duration::from_secs(2)).await;
 }

@@ -8,7 +8,6 @@ use fwdllm_aggregator::broker::EmbeddedBroker;
 use fwdllm_aggregator::config::AggregatorConfig;
 use fwdllm_aggregator::server::{self, BrokerTarget, Hooks};
 use fwdllm_aggregator::sim;
-use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(
@@ -150,18 +149,7 @@ fn main() -> anyhow::Result<()> {
                         port: cfg.broker.port,
                     }
                 };
-                let stop = CancellationToken::new();
-                let s2 = stop.clone();
-                tokio::spawn(async move {
-                    let mut term =
-                        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                            .expect("SIGTERM handler");
-                    tokio::select! {
-                        _ = tokio::signal::ctrl_c() => {}
-                        _ = term.recv() => {}
-                    }
-                    s2.cancel();
-                });
+                let stop = server::shutdown_on_signals();
                 let summary = server::run(cfg, target, stop, Hooks::default()).await?;
                 println!(
                     "stopped at version {} after {} rounds",

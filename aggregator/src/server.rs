@@ -214,6 +214,23 @@ fn emit(hooks: &Hooks, events: Vec<AggEvent>) {
     }
 }
 
+/// A token cancelled on SIGTERM (systemd's stop) or SIGINT (Ctrl-C): the `shutdown` of
+/// [`run`] for a process that runs one aggregator. Needs a tokio runtime.
+pub fn shutdown_on_signals() -> CancellationToken {
+    let stop = CancellationToken::new();
+    let s2 = stop.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        s2.cancel();
+    });
+    stop
+}
+
 /// Runs the aggregator until `shutdown` is cancelled or `job.max_commits` is reached.
 pub async fn run(
     cfg: AggregatorConfig,

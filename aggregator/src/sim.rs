@@ -332,9 +332,19 @@ async fn run_client(
         }
     }
     publish_status(&client, &topics, &id, &replica, AgentState::Offline).await;
-    let _ = client.disconnect().await;
     // Flush the offline status and the DISCONNECT (bounded).
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+    disconnect_flushed(&client, &mut el, Duration::from_secs(1)).await;
+}
+
+/// A clean DISCONNECT (no last will), with what is queued before it flushed, waiting at most
+/// `bound` for the event loop to send it.
+pub(crate) async fn disconnect_flushed(
+    client: &rumqttc::AsyncClient,
+    el: &mut rumqttc::EventLoop,
+    bound: Duration,
+) {
+    let _ = client.disconnect().await;
+    let _ = tokio::time::timeout(bound, async {
         loop {
             match el.poll().await {
                 Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => break,

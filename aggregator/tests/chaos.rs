@@ -24,13 +24,9 @@ async fn duplicated_deliveries_are_counted_once_and_nothing_is_lost() {
     const PERTURBATIONS: u32 = 4;
     const COMMITS: u64 = 5;
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = AggregatorConfig::default();
-    cfg.job.name = "chaos-dup".into();
+    let mut cfg = AggregatorConfig::tiny("chaos-dup", dir.path());
     cfg.job.max_commits = COMMITS;
-    cfg.model.preset = "tiny".into();
-    cfg.state.dir = dir.path().to_path_buf();
     cfg.state.checkpoint_every = 2;
-    cfg.state.plot_every = 0;
     cfg.round.min_clients = CLIENTS as u32;
     cfg.round.quorum = CLIENTS as u32;
     cfg.round.perturbations_per_client = PERTURBATIONS;

@@ -13,10 +13,7 @@ use fwdllm_shared::wire::{self, client_index, AgentState, AgentStatus, ClientUpd
 const CLIENTS: [&str; 3] = ["a", "b", "c"];
 
 fn config(dir: &Path) -> AggregatorConfig {
-    let mut cfg = AggregatorConfig::default();
-    cfg.job.name = "restart-round".into();
-    cfg.model.preset = "tiny".into();
-    cfg.state.dir = dir.to_path_buf();
+    let mut cfg = AggregatorConfig::tiny("restart-round", dir);
     cfg.round.min_clients = 3;
     cfg.round.quorum = 2;
     cfg.round.perturbations_per_client = 2;

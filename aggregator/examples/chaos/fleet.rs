@@ -172,47 +172,31 @@ impl Drop for Mosquitto {
     }
 }
 
-/// The aggregator as a child process (`<this binary> aggregator`), with its rulings log.
-pub(crate) struct AggregatorProc {
+/// One daemon as a child process: its command line, log and how long SIGTERM may take;
+/// SIGKILL-able and restartable (the aggregator and the agents alike).
+pub(crate) struct Daemon {
     exe: PathBuf,
-    pub(crate) config: PathBuf,
-    pub(crate) rulings: PathBuf,
-    pub(crate) state_dir: PathBuf,
+    args: Vec<std::ffi::OsString>,
+    rust_log: &'static str,
     log: PathBuf,
+    grace: Duration,
     child: Option<Child>,
 }
 
-impl AggregatorProc {
-    pub(crate) fn new(exe: &Path, dir: &Path, cfg: &AggregatorConfig) -> Result<AggregatorProc> {
-        let config = dir.join("aggregator.toml");
-        std::fs::write(&config, toml::to_string(cfg)?)?;
-        Ok(AggregatorProc {
-            exe: exe.to_path_buf(),
-            config,
-            rulings: dir.join("rulings.jsonl"),
-            state_dir: cfg.state.dir.clone(),
-            log: dir.join("aggregator.log"),
-            child: None,
-        })
-    }
-
+impl Daemon {
     pub(crate) fn start(&mut self) -> Result<()> {
         let child = Command::new(&self.exe)
-            .arg("aggregator")
-            .arg("--config")
-            .arg(&self.config)
-            .arg("--rulings")
-            .arg(&self.rulings)
-            .env("RUST_LOG", "warn,rumqttd=off")
+            .args(&self.args)
+            .env("RUST_LOG", self.rust_log)
             .stdout(Stdio::null())
             .stderr(log_file(&self.log)?)
             .spawn()
-            .with_context(|| format!("starting {} aggregator", self.exe.display()))?;
+            .with_context(|| format!("starting {} {:?}", self.exe.display(), self.args))?;
         self.child = Some(child);
         Ok(())
     }
 
-    /// SIGKILL: no shutdown, no final write.
+    /// SIGKILL: no shutdown, nothing flushed (an agent's broker publishes its last will).
     pub(crate) fn kill(&mut self) -> Result<()> {
         if let Some(mut c) = self.child.take() {
             c.kill()?;
@@ -221,11 +205,71 @@ impl AggregatorProc {
         Ok(())
     }
 
+    /// SIGTERM (an agent abandons its round, publishes "offline" and disconnects), then
+    /// SIGKILL after the grace period.
     pub(crate) fn stop(&mut self) -> Result<()> {
         if let Some(mut c) = self.child.take() {
-            terminate(&mut c, Duration::from_secs(60))?;
+            terminate(&mut c, self.grace)?;
         }
         Ok(())
+    }
+}
+
+/// Both process wrappers start, kill and stop as their [`Daemon`].
+macro_rules! daemon_deref {
+    ($t:ty) => {
+        impl std::ops::Deref for $t {
+            type Target = Daemon;
+            fn deref(&self) -> &Daemon {
+                &self.daemon
+            }
+        }
+        impl std::ops::DerefMut for $t {
+            fn deref_mut(&mut self) -> &mut Daemon {
+                &mut self.daemon
+            }
+        }
+    };
+}
+daemon_deref!(AggregatorProc);
+daemon_deref!(AgentProc);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.kill();
+    }
+}
+
+/// The aggregator as a child process (`<this binary> aggregator`), with its rulings log.
+pub(crate) struct AggregatorProc {
+    pub(crate) rulings: PathBuf,
+    pub(crate) state_dir: PathBuf,
+    daemon: Daemon,
+}
+
+impl AggregatorProc {
+    pub(crate) fn new(exe: &Path, dir: &Path, cfg: &AggregatorConfig) -> Result<AggregatorProc> {
+        let config = dir.join("aggregator.toml");
+        std::fs::write(&config, toml::to_string(cfg)?)?;
+        let rulings = dir.join("rulings.jsonl");
+        Ok(AggregatorProc {
+            daemon: Daemon {
+                exe: exe.to_path_buf(),
+                args: vec![
+                    "aggregator".into(),
+                    "--config".into(),
+                    config.clone().into(),
+                    "--rulings".into(),
+                    rulings.clone().into(),
+                ],
+                rust_log: "warn,rumqttd=off",
+                log: dir.join("aggregator.log"),
+                grace: Duration::from_secs(60),
+                child: None,
+            },
+            rulings,
+            state_dir: cfg.state.dir.clone(),
+        })
     }
 
     /// What the aggregator ruled so far (its rulings log, across restarts).
@@ -238,21 +282,13 @@ impl AggregatorProc {
     }
 }
 
-impl Drop for AggregatorProc {
-    fn drop(&mut self) {
-        let _ = self.kill();
-    }
-}
-
 /// One agent: a `fwdllm-agent run` process with the synthetic source, its own state directory
 /// and log; SIGKILL-able and restartable on the same state.
 pub(crate) struct AgentProc {
     pub(crate) id: String,
-    bin: PathBuf,
-    config: PathBuf,
     state_dir: PathBuf,
     log: PathBuf,
-    child: Option<Child>,
+    daemon: Daemon,
 }
 
 impl AgentProc {
@@ -286,45 +322,20 @@ impl AgentProc {
         c.gradient.seeds_per_chunk = 1;
         let config = dir.join(format!("{id}.toml"));
         std::fs::write(&config, toml::to_string(&c)?)?;
+        let log = dir.join(format!("{id}.log"));
         Ok(AgentProc {
             id: id.into(),
-            bin: bin.to_path_buf(),
-            config,
             state_dir,
-            log: dir.join(format!("{id}.log")),
-            child: None,
+            daemon: Daemon {
+                exe: bin.to_path_buf(),
+                args: vec!["run".into(), "--config".into(), config.into()],
+                rust_log: "warn",
+                log: log.clone(),
+                grace: Duration::from_secs(30),
+                child: None,
+            },
+            log,
         })
-    }
-
-    pub(crate) fn start(&mut self) -> Result<()> {
-        let child = Command::new(&self.bin)
-            .arg("run")
-            .arg("--config")
-            .arg(&self.config)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(log_file(&self.log)?)
-            .spawn()
-            .with_context(|| format!("starting {}", self.bin.display()))?;
-        self.child = Some(child);
-        Ok(())
-    }
-
-    /// SIGKILL: the broker publishes the agent's last will; nothing is flushed.
-    pub(crate) fn kill(&mut self) -> Result<()> {
-        if let Some(mut c) = self.child.take() {
-            c.kill()?;
-            c.wait()?;
-        }
-        Ok(())
-    }
-
-    /// SIGTERM: the daemon abandons its round, publishes "offline" and disconnects.
-    pub(crate) fn stop(&mut self) -> Result<()> {
-        if let Some(mut c) = self.child.take() {
-            terminate(&mut c, Duration::from_secs(30))?;
-        }
-        Ok(())
     }
 
     /// The persisted replica: (version, hash in `state.json`, whether `weights.bin` holds
@@ -343,11 +354,5 @@ impl AgentProc {
         std::fs::read_to_string(&self.log)
             .map(|t| t.lines().filter(|l| l.contains("gave hash")).count() as u64)
             .unwrap_or(0)
-    }
-}
-
-impl Drop for AgentProc {
-    fn drop(&mut self) {
-        let _ = self.kill();
     }
 }

@@ -33,7 +33,6 @@ use fwdllm_aggregator::chaos::{RulingRecord, DEFINITIONS};
 use fwdllm_aggregator::config::AggregatorConfig;
 use fwdllm_aggregator::server::{self, BrokerTarget, Hooks};
 use serde_json::{json, Value};
-use tokio_util::sync::CancellationToken;
 
 use scenarios::{Chaos, Setup};
 
@@ -157,15 +156,7 @@ fn run_aggregator(config: &Path, rulings: &Path) -> Result<()> {
     };
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
-        let stop = CancellationToken::new();
-        let s2 = stop.clone();
-        tokio::spawn(async move {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("SIGTERM handler");
-            term.recv().await;
-            s2.cancel();
-        });
+        let stop = server::shutdown_on_signals();
         let target = BrokerTarget {
             host: cfg.broker.host.clone(),
             port: cfg.broker.port,

@@ -128,12 +128,8 @@ impl BenchBroker {
 }
 
 fn bench_config(n: usize, perturbations: u32, rounds: u64, dir: &Path) -> AggregatorConfig {
-    let mut cfg = AggregatorConfig::default();
-    cfg.job.name = format!("scale{n}");
+    let mut cfg = AggregatorConfig::tiny(&format!("scale{n}"), dir);
     cfg.job.max_commits = rounds;
-    cfg.model.preset = "tiny".into();
-    cfg.state.dir = dir.to_path_buf();
-    cfg.state.plot_every = 0;
     cfg.selection.eval_every = 0;
     cfg.round.min_clients = n as u32;
     cfg.round.quorum = 1;
