@@ -314,6 +314,21 @@ pub async fn run(
                         // (100) of the retained messages and drops the rest (routing.rs,
                         // "drop the excess ones"): with more than 100 boards the aggregator would
                         // never learn of some of them.
+                        // A re-subscription must re-send the retained statuses (MQTT 3.1.1
+                        // §3.8.4), but rumqttd 0.20 sends retained messages only for a filter new
+                        // to the session (routing.rs, `prepare_filter`): a restarted aggregator
+                        // on its persistent session then never learnt which boards are online
+                        // and opened no round again (found by the chaos bench). Dropping the
+                        // filter makes it new; rumqttd ignores an UNSUBSCRIBE of a restored
+                        // session's filter until it was subscribed on this connection, hence
+                        // subscribe, unsubscribe, subscribe. Statuses are retained: none is
+                        // missed, and one delivered twice is harmless.
+                        if session_present {
+                            client
+                                .subscribe(topics.status_filter(), QoS::AtMostOnce)
+                                .await?;
+                            client.unsubscribe(topics.status_filter()).await?;
+                        }
                         client
                             .subscribe(topics.status_filter(), QoS::AtMostOnce)
                             .await?;

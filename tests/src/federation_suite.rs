@@ -392,7 +392,7 @@ pub async fn late_joiner_catches_up(broker: &Broker) {
 
 /// The aggregator killed in the middle of a round (after it pooled a contribution) and
 /// restarted on the same state directory resumes at the same version with the same weights
-/// hash, and the resumed round counts each contribution once.
+/// hash, the resumed round counts each contribution once, and later rounds open.
 pub async fn aggregator_restart_resumes(broker: &Broker) {
     let (_d, dir) = tempdir();
     let cfg = aggregator_config(&dir.join("agg"), 2, 2);
@@ -449,6 +449,9 @@ pub async fn aggregator_restart_resumes(broker: &Broker) {
     // Two clients x 4 perturbations: the contribution pooled before the kill (and redelivered
     // by the broker's session) is counted exactly once.
     assert_eq!(perturbations, 8);
+    // And rounds go on: opening the next one needs the boards' retained statuses, which the
+    // restarted aggregator must have received again on its persistent session.
+    agg.committed(version + 2).await;
     for a in &mut agents {
         a.wait_info("follow", |i| i.model_version > version).await;
         a.assert_replica_matches(&agg);

@@ -8,7 +8,8 @@
 //!   their state once the round closed; repeated;
 //! * `broker_restart` — restart mosquitto (persistence on) in the middle of a round; repeated;
 //! * `aggregator_sigkill` — SIGKILL the aggregator process a random time after it came up,
-//!   restart it on its state directory after a random pause; repeated;
+//!   restart it on its state directory after a random pause; repeated (on mosquitto, and as
+//!   `aggregator_sigkill_rumqttd` on the embedded rumqttd);
 //! * `duplicate_deliveries` — every QoS 1 update reaches the broker twice (`chaos::proxy`).
 //!
 //! Then the real model (`model`): the demo's federation with a fixed commit budget, clean, with
@@ -71,7 +72,7 @@ struct RunArgs {
     #[arg(long, default_value_t = 10)]
     agents: usize,
     /// Commits of each synthetic scenario.
-    #[arg(long, default_value_t = 80)]
+    #[arg(long, default_value_t = 200)]
     commits: u64,
     /// Perturbations per agent per round in the synthetic scenarios.
     #[arg(long, default_value_t = 50)]
@@ -79,8 +80,8 @@ struct RunArgs {
     /// Agents SIGKILLed at once in `agents_killed`.
     #[arg(long, default_value_t = 3)]
     kill: usize,
-    /// How many times each fault is injected.
-    #[arg(long, default_value_t = 5)]
+    /// How many times each fault is injected (the aggregator is SIGKILLed twice as often).
+    #[arg(long, default_value_t = 10)]
     times: usize,
     /// Seed of the random choices (victims, kill times).
     #[arg(long, default_value_t = 1)]
@@ -200,7 +201,7 @@ async fn bench(a: RunArgs) -> Result<()> {
         perturbations: a.perturbations,
         seed: a.seed,
     };
-    let synthetic: [(&str, Chaos, bool); 4] = [
+    let synthetic: [(&str, Chaos, bool); 5] = [
         (
             "agents_killed",
             Chaos::KillAgents {
@@ -218,6 +219,11 @@ async fn bench(a: RunArgs) -> Result<()> {
             "aggregator_sigkill",
             Chaos::KillAggregator { times: 2 * a.times },
             true,
+        ),
+        (
+            "aggregator_sigkill_rumqttd",
+            Chaos::KillAggregator { times: 2 * a.times },
+            false,
         ),
         ("duplicate_deliveries", Chaos::Duplicate, false),
     ];
