@@ -96,8 +96,13 @@ enum Cmd {
 }
 
 fn main() -> anyhow::Result<()> {
-    fwdllm_shared::service::init_logging(log::LevelFilter::Info);
     let cli = Cli::parse();
+    // The scale bench's embedded broker logs every one of thousands of disconnects at error
+    // level when its fleet stops: quiet rumqttd unless RUST_LOG says otherwise.
+    if matches!(cli.cmd, Cmd::Scale { .. }) && std::env::var_os("RUST_LOG").is_none() {
+        std::env::set_var("RUST_LOG", "info,rumqttd=off");
+    }
+    fwdllm_shared::service::init_logging(log::LevelFilter::Info);
     match cli.cmd {
         Cmd::Validate { config } => {
             let text = std::fs::read_to_string(&config)
