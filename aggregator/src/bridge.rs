@@ -317,24 +317,32 @@ pub async fn retained_on_both(
     ))
 }
 
-/// Collects every commit seen on `addr`'s commit topic, by version.
+/// Collects every commit seen on `addr`'s commit topic and retained log, by version, and how
+/// many times its connection was (re)established. A persistent session: a reconnect keeps the
+/// subscriptions and what was queued meanwhile, so no commit is missed.
 fn watch_commits(
     addr: SocketAddr,
     job: &str,
     stop: CancellationToken,
-) -> tokio::task::JoinHandle<BTreeMap<u64, Vec<u8>>> {
+) -> tokio::task::JoinHandle<(BTreeMap<u64, Vec<u8>>, u64)> {
     let topics = Topics::new(job).expect("job name");
     tokio::spawn(async move {
         let mut o = MqttOptions::new(format!("commits-{}", addr.port()), "127.0.0.1", addr.port());
-        o.set_clean_session(true);
+        o.set_clean_session(false);
         o.set_max_packet_size(64 << 20, 64 << 20);
         let (c, mut el) = AsyncClient::new(o, 16);
         let mut seen = BTreeMap::new();
-        let _ = c.subscribe(topics.commit(), QoS::AtLeastOnce).await;
+        let mut connections = 0;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
                 ev = el.poll() => match ev {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        connections += 1;
+                        for f in [topics.commit(), topics.commits_filter()] {
+                            let _ = c.subscribe(f, QoS::AtLeastOnce).await;
+                        }
+                    }
                     Ok(Event::Incoming(Packet::Publish(p))) if !p.payload.is_empty() => {
                         if let Ok(rc) = wire::decode::<RoundCommit>(&p.payload) {
                             seen.insert(rc.new_version, p.payload.to_vec());
@@ -345,7 +353,7 @@ fn watch_commits(
                 }
             }
         }
-        seen
+        (seen, connections)
     })
 }
 
@@ -366,6 +374,14 @@ pub struct BridgeOutcome {
     pub bridge_connections: u64,
     pub commits: u64,
     pub duplicates: u64,
+    /// Seeds sent, and versions of the commits seen on the site broker.
+    pub sent: u64,
+    pub versions_seen: Vec<u64>,
+    /// Connections of the commit watcher (1 unless it had to reconnect).
+    pub watcher_connections: u64,
+    /// Commits the clients' replicas applied, all clients together (clients × commits when
+    /// every replica followed every commit across the bridge).
+    pub replica_commits_applied: u64,
 }
 
 /// `clients` simulated clients (each with its own replica) on the site broker, the aggregator
@@ -448,7 +464,7 @@ pub async fn bridged_run(
     }
     let (central, site) = retained_on_both(&b, &job).await?;
     watch_stop.cancel();
-    let seen = watcher.await?;
+    let (seen, watcher_connections) = watcher.await?;
     let mut committed: BTreeMap<u64, u32> = BTreeMap::new();
     for bytes in seen.values() {
         if let Ok(rc) = wire::decode::<RoundCommit>(bytes) {
@@ -482,6 +498,10 @@ pub async fn bridged_run(
         bridge_connections: b.relay.connections(),
         commits: summary.version,
         duplicates: summary.duplicates,
+        sent: sent.len() as u64,
+        versions_seen: seen.keys().copied().collect(),
+        watcher_connections,
+        replica_commits_applied: stats.commits_applied.load(Ordering::Relaxed),
     })
 }
 
@@ -497,5 +517,9 @@ pub fn report(o: &BridgeOutcome, clients: usize) -> Value {
         "bridge_commits": o.commits,
         "bridge_duplicates_deduplicated": o.duplicates,
         "bridge_clients": clients,
+        "bridge_seeds_sent": o.sent,
+        "bridge_commit_versions_seen": o.versions_seen,
+        "bridge_watcher_connections": o.watcher_connections,
+        "bridge_replica_commits_applied": o.replica_commits_applied,
     })
 }

@@ -63,8 +63,8 @@ enum Cmd {
     /// Fleet-scale bench: 100 / 1,000 / 10,000 simulated clients through mosquitto (and the
     /// embedded broker), end-to-end ingest against mosquitto's own QoS-1 ceiling (scale.json).
     Scale {
-        /// Client counts run through mosquitto (comma-separated).
-        #[arg(long, value_delimiter = ',', default_value = "100,1000,10000")]
+        /// Client counts run through mosquitto (comma-separated; `--clients` alone = none).
+        #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "100,1000,10000")]
         clients: Vec<usize>,
         /// Client counts also run through the embedded broker (comma-separated; `--embedded`
         /// alone = none).
@@ -74,10 +74,10 @@ enum Cmd {
         #[arg(long, default_value_t = 1000)]
         headline: usize,
         /// Updates per run (rounds = this / clients, at least 3).
-        #[arg(long, default_value_t = 30_000)]
+        #[arg(long, default_value_t = 60_000)]
         updates: usize,
         /// Messages of the broker-ceiling measurement.
-        #[arg(long, default_value_t = 60_000)]
+        #[arg(long, default_value_t = 100_000)]
         ceiling_messages: usize,
         /// The mosquitto binary.
         #[arg(long, default_value = "/usr/sbin/mosquitto")]
@@ -85,6 +85,9 @@ enum Cmd {
         /// Simulated clients of the bridged-broker run (0 = skip it).
         #[arg(long, default_value_t = 50)]
         bridge_clients: usize,
+        /// Run nothing: redraw the PNG of an existing report (written next to --out).
+        #[arg(long)]
+        replot: Option<PathBuf>,
         /// Write the JSON report here.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -92,8 +95,13 @@ enum Cmd {
 }
 
 fn main() -> anyhow::Result<()> {
-    fwdllm_shared::service::init_logging(log::LevelFilter::Info);
     let cli = Cli::parse();
+    // The scale bench's embedded broker logs every one of thousands of disconnects at error
+    // level when its fleet stops: quiet rumqttd unless RUST_LOG says otherwise.
+    if matches!(cli.cmd, Cmd::Scale { .. }) && std::env::var_os("RUST_LOG").is_none() {
+        std::env::set_var("RUST_LOG", "info,rumqttd=off");
+    }
+    fwdllm_shared::service::init_logging(log::LevelFilter::Info);
     match cli.cmd {
         Cmd::Validate { config } => {
             let text = std::fs::read_to_string(&config)
@@ -166,8 +174,19 @@ fn main() -> anyhow::Result<()> {
             ceiling_messages,
             mosquitto,
             bridge_clients,
+            replot,
             out,
         } => {
+            if let Some(report) = replot {
+                let text = std::fs::read_to_string(&report)
+                    .with_context(|| format!("reading {}", report.display()))?;
+                let v: serde_json::Value = serde_json::from_str(&text)?;
+                let png = out.unwrap_or(report).with_extension("png");
+                fwdllm_aggregator::scale::plot(&v, &png)
+                    .map_err(|e| anyhow::anyhow!("plotting {}: {e}", png.display()))?;
+                println!("wrote {}", png.display());
+                return Ok(());
+            }
             let opts = fwdllm_aggregator::scale::ScaleOptions {
                 clients,
                 embedded,

@@ -16,6 +16,8 @@ async fn a_bridge_restart_mid_round_loses_and_doubles_nothing() {
     );
     let o = bridge::bridged_run(bin, 6, 4).await.expect("bridged run");
     assert_eq!(o.commits, 4);
+    assert_eq!(o.versions_seen, [1, 2, 3, 4], "{o:?}");
+    assert_eq!(o.replica_commits_applied, 6 * 4, "{o:?}");
     assert_eq!(o.lost, 0, "{o:?}");
     assert_eq!(o.doubled, 0, "{o:?}");
     assert_eq!(o.hash_mismatches, 0, "{o:?}");

@@ -79,9 +79,9 @@ impl Default for ScaleOptions {
             clients: vec![100, 1000, 10_000],
             embedded: vec![1000],
             headline: 1000,
-            updates_per_run: 30_000,
+            updates_per_run: 60_000,
             perturbations: 4,
-            ceiling_messages: 60_000,
+            ceiling_messages: 100_000,
             mosquitto: PathBuf::from("/usr/sbin/mosquitto"),
             bridge_clients: 50,
         }

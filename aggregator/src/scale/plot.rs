@@ -67,7 +67,10 @@ pub fn plot(report: &Value, path: &Path) -> Result<(), Box<dyn std::error::Error
                 series(
                     "mosquitto",
                     "commit_fanout_bytes_per_round_if_every_client_followed",
-                ),
+                )
+                .into_iter()
+                .map(|(n, b)| (n, b / 1e6))
+                .collect(),
                 RED,
             )],
         ),
@@ -94,6 +97,8 @@ pub fn plot(report: &Value, path: &Path) -> Result<(), Box<dyn std::error::Error
                 .configure_mesh()
                 .x_desc("clients")
                 .y_desc(ylab)
+                .x_label_formatter(&|x| format!("{x:.0}"))
+                .y_label_formatter(&|y| format!("{y:.0}"))
                 .draw()?;
         }
         for (name, pts, color) in lines {
