@@ -227,21 +227,22 @@ fn main() -> anyhow::Result<()> {
         );
         curves.insert(split.clone(), mean_curve(rs));
     }
-    let mean_of = |s: &str| {
+    // Mean over a split's seeds of the exported (selected) or the last version's accuracy.
+    let mean_of = |s: &str, pick: fn(&FedRun) -> f64| {
         runs.get(s)
-            .map(|rs| mean_sd(&rs.iter().map(|r| r.selected).collect::<Vec<_>>()).0)
+            .map(|rs| mean_sd(&rs.iter().map(pick).collect::<Vec<_>>()).0)
     };
-    match mean_of("iid") {
+    let selected = |r: &FedRun| r.selected;
+    let last = |r: &FedRun| r.last;
+    match mean_of("iid", selected) {
         Some(iid) => {
             out.insert("ag_news_fed_iid_acc".into(), json!(iid));
-            match mean_of("dirichlet0.1") {
+            match mean_of("dirichlet0.1", selected) {
                 Some(d) => {
                     out.insert("noniid_gap_points".into(), json!(100.0 * (iid - d)));
-                    let last = |s: &str| {
-                        runs.get(s)
-                            .map(|rs| mean_sd(&rs.iter().map(|r| r.last).collect::<Vec<_>>()).0)
-                    };
-                    if let (Some(a), Some(b)) = (last("iid"), last("dirichlet0.1")) {
+                    if let (Some(a), Some(b)) =
+                        (mean_of("iid", last), mean_of("dirichlet0.1", last))
+                    {
                         out.insert(
                             "noniid_gap_points_last_version".into(),
                             json!(100.0 * (a - b)),
