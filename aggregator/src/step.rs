@@ -46,6 +46,14 @@ pub struct Step {
     pub clamped: bool,
 }
 
+/// Whether the trust region may scale the step of commit `t` (`mean_norm` within a relative
+/// 1e-9 of the clamp, or over it): two sums of the same pairs in different orders differ far
+/// less than that, so below it both are unclamped and the norm's last bits cannot matter.
+pub fn may_clamp(cfg: &StepConfig, t: u64, mean_norm: f64, theta_norm: f64) -> bool {
+    let max_norm = cfg.trust_region * theta_norm.max(cfg.trust_floor);
+    lr_at(cfg, t) * mean_norm >= max_norm * (1.0 - 1e-9)
+}
+
 /// Builds commit coefficients from pooled pairs. `mean_norm` = ‖Σ_b U_b / K_b‖ (from the
 /// pool), `block_pairs(seed)` = K_b, `theta_norm` = ‖θ‖ before the step.
 pub fn make_step(

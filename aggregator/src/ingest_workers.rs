@@ -1,0 +1,198 @@
+//! Ingest workers over an MQTT shared subscription (`[ingest] workers = N`, N > 1).
+//!
+//! Each worker is its own broker connection (client id `{broker.client_id}-ingest-{i}`,
+//! persistent session, manual acks) subscribed to `$share/fwdllm-ingest/{updates filter}`: the
+//! broker hands every update to exactly one member of the group. A worker parses the topic and
+//! decodes the update on its own task and hands the result, with the publish it came in, to the
+//! coordinator's task ([`crate::server`]), which stays the only writer of state: it accepts or
+//! refuses, journals the raw payload, and after the group's fsync asks the worker that received
+//! each update to acknowledge it on that worker's connection. So the rule of one connection
+//! holds with N: an update is acknowledged only once it is durable, an unacknowledged one is
+//! redelivered (to the same persistent session) and counted once by the round's tally, and a
+//! commit sorts its pairs by seed ([`crate::coordinator`]), so it is the same bits for any
+//! worker count.
+//!
+//! Not pooled here: the pacing statistic is read after every event, so a worker's partial sum
+//! would have to be merged before each decision; with the shipped layouts the per-pair pooling
+//! is a small share of an update's cost (SCALING.md, "Split ingest").
+
+use std::time::Duration;
+
+use fwdllm_shared::topics::{TopicKind, Topics};
+use fwdllm_shared::wire::{self, ClientUpdate, WireError};
+use log::{info, warn};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::AggregatorConfig;
+use crate::server::{reconnect_wait, BrokerTarget, Incoming, ServerError};
+
+/// The share group of the workers (one per updates filter, so one per job on a broker).
+pub const SHARE_GROUP: &str = "fwdllm-ingest";
+
+/// The shared-subscription filter the workers subscribe to.
+pub fn share_filter(topics: &Topics) -> String {
+    format!("$share/{SHARE_GROUP}/{}", topics.updates_filter())
+}
+
+/// The MQTT client id of worker `i`.
+pub fn worker_client_id(aggregator_id: &str, i: usize) -> String {
+    format!("{aggregator_id}-ingest-{i}")
+}
+
+/// One publish as a worker hands it to the coordinator.
+pub(crate) struct Handoff {
+    /// Which worker received it: the one whose connection acknowledges it.
+    pub worker: usize,
+    /// The client id from the topic and the decoded update; None for a publish on another
+    /// topic (acknowledged, not used).
+    pub update: Option<(String, Result<ClientUpdate, WireError>)>,
+    /// For the acknowledgement, and the raw payload the journal keeps.
+    pub publish: Publish,
+}
+
+/// The running workers: their clients (for the acknowledgements) and tasks.
+pub(crate) struct Workers {
+    clients: Vec<AsyncClient>,
+    tasks: Vec<JoinHandle<()>>,
+    stop: CancellationToken,
+}
+
+fn options(
+    cfg: &AggregatorConfig,
+    target: &BrokerTarget,
+    i: usize,
+) -> Result<MqttOptions, ServerError> {
+    let mut o = MqttOptions::new(
+        worker_client_id(&cfg.broker.client_id, i),
+        target.host.clone(),
+        target.port,
+    );
+    o.set_keep_alive(Duration::from_secs(cfg.broker.keep_alive_s));
+    // Persistent: the broker queues this worker's share while the aggregator restarts.
+    o.set_clean_session(false);
+    o.set_manual_acks(true);
+    o.set_max_packet_size(cfg.broker.max_packet_bytes, cfg.broker.max_packet_bytes);
+    // No last will: the aggregator's status belongs to the coordinator's connection.
+    crate::security::apply(&cfg.broker, &mut o)?;
+    Ok(o)
+}
+
+impl Workers {
+    /// Connects `cfg.ingest.workers` workers; their hand-offs go to `tx`.
+    pub(crate) fn spawn(
+        cfg: &AggregatorConfig,
+        target: &BrokerTarget,
+        topics: &Topics,
+        tx: mpsc::UnboundedSender<Incoming>,
+    ) -> Result<Workers, ServerError> {
+        let stop = CancellationToken::new();
+        let mut clients = Vec::new();
+        let mut tasks = Vec::new();
+        for i in 0..cfg.ingest.workers as usize {
+            let (client, mut el) = AsyncClient::new(options(cfg, target, i)?, 4096);
+            crate::fleet::no_delay(&mut el);
+            tasks.push(tokio::spawn(work(
+                i,
+                client.clone(),
+                el,
+                topics.clone(),
+                tx.clone(),
+                stop.clone(),
+            )));
+            clients.push(client);
+        }
+        info!(
+            "{} ingest workers on {}",
+            clients.len(),
+            share_filter(topics)
+        );
+        Ok(Workers {
+            clients,
+            tasks,
+            stop,
+        })
+    }
+
+    /// Acknowledges `p` on the connection of the worker that received it.
+    pub(crate) async fn ack(&self, worker: usize, p: &Publish) -> Result<(), ServerError> {
+        Ok(self.clients[worker].ack(p).await?)
+    }
+
+    /// Disconnects every worker (what was not acknowledged is redelivered to its session).
+    pub(crate) async fn shutdown(self) {
+        for c in &self.clients {
+            let _ = c.disconnect().await;
+        }
+        // Let the event loops flush their disconnects (bounded), then stop them.
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            for t in &self.tasks {
+                while !t.is_finished() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        })
+        .await;
+        self.stop.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// One worker: subscribes on every connection, decodes what it receives and hands it over.
+async fn work(
+    worker: usize,
+    client: AsyncClient,
+    mut el: rumqttc::EventLoop,
+    topics: Topics,
+    tx: mpsc::UnboundedSender<Incoming>,
+    stop: CancellationToken,
+) {
+    let filter = share_filter(&topics);
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let ev = tokio::select! {
+            _ = stop.cancelled() => return,
+            ev = el.poll() => ev,
+        };
+        match ev {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                backoff = Duration::from_millis(100);
+                // `try_`: this task is the one that drains the request channel.
+                if let Err(e) = client.try_subscribe(filter.clone(), QoS::AtLeastOnce) {
+                    warn!("ingest worker {worker}: subscribing {filter}: {e}");
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(publish))) => {
+                let update = match topics.parse(&publish.topic) {
+                    Some(TopicKind::Update(id)) => {
+                        let u = wire::decode::<ClientUpdate>(&publish.payload);
+                        Some((id, u))
+                    }
+                    _ => None,
+                };
+                let h = Handoff {
+                    worker,
+                    update,
+                    publish,
+                };
+                if tx.send(Incoming::Shared(h)).is_err() {
+                    return;
+                }
+            }
+            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
+            Ok(_) => {}
+            Err(e) => {
+                let wait = reconnect_wait(&mut backoff);
+                warn!("ingest worker {worker} MQTT connection: {e}; reconnecting in {wait:?}");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
+}
