@@ -24,7 +24,7 @@ use log::{info, warn};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::config::AggregatorConfig;
 use crate::server::{reconnect_wait, BrokerTarget, Incoming, ServerError};
@@ -57,7 +57,9 @@ pub(crate) struct Handoff {
 pub(crate) struct Workers {
     clients: Vec<AsyncClient>,
     tasks: Vec<JoinHandle<()>>,
-    stop: CancellationToken,
+    /// Dropping the workers (the aggregator's future aborted = "kill") ends their event
+    /// loops: a zombie connection would hold a worker's client id against a restart.
+    stop: DropGuard,
 }
 
 fn options(
@@ -112,7 +114,7 @@ impl Workers {
         Ok(Workers {
             clients,
             tasks,
-            stop,
+            stop: stop.drop_guard(),
         })
     }
 
@@ -135,7 +137,7 @@ impl Workers {
             }
         })
         .await;
-        self.stop.cancel();
+        drop(self.stop);
         for t in self.tasks {
             let _ = t.await;
         }

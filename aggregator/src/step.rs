@@ -113,6 +113,26 @@ mod tests {
     }
 
     #[test]
+    fn may_clamp_covers_every_clamped_step_and_a_margin_below() {
+        let c = cfg(Schedule::Constant);
+        // lr 1, trust region 0.5, ‖θ‖ 2: the clamp is at a mean norm of 1.
+        let clamped = |mean_norm: f64| {
+            let step = make_step(&c, 0, &[], mean_norm, &|_| 1, 2.0);
+            step.clamped
+        };
+        for (mean_norm, may, clamps) in [
+            (0.5, false, false),
+            (1.0 - 1e-6, false, false),
+            (1.0 - 1e-12, true, false),
+            (1.0 + 1e-12, true, true),
+            (3.0, true, true),
+        ] {
+            assert_eq!(may_clamp(&c, 0, mean_norm, 2.0), may, "{mean_norm}");
+            assert_eq!(clamped(mean_norm), clamps, "{mean_norm}");
+        }
+    }
+
+    #[test]
     fn schedules_start_at_lr_and_end_at_the_floor() {
         for s in [Schedule::Linear, Schedule::Cosine] {
             let c = cfg(s);
