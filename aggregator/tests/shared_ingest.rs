@@ -107,7 +107,10 @@ fn commit_in_order(order: &[usize], trust_region: f64, decoded: bool) -> (Weight
         .find(|o| o.topic.ends_with("/commit"))
         .expect("a commit");
     let rc = wire::decode::<RoundCommit>(&commit.payload).unwrap();
-    (c.weights().hash(), rc.pairs.iter().map(|p| p.seed).collect())
+    (
+        c.weights().hash(),
+        rc.pairs.iter().map(|p| p.seed).collect(),
+    )
 }
 
 #[test]
