@@ -2,8 +2,9 @@
 //! cap, DP noise), the step (learning rate, trust region), the new weights and their
 //! [`RoundCommit`], the retained commit log and checkpoint, and the round's metrics record.
 //!
-//! Cost of a commit of P pairs: O(P) for the robust steps (medians by selection), O(P·d) to
-//! apply them to the weights (d = trainable values), O(parameters) for the weights hash and,
+//! Cost of a commit of P pairs: O(P log P) to sort them by seed, O(P) for the robust steps
+//! (medians by selection), O(P·d) to apply them to the weights (d = trainable values; once more
+//! to re-pool them when the trust region may clamp the step), O(parameters) for the weights hash and,
 //! every `checkpoint_every` commits, the checkpoint; then one `state.bin` snapshot holding the
 //! commit log since the last checkpoint. Once per round, so O(d) amortised per pooled pair.
 
