@@ -12,10 +12,18 @@
 //! commit sorts its pairs by seed ([`crate::coordinator`]), so it is the same bits for any
 //! worker count.
 //!
+//! Lowering the count must not strand updates: Mosquitto keeps routing a share to the persistent
+//! session of a member that is offline. So the state directory records how many worker sessions
+//! may hold the subscription ([`SESSIONS_FILE`], written before they subscribe), and every start
+//! connects the workers past the configured count too, as *retiring* workers: they unsubscribe
+//! (no new share is routed to them) and hand over what their sessions queued, exactly like
+//! active workers. The record is never lowered, so a retired id costs one idle connection.
+//!
 //! Not pooled here: the pacing statistic is read after every event, so a worker's partial sum
 //! would have to be merged before each decision; with the shipped layouts the per-pair pooling
 //! is a small share of an update's cost (SCALING.md, "Split ingest").
 
+use std::path::Path;
 use std::time::Duration;
 
 use fwdllm_shared::topics::{TopicKind, Topics};
@@ -31,6 +39,17 @@ use crate::server::{reconnect_wait, BrokerTarget, Incoming, ServerError};
 
 /// The share group of the workers (one per updates filter, so one per job on a broker).
 pub const SHARE_GROUP: &str = "fwdllm-ingest";
+
+/// File in `state.dir`: the number of worker sessions that may hold the shared subscription.
+pub const SESSIONS_FILE: &str = "ingest_sessions";
+
+/// Worker sessions a previous run may have left subscribed (0 when none ran).
+pub fn sessions_recorded(dir: &Path) -> u32 {
+    std::fs::read_to_string(dir.join(SESSIONS_FILE))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
 
 /// The shared-subscription filter the workers subscribe to.
 pub fn share_filter(topics: &Topics) -> String {
@@ -83,21 +102,46 @@ fn options(
 }
 
 impl Workers {
-    /// Connects `cfg.ingest.workers` workers; their hand-offs go to `tx`.
-    pub(crate) fn spawn(
+    /// Connects the `cfg.ingest.workers` workers (none when it is 1) and, as retiring workers,
+    /// any further ones a previous run recorded; their hand-offs go to `tx`. None when there
+    /// is neither.
+    pub(crate) fn start(
         cfg: &AggregatorConfig,
         target: &BrokerTarget,
         topics: &Topics,
         tx: mpsc::UnboundedSender<Incoming>,
-    ) -> Result<Workers, ServerError> {
+    ) -> Result<Option<Workers>, ServerError> {
+        let active = if cfg.ingest.workers > 1 {
+            cfg.ingest.workers
+        } else {
+            0
+        };
+        let recorded = sessions_recorded(&cfg.state.dir);
+        let total = active.max(recorded);
+        if total == 0 {
+            return Ok(None);
+        }
+        if total > recorded {
+            // Durable before any of them subscribes: a later start with fewer must find them.
+            crate::state::atomic_write(
+                &cfg.state.dir.join(SESSIONS_FILE),
+                total.to_string().as_bytes(),
+            )?;
+        }
         let stop = CancellationToken::new();
         let mut clients = Vec::new();
         let mut tasks = Vec::new();
-        for i in 0..cfg.ingest.workers as usize {
+        for i in 0..total as usize {
             let (client, mut el) = AsyncClient::new(options(cfg, target, i)?, 4096);
             crate::fleet::no_delay(&mut el);
+            let role = if i < active as usize {
+                Role::Share
+            } else {
+                Role::Retire
+            };
             tasks.push(tokio::spawn(work(
                 i,
+                role,
                 client.clone(),
                 el,
                 topics.clone(),
@@ -107,15 +151,15 @@ impl Workers {
             clients.push(client);
         }
         info!(
-            "{} ingest workers on {}",
-            clients.len(),
-            share_filter(topics)
+            "{active} ingest workers on {}, {} retiring",
+            share_filter(topics),
+            total - active
         );
-        Ok(Workers {
+        Ok(Some(Workers {
             clients,
             tasks,
             stop: stop.drop_guard(),
-        })
+        }))
     }
 
     /// Acknowledges `p` on the connection of the worker that received it.
@@ -144,9 +188,19 @@ impl Workers {
     }
 }
 
-/// One worker: subscribes on every connection, decodes what it receives and hands it over.
+/// What a worker does on each connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// Subscribe to the shared filter: take a share of the updates.
+    Share,
+    /// Unsubscribe from it (no new share is routed here) and hand over what the session holds.
+    Retire,
+}
+
+/// One worker: (un)subscribes on every connection, decodes what it receives and hands it over.
 async fn work(
     worker: usize,
+    role: Role,
     client: AsyncClient,
     mut el: rumqttc::EventLoop,
     topics: Topics,
@@ -164,8 +218,12 @@ async fn work(
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 backoff = Duration::from_millis(100);
                 // `try_`: this task is the one that drains the request channel.
-                if let Err(e) = client.try_subscribe(filter.clone(), QoS::AtLeastOnce) {
-                    warn!("ingest worker {worker}: subscribing {filter}: {e}");
+                let r = match role {
+                    Role::Share => client.try_subscribe(filter.clone(), QoS::AtLeastOnce),
+                    Role::Retire => client.try_unsubscribe(filter.clone()),
+                };
+                if let Err(e) = r {
+                    warn!("ingest worker {worker} ({role:?}): {filter}: {e}");
                 }
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {

@@ -270,12 +270,9 @@ pub async fn run(
     // connection would fight a restarted aggregator over the client id.
     let _stop_on_drop = stop.clone().drop_guard();
     // With ingest workers the updates come through their connections (a shared
-    // subscription), everything else through this one.
-    let workers = if cfg.ingest.workers > 1 {
-        Some(Workers::spawn(&cfg, &target, &topics, tx.clone())?)
-    } else {
-        None
-    };
+    // subscription), everything else through this one; retiring workers hand over what their
+    // sessions still hold (`ingest_workers`).
+    let workers = Workers::start(&cfg, &target, &topics, tx.clone())?;
     let pump_task = tokio::spawn(pump(el, tx, stop.clone()));
     let resumed = AggEvent::Resumed {
         version: coord.version(),
@@ -324,7 +321,7 @@ pub async fn run(
                             "aggregator connected to {}:{} (session present: {session_present})",
                             target.host, target.port
                         );
-                        if workers.is_none() {
+                        if cfg.ingest.workers <= 1 {
                             client
                                 .subscribe(topics.updates_filter(), QoS::AtLeastOnce)
                                 .await?;

@@ -275,3 +275,103 @@ async fn ingest_workers_lose_and_double_nothing_and_commit_the_same_bits() {
         assert_eq!(o.hashes, one.hashes, "{case}");
     }
 }
+
+/// Publishes `n` updates of clients `junk-{i}` for round 1 (stale once the job is past it).
+async fn publish_stale(port: u16, job: &str, n: usize) {
+    let topics = fwdllm_shared::topics::Topics::new(job).unwrap();
+    let (client, mut el) = rumqttc::AsyncClient::new(
+        rumqttc::MqttOptions::new("junk-publisher", "127.0.0.1", port),
+        64,
+    );
+    for i in 0..n {
+        let id = format!("junk-{i}");
+        let u = ClientUpdate {
+            client_id: id.clone(),
+            round: 1,
+            base_version: 0,
+            seq: 0,
+            pairs: vec![SeedScalar { seed: i as u64, g: 0.5 }],
+            samples: 1,
+            loss_mean: 1.0,
+            loss_m2: 0.0,
+        };
+        client
+            .publish(topics.update(&id), rumqttc::QoS::AtLeastOnce, false, wire::encode(&u))
+            .await
+            .unwrap();
+    }
+    let mut acked = 0;
+    while acked < n {
+        match el.poll().await {
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => acked += 1,
+            Ok(_) => {}
+            Err(e) => panic!("junk publisher: {e}"),
+        }
+    }
+    client.disconnect().await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(2), el.poll()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lowering_the_worker_count_strands_no_update() {
+    let broker = mosquitto();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config("retire", dir.path(), CLIENTS);
+    cfg.job.max_commits = 1;
+    cfg.ingest.workers = 3;
+    cfg.broker.port = broker.port();
+    let target = BrokerTarget {
+        host: "127.0.0.1".into(),
+        port: broker.port(),
+    };
+    // A run with 3 workers leaves 3 persistent sessions in the share group.
+    let params = SimParams {
+        job: cfg.job.name.clone(),
+        host: "127.0.0.1".into(),
+        port: broker.port(),
+        layout: cfg.layout().unwrap(),
+        noise: 0.01,
+        target_seed: 7,
+        max_packet_bytes: cfg.broker.max_packet_bytes,
+    };
+    let sim_stop = CancellationToken::new();
+    let stats = Arc::new(SimStats::default());
+    let clients = sim::spawn_clients(&params, "dev", CLIENTS, stats, sim_stop.clone());
+    let run = server::run(cfg.clone(), target.clone(), CancellationToken::new(), Hooks::default());
+    let summary = tokio::time::timeout(GUARD, run).await.unwrap().unwrap();
+    assert_eq!(summary.version, 1);
+    sim_stop.cancel();
+    for c in clients {
+        let _ = c.await;
+    }
+    // While the aggregator is down, Mosquitto routes the updates round-robin to the three
+    // offline sessions: two of these six wait in worker 2's.
+    publish_stale(broker.port(), &cfg.job.name, 6).await;
+    // Restarted with 2 workers: worker 2 retires and hands over what its session held.
+    cfg.ingest.workers = 2;
+    cfg.job.max_commits = 2;
+    let (tx, mut events) = broadcast::channel(1 << 12);
+    let hooks = Hooks {
+        events: Some(tx),
+        ..Hooks::default()
+    };
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(server::run(cfg, target, stop.clone(), hooks));
+    let mut ruled = BTreeSet::new();
+    tokio::time::timeout(GUARD, async {
+        while ruled.len() < 6 {
+            match events.recv().await {
+                Ok(AggEvent::Update { client, outcome, .. }) if client.starts_with("junk-") => {
+                    assert!(matches!(outcome, UpdateOutcome::Stale { .. }), "{outcome:?}");
+                    ruled.insert(client);
+                }
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(e) => panic!("aggregator events ended: {e}"),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("stranded updates: only {ruled:?} reached the aggregator"));
+    stop.cancel();
+    tokio::time::timeout(GUARD, task).await.unwrap().unwrap().unwrap();
+}
