@@ -290,13 +290,21 @@ async fn publish_stale(port: u16, job: &str, n: usize) {
             round: 1,
             base_version: 0,
             seq: 0,
-            pairs: vec![SeedScalar { seed: i as u64, g: 0.5 }],
+            pairs: vec![SeedScalar {
+                seed: i as u64,
+                g: 0.5,
+            }],
             samples: 1,
             loss_mean: 1.0,
             loss_m2: 0.0,
         };
         client
-            .publish(topics.update(&id), rumqttc::QoS::AtLeastOnce, false, wire::encode(&u))
+            .publish(
+                topics.update(&id),
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                wire::encode(&u),
+            )
             .await
             .unwrap();
     }
@@ -337,7 +345,12 @@ async fn lowering_the_worker_count_strands_no_update() {
     let sim_stop = CancellationToken::new();
     let stats = Arc::new(SimStats::default());
     let clients = sim::spawn_clients(&params, "dev", CLIENTS, stats, sim_stop.clone());
-    let run = server::run(cfg.clone(), target.clone(), CancellationToken::new(), Hooks::default());
+    let run = server::run(
+        cfg.clone(),
+        target.clone(),
+        CancellationToken::new(),
+        Hooks::default(),
+    );
     let summary = tokio::time::timeout(GUARD, run).await.unwrap().unwrap();
     assert_eq!(summary.version, 1);
     sim_stop.cancel();
@@ -361,8 +374,13 @@ async fn lowering_the_worker_count_strands_no_update() {
     tokio::time::timeout(GUARD, async {
         while ruled.len() < 6 {
             match events.recv().await {
-                Ok(AggEvent::Update { client, outcome, .. }) if client.starts_with("junk-") => {
-                    assert!(matches!(outcome, UpdateOutcome::Stale { .. }), "{outcome:?}");
+                Ok(AggEvent::Update {
+                    client, outcome, ..
+                }) if client.starts_with("junk-") => {
+                    assert!(
+                        matches!(outcome, UpdateOutcome::Stale { .. }),
+                        "{outcome:?}"
+                    );
                     ruled.insert(client);
                 }
                 Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
@@ -373,5 +391,9 @@ async fn lowering_the_worker_count_strands_no_update() {
     .await
     .unwrap_or_else(|_| panic!("stranded updates: only {ruled:?} reached the aggregator"));
     stop.cancel();
-    tokio::time::timeout(GUARD, task).await.unwrap().unwrap().unwrap();
+    tokio::time::timeout(GUARD, task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
 }
