@@ -89,7 +89,8 @@ pub(crate) enum Incoming {
         session_present: bool,
     },
     Publish(Publish),
-    /// An update an ingest worker received and decoded (`[ingest] workers` > 1).
+    /// A publish an ingest worker (active or retiring, `crate::ingest_workers`) received and
+    /// decoded.
     Shared(Handoff),
 }
 
