@@ -320,7 +320,7 @@ pub async fn retained_on_both(
 /// Collects every commit seen on `addr`'s commit topic and retained log, by version, and how
 /// many times its connection was (re)established. A persistent session: a reconnect keeps the
 /// subscriptions and what was queued meanwhile, so no commit is missed.
-fn watch_commits(
+pub fn watch_commits(
     addr: SocketAddr,
     job: &str,
     stop: CancellationToken,

@@ -32,7 +32,28 @@ pub struct AggregatorConfig {
     pub dp: DpConfig,
     /// The Prometheus endpoint (`crate::prometheus`).
     pub prometheus: PrometheusConfig,
+    /// Ingest workers over an MQTT shared subscription (`crate::ingest_workers`).
+    pub ingest: IngestConfig,
 }
+
+/// How updates come in: one connection (the coordinator's own), or `workers` connections
+/// sharing the updates topic (`$share/fwdllm-ingest/...`), each decoding its share before
+/// handing it to the coordinator, which stays the only writer of state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IngestConfig {
+    /// 1 = the coordinator's connection subscribes to the updates itself.
+    pub workers: u32,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig { workers: 1 }
+    }
+}
+
+/// The most ingest workers a config may ask for (each is a broker connection and a session).
+pub const MAX_INGEST_WORKERS: u32 = 64;
 
 /// The Prometheus endpoint. Off by default: the aggregator is a sandboxed service whose only
 /// network peer is the broker, an HTTP port is a new listener an operator should choose (and
@@ -639,6 +660,21 @@ impl AggregatorConfig {
                 ),
             );
         }
+        if !(1..=MAX_INGEST_WORKERS).contains(&self.ingest.workers) {
+            bad(
+                "ingest.workers",
+                format!(
+                    "is {}; use 1 (the coordinator's own connection) to {MAX_INGEST_WORKERS}",
+                    self.ingest.workers
+                ),
+            );
+        } else if self.ingest.workers > 1 && self.broker.embedded {
+            // rumqttd 0.20 keys a share group by its name alone (not name and filter), drops the
+            // group when its last member disconnects and does not re-add a resumed persistent
+            // session to it (router/routing.rs, "TODO: Test this more"): a restart could
+            // deliver every update to every worker, or none to one.
+            bad("ingest.workers", format!("is {} with broker.embedded = true; the embedded broker (rumqttd 0.20) has no reliable shared subscriptions for persistent sessions — set ingest.workers = 1, or use mosquitto (broker.embedded = false)", self.ingest.workers));
+        }
         crate::robust::validate(&self.robust, &self.dp, &mut bad);
         for (key, message) in self.broker.tls.problems("broker.tls") {
             bad(&key, message);
@@ -703,6 +739,31 @@ mod tests {
         ] {
             assert!(keys.contains(&k.to_string()), "{k} missing from {keys:?}");
         }
+    }
+
+    #[test]
+    fn ingest_workers_are_refused_with_the_embedded_broker_and_out_of_range() {
+        let check = |text: &str, want: Option<&str>| {
+            let cfg = AggregatorConfig::from_toml(text).unwrap();
+            let got: Vec<String> = cfg
+                .validate()
+                .into_iter()
+                .filter(|p| p.key == "ingest.workers")
+                .map(|p| p.message)
+                .collect();
+            match want {
+                None => assert!(got.is_empty(), "{text}: {got:?}"),
+                Some(w) => assert!(got.len() == 1 && got[0].contains(w), "{text}: {got:?}"),
+            }
+        };
+        check("[ingest]\nworkers = 4\n", None);
+        check("[broker]\nembedded = true\n[ingest]\nworkers = 1\n", None);
+        check(
+            "[broker]\nembedded = true\n[ingest]\nworkers = 2\n",
+            Some("set ingest.workers = 1, or use mosquitto"),
+        );
+        check("[ingest]\nworkers = 0\n", Some("use 1"));
+        check("[ingest]\nworkers = 65\n", Some("to 64"));
     }
 
     #[test]

@@ -7,6 +7,8 @@
 //! * [`state`] — durable state (atomic writes) and resume.
 //! * [`journal`] — the write-ahead journal of updates (group commit between state snapshots).
 //! * [`server`] — the rumqttc driver (write-ahead persistence, manual acks, reconnect).
+//! * [`ingest_workers`] — updates received and decoded by N connections sharing the updates
+//!   topic (`$share/…`, `[ingest] workers`), handed to the single coordinator.
 //! * [`broker`] — embedded rumqttd on loopback.
 //! * [`bridge`] — a site broker bridged to a central one, and the bench across the bridge.
 //! * [`config`] — TOML config and `validate`.
@@ -34,6 +36,7 @@ pub mod export;
 pub mod federation;
 pub mod fleet;
 pub mod fuzz;
+pub mod ingest_workers;
 pub mod journal;
 pub mod metrics;
 pub mod monitor;

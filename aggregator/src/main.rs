@@ -85,6 +85,10 @@ enum Cmd {
         /// Simulated clients of the bridged-broker run (0 = skip it).
         #[arg(long, default_value_t = 50)]
         bridge_clients: usize,
+        /// Ingest worker counts (`[ingest] workers`) run at the headline client count through
+        /// mosquitto (comma-separated); the other runs use 1.
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+        workers: Vec<u32>,
         /// Run nothing: redraw the PNG of an existing report (written next to --out).
         #[arg(long)]
         replot: Option<PathBuf>,
@@ -174,6 +178,7 @@ fn main() -> anyhow::Result<()> {
             ceiling_messages,
             mosquitto,
             bridge_clients,
+            workers,
             replot,
             out,
         } => {
@@ -195,6 +200,7 @@ fn main() -> anyhow::Result<()> {
                 ceiling_messages,
                 mosquitto,
                 bridge_clients,
+                workers,
                 ..Default::default()
             };
             let report = fwdllm_aggregator::scale::run(&opts).context("scale bench")?;

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::AggregatorConfig;
 use crate::coordinator::{AggEvent, Coordinator, Outgoing};
+use crate::ingest_workers::{Handoff, Workers};
 use crate::metrics::MetricsSink;
 use crate::prometheus::Prometheus;
 use crate::state::StateError;
@@ -83,9 +84,29 @@ pub struct BrokerTarget {
     pub port: u16,
 }
 
-enum Incoming {
-    Connected { session_present: bool },
+pub(crate) enum Incoming {
+    Connected {
+        session_present: bool,
+    },
     Publish(Publish),
+    /// A publish an ingest worker (active or retiring, `crate::ingest_workers`) received and
+    /// decoded.
+    Shared(Handoff),
+}
+
+/// The wait before a reconnect: `backoff` plus up to half of it in jitter, then `backoff`
+/// doubles (capped at 30 s). rumqttc has no backoff of its own.
+pub(crate) fn reconnect_wait(backoff: &mut Duration) -> Duration {
+    static JITTER: AtomicU64 = AtomicU64::new(0);
+    // Cheap jitter without a RNG dependency: xorshift on a time seed.
+    let mut x = (JITTER.load(Ordering::Relaxed) ^ now_ms()) | 1;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    JITTER.store(x, Ordering::Relaxed);
+    let wait = *backoff + Duration::from_millis(x % (backoff.as_millis() as u64 / 2 + 1));
+    *backoff = (*backoff * 2).min(Duration::from_secs(30));
+    wait
 }
 
 pub fn mqtt_options(
@@ -117,7 +138,6 @@ pub fn mqtt_options(
 /// Event-loop task: forwards publishes and connection events; reconnects with backoff + jitter.
 async fn pump(mut el: EventLoop, tx: mpsc::UnboundedSender<Incoming>, stop: CancellationToken) {
     let mut backoff = Duration::from_millis(100);
-    let jitter = AtomicU64::new(now_ms());
     loop {
         let ev = tokio::select! {
             _ = stop.cancelled() => return,
@@ -144,20 +164,12 @@ async fn pump(mut el: EventLoop, tx: mpsc::UnboundedSender<Incoming>, stop: Canc
             Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
             Ok(_) => {}
             Err(e) => {
-                // Cheap jitter without a RNG dependency: xorshift on a time seed.
-                let mut x = jitter.load(Ordering::Relaxed) | 1;
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                jitter.store(x, Ordering::Relaxed);
-                let wait =
-                    backoff + Duration::from_millis(x % (backoff.as_millis() as u64 / 2 + 1));
+                let wait = reconnect_wait(&mut backoff);
                 warn!("aggregator MQTT connection: {e}; reconnecting in {wait:?}");
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(wait) => {}
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
             }
         }
     }
@@ -258,6 +270,10 @@ pub async fn run(
     // Dropping this future (task abort = "kill") must also end the event loop, or a zombie
     // connection would fight a restarted aggregator over the client id.
     let _stop_on_drop = stop.clone().drop_guard();
+    // With ingest workers the updates come through their connections (a shared
+    // subscription), everything else through this one; retiring workers hand over what their
+    // sessions still hold (`ingest_workers`).
+    let workers = Workers::start(&cfg, &target, &topics, tx.clone())?;
     let pump_task = tokio::spawn(pump(el, tx, stop.clone()));
     let resumed = AggEvent::Resumed {
         version: coord.version(),
@@ -291,6 +307,7 @@ pub async fn run(
             };
             let started = Instant::now();
             let mut acks = Vec::new();
+            let mut shared_acks = Vec::new();
             let mut n_updates = 0u64;
             let mut n_msgs = 0usize;
             let mut next = first;
@@ -305,9 +322,15 @@ pub async fn run(
                             "aggregator connected to {}:{} (session present: {session_present})",
                             target.host, target.port
                         );
-                        client
-                            .subscribe(topics.updates_filter(), QoS::AtLeastOnce)
-                            .await?;
+                        if cfg.ingest.workers <= 1 {
+                            client
+                                .subscribe(topics.updates_filter(), QoS::AtLeastOnce)
+                                .await?;
+                        } else {
+                            // A session left by a run with one ingest connection would still
+                            // receive every update besides the workers' shares.
+                            client.unsubscribe(topics.updates_filter()).await?;
+                        }
                         // QoS 0 on purpose: statuses are retained last-known state (a lost one
                         // is superseded by the next, and a reconnect re-delivers them all), and
                         // rumqttd 0.20 hands a QoS 1 subscriber at most its free in-flight slots
@@ -357,6 +380,14 @@ pub async fn run(
                         }
                         acks.push(p);
                     }
+                    Incoming::Shared(h) => {
+                        if let Some((id, decoded)) = h.update {
+                            n_updates += 1;
+                            let o = coord.on_decoded_update(&id, &h.publish.payload, decoded, now);
+                            debug!("update from {id} (worker {}): {o:?}", h.worker);
+                        }
+                        shared_acks.push((h.worker, h.publish));
+                    }
                 }
                 n_msgs += 1;
                 if n_msgs < group_max && started.elapsed() < group_window {
@@ -372,6 +403,13 @@ pub async fn run(
             for p in &acks {
                 if p.qos != QoS::AtMostOnce {
                     client.ack(p).await?;
+                }
+            }
+            if let Some(w) = &workers {
+                for (i, p) in &shared_acks {
+                    if p.qos != QoS::AtMostOnce {
+                        w.ack(*i, p).await?;
+                    }
                 }
             }
             if n_updates > 0 {
@@ -452,6 +490,9 @@ pub async fn run(
     .await;
     stop.cancel();
     let _ = pump_task.await;
+    if let Some(w) = workers {
+        w.shutdown().await;
+    }
     let c = coord.counters();
     summary.version = coord.version();
     summary.rounds = coord.round();

@@ -82,7 +82,8 @@ pub struct OpenRound {
     pub selected: Vec<String>,
     /// (client, seq) already counted.
     pub answered: Vec<(String, u32)>,
-    /// Pooled pairs in arrival order (the commit applies them in this order).
+    /// Pooled pairs in arrival order (the commit sorts them by seed: its bits do not depend
+    /// on the order updates arrived in).
     pub pairs: Vec<SeedScalar>,
     pub loss: LossStats,
     /// The announcement currently retained on the round topic.

@@ -46,6 +46,14 @@ pub struct Step {
     pub clamped: bool,
 }
 
+/// Whether the trust region may scale the step of commit `t` (`mean_norm` within a relative
+/// 1e-9 of the clamp, or over it): two sums of the same pairs in different orders differ far
+/// less than that, so below it both are unclamped and the norm's last bits cannot matter.
+pub fn may_clamp(cfg: &StepConfig, t: u64, mean_norm: f64, theta_norm: f64) -> bool {
+    let max_norm = cfg.trust_region * theta_norm.max(cfg.trust_floor);
+    lr_at(cfg, t) * mean_norm >= max_norm * (1.0 - 1e-9)
+}
+
 /// Builds commit coefficients from pooled pairs. `mean_norm` = ‖Σ_b U_b / K_b‖ (from the
 /// pool), `block_pairs(seed)` = K_b, `theta_norm` = ‖θ‖ before the step.
 pub fn make_step(
@@ -101,6 +109,26 @@ mod tests {
             warmup_commits: 0,
             trust_region: 0.5,
             trust_floor: 0.0,
+        }
+    }
+
+    #[test]
+    fn may_clamp_covers_every_clamped_step_and_a_margin_below() {
+        let c = cfg(Schedule::Constant);
+        // lr 1, trust region 0.5, ‖θ‖ 2: the clamp is at a mean norm of 1.
+        let clamped = |mean_norm: f64| {
+            let step = make_step(&c, 0, &[], mean_norm, &|_| 1, 2.0);
+            step.clamped
+        };
+        for (mean_norm, may, clamps) in [
+            (0.5, false, false),
+            (1.0 - 1e-6, false, false),
+            (1.0 - 1e-12, true, false),
+            (1.0 + 1e-12, true, true),
+            (3.0, true, true),
+        ] {
+            assert_eq!(may_clamp(&c, 0, mean_norm, 2.0), may, "{mean_norm}");
+            assert_eq!(clamped(mean_norm), clamps, "{mean_norm}");
         }
     }
 

@@ -282,3 +282,36 @@ fn a_round_announced_to_all_admits_late_clients_and_replay_admits_the_same() {
     let c = open_all(dir);
     assert_eq!(c.open_round().unwrap(), &before);
 }
+
+#[test]
+fn an_all_announcement_goes_out_at_qos_0_and_a_listed_one_at_qos_1() {
+    let round_qos = |list_max: u32| {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut cfg = config(tmp.path());
+        cfg.round.selection_list_max = list_max;
+        let mut c = Coordinator::open(cfg).unwrap();
+        for i in 0..CLIENTS {
+            let s = AgentStatus::new(client(i), AgentState::Online);
+            c.on_status(&client(i), &wire::encode_json(&s), 0);
+        }
+        let topic = c.topics().round();
+        let announced: Vec<(bool, u8)> = c
+            .take_outgoing()
+            .into_iter()
+            .filter(|o| o.topic == topic && !o.payload.is_empty())
+            .map(|o| (o.retain, o.qos))
+            .collect();
+        // Republished after a reconnect: the same QoS.
+        c.republish_retained(1);
+        let republished: Vec<(bool, u8)> = c
+            .take_outgoing()
+            .into_iter()
+            .filter(|o| o.topic == topic)
+            .map(|o| (o.retain, o.qos))
+            .collect();
+        assert_eq!(announced, republished);
+        announced
+    };
+    assert_eq!(round_qos(2), [(true, 0)], "all");
+    assert_eq!(round_qos(256), [(true, 1)], "listed");
+}

@@ -2,8 +2,9 @@
 //! cap, DP noise), the step (learning rate, trust region), the new weights and their
 //! [`RoundCommit`], the retained commit log and checkpoint, and the round's metrics record.
 //!
-//! Cost of a commit of P pairs: O(P) for the robust steps (medians by selection), O(P·d) to
-//! apply them to the weights (d = trainable values), O(parameters) for the weights hash and,
+//! Cost of a commit of P pairs: O(P log P) to sort them by seed, O(P) for the robust steps
+//! (medians by selection), O(P·d) to apply them to the weights (d = trainable values; once more
+//! to re-pool them when the trust region may clamp the step), O(parameters) for the weights hash and,
 //! every `checkpoint_every` commits, the checkpoint; then one `state.bin` snapshot holding the
 //! commit log since the last checkpoint. Once per round, so O(d) amortised per pooled pair.
 
@@ -14,7 +15,8 @@ use log::info;
 use super::{AggEvent, Coordinator};
 use crate::pacing::RoundPool;
 use crate::robust;
-use crate::step::{make_step, params_norm};
+use crate::state::OpenRound;
+use crate::step::{make_step, may_clamp, params_norm};
 
 /// Why a round ended with a commit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,7 +29,8 @@ pub(super) enum CommitReason {
 
 impl Coordinator {
     pub(super) fn commit(&mut self, reason: CommitReason, now_ms: u64) {
-        let open = self.state.open.take().expect("commit needs an open round");
+        let mut open = self.state.open.take().expect("commit needs an open round");
+        canonical_order(&mut open);
         let pool = self.pool.take().expect("pool exists while a round is open");
         self.seen_seeds.clear();
         let responded = std::mem::take(&mut self.tally).responded();
@@ -45,9 +48,18 @@ impl Coordinator {
             self.noise_key.as_ref(),
         );
         // The trust region reads the norm of the pooled mean: recompute it from what is
-        // committed (unchanged pairs reuse the pool, so an honest round commits the same bits).
+        // committed, in the commit's order. The live pool summed in arrival order, whose last
+        // bits differ between two arrivals of the same pairs; that only matters when the
+        // clamp may act (then the norm scales every coefficient), so an unclamped round reuses
+        // the pool and a round near or over the trust region re-pools, O(P·d) once.
         let raw_pool_z = pool.z();
-        let pool = if robust.changed {
+        let near_clamp = may_clamp(
+            &self.cfg.step,
+            self.state.version,
+            pool.mean_norm(),
+            theta_norm,
+        );
+        let pool = if robust.changed || near_clamp {
             let mut p = RoundPool::new(self.weights.layout());
             for &pair in &robust.pairs {
                 p.add(pair);
@@ -157,6 +169,20 @@ impl Coordinator {
         if self.finished() {
             self.events.push(AggEvent::Finished { version: v });
         }
+    }
+}
+
+/// Puts the round's pairs (and their owners) in seed order, so that a commit is the same bits
+/// whatever order its updates arrived in — through one connection or several ingest workers
+/// (`crate::ingest_workers`), before or after a restart. Seeds are unique within a round
+/// (`accept` keeps the first pair of a seed), so the order is total. O(P log P) per commit.
+fn canonical_order(open: &mut OpenRound) {
+    let mut idx: Vec<usize> = (0..open.pairs.len()).collect();
+    idx.sort_unstable_by_key(|&i| open.pairs[i].seed);
+    open.pairs = idx.iter().map(|&i| open.pairs[i]).collect();
+    // A round opened by a format-1 build has no owners (the per-client cap is then off).
+    if open.owners.len() == idx.len() {
+        open.owners = idx.iter().map(|&i| open.owners[i]).collect();
     }
 }
 

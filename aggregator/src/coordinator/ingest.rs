@@ -8,7 +8,9 @@
 //! [`super::tally::Tally`] or a hash set. The raw update is queued for the journal; it becomes
 //! durable with its batch at the next [`Coordinator::persist`].
 
-use fwdllm_shared::wire::{self, AgentState, AgentStatus, ClientSelection, ClientUpdate};
+use fwdllm_shared::wire::{
+    self, AgentState, AgentStatus, ClientSelection, ClientUpdate, WireError,
+};
 use log::{debug, info, warn};
 
 use super::{AggEvent, Coordinator, UpdateOutcome};
@@ -78,7 +80,20 @@ impl Coordinator {
     /// An update arrived on `update/{client_id}`: ingested, queued for the journal, then the
     /// round decides. Acknowledge it only after the next [`Coordinator::persist`].
     pub fn on_update(&mut self, client_id: &str, payload: &[u8], now_ms: u64) -> UpdateOutcome {
-        let outcome = self.ingest(client_id, payload, true);
+        let decoded = wire::decode::<ClientUpdate>(payload);
+        self.on_decoded_update(client_id, payload, decoded, now_ms)
+    }
+
+    /// [`Self::on_update`] for an update an ingest worker already decoded
+    /// ([`crate::ingest_workers`]): the same state change, the raw `payload` journaled.
+    pub fn on_decoded_update(
+        &mut self,
+        client_id: &str,
+        payload: &[u8],
+        decoded: Result<ClientUpdate, WireError>,
+        now_ms: u64,
+    ) -> UpdateOutcome {
+        let outcome = self.ingest_decoded(client_id, decoded, true);
         // A snapshot already due holds this update; otherwise it goes to the journal.
         if !self.dirty {
             self.pending.push(Record {
@@ -93,7 +108,16 @@ impl Coordinator {
     /// The state change of one update, without the decision: live traffic, and the journal's
     /// replay at start (`live = false`: no events, they were emitted before the crash).
     pub(super) fn ingest(&mut self, client_id: &str, payload: &[u8], live: bool) -> UpdateOutcome {
-        match wire::decode::<ClientUpdate>(payload) {
+        self.ingest_decoded(client_id, wire::decode::<ClientUpdate>(payload), live)
+    }
+
+    fn ingest_decoded(
+        &mut self,
+        client_id: &str,
+        decoded: Result<ClientUpdate, WireError>,
+        live: bool,
+    ) -> UpdateOutcome {
+        match decoded {
             Err(e) => {
                 self.state.counters.rejected += 1;
                 self.state

@@ -11,7 +11,8 @@
 //!
 //! Invariants:
 //! * the model version only changes by a commit; a commit's pairs are exactly the pooled pairs
-//!   of its round, in arrival order, with step control folded into the coefficients;
+//!   of its round, in seed order (the same bits whatever order the updates arrived in, through
+//!   one connection or several ingest workers), with step control folded into the coefficients;
 //! * each (client, round, seq) contributes at most once; a seed at most once per round;
 //! * updates for any round other than the open one are ignored (counted as stale and logged);
 //! * every retained message on the broker is re-derivable from the durable state.

@@ -191,7 +191,10 @@ impl Coordinator {
             self.publish(self.topics.commit(), wire::encode(&c), true, 1);
         }
         match self.state.open.as_ref().map(|o| o.announce.clone()) {
-            Some(a) => self.publish(self.topics.round(), wire::encode(&a), true, 1),
+            Some(a) => {
+                let qos = super::round::announce_qos(&a.selection);
+                self.publish(self.topics.round(), wire::encode(&a), true, qos)
+            }
             None => self.publish(self.topics.round(), Vec::new(), true, 1),
         }
         let mut st = AgentStatus::new(self.cfg.broker.client_id.clone(), AgentState::Online);

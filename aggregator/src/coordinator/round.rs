@@ -153,7 +153,8 @@ impl Coordinator {
             version: self.state.version,
             selected: selected.len(),
         });
-        self.publish(self.topics.round(), wire::encode(&announce), true, 1);
+        let qos = announce_qos(&announce.selection);
+        self.publish(self.topics.round(), wire::encode(&announce), true, qos);
         match self
             .selection
             .round_opened(self.state.version, &self.weights, selected.len())
@@ -193,13 +194,14 @@ impl Coordinator {
         open.announce.perturbations_per_client = self.cfg.pacing.extend_perturbations;
         let (round, extend) = (open.round, open.extend);
         let bytes = wire::encode(&open.announce);
+        let qos = announce_qos(&open.announce.selection);
         info!(
             "round {round}: z = {:.2} < {} with {} pairs; extend #{extend}",
             self.pool.as_ref().map_or(0.0, RoundPool::z),
             self.cfg.pacing.target_z,
             open.pairs.len()
         );
-        self.publish(self.topics.round(), bytes, true, 1);
+        self.publish(self.topics.round(), bytes, true, qos);
         self.events.push(AggEvent::Extended { round, extend });
         self.dirty = true;
         let _ = now_ms;
@@ -230,5 +232,19 @@ impl Coordinator {
         self.records.push(m);
         self.events.push(AggEvent::Abandoned { round });
         self.dirty = true;
+    }
+}
+
+/// The QoS of a round announcement. An `All` announcement (a fleet: more clients than a list
+/// holds) goes out at QoS 0: it is retained, and every agent subscribes again on every
+/// connection (which delivers the retained copy), so a QoS-1 delivery adds only a PUBACK per
+/// device per request for the broker to read — one in six of the packets an update costs it
+/// (SCALING.md, "Split ingest"). A listed selection keeps QoS 1: with a persistent session it
+/// is queued for a board that is offline when it is published.
+pub(super) fn announce_qos(selection: &ClientSelection) -> u8 {
+    if *selection == ClientSelection::All {
+        0
+    } else {
+        1
     }
 }

@@ -7,7 +7,11 @@
 //! * `ingest_updates_per_s_end_to_end` — at the headline client count through Mosquitto:
 //!   updates committed / wall clock from the first update published to the durable commit of
 //!   the last round (the aggregator's commit hook runs after `persist`), every round holding one
-//!   update from every client;
+//!   update from every client; the best of the ingest worker counts run (`ingest_best_workers`
+//!   says which);
+//! * `ingest_updates_per_s_end_to_end_workers` — that rate by `[ingest] workers` (1 = the
+//!   aggregator's own connection; N = N connections on a shared subscription), same clients,
+//!   each on a fresh Mosquitto; the other client counts run with 1;
 //! * `broker_ceiling_msgs_per_s` — the same Mosquitto, the same number of publisher
 //!   connections sending update-sized QoS-1 messages as fast as they can to one bare subscriber
 //!   that only counts them (no decode, no aggregator, no fsync);
@@ -71,6 +75,8 @@ pub struct ScaleOptions {
     pub mosquitto: PathBuf,
     /// Simulated clients of the bridged run (0 = skip it).
     pub bridge_clients: usize,
+    /// `[ingest] workers` counts run at the headline client count through Mosquitto.
+    pub workers: Vec<u32>,
 }
 
 impl Default for ScaleOptions {
@@ -84,6 +90,7 @@ impl Default for ScaleOptions {
             ceiling_messages: 100_000,
             mosquitto: PathBuf::from("/usr/sbin/mosquitto"),
             bridge_clients: 50,
+            workers: vec![1, 2, 4],
         }
     }
 }
@@ -127,8 +134,15 @@ impl BenchBroker {
     }
 }
 
-fn bench_config(n: usize, perturbations: u32, rounds: u64, dir: &Path) -> AggregatorConfig {
+fn bench_config(
+    n: usize,
+    perturbations: u32,
+    rounds: u64,
+    workers: u32,
+    dir: &Path,
+) -> AggregatorConfig {
     let mut cfg = AggregatorConfig::tiny(&format!("scale{n}"), dir);
+    cfg.ingest.workers = workers;
     cfg.job.max_commits = rounds;
     cfg.selection.eval_every = 0;
     cfg.round.min_clients = n as u32;
@@ -148,11 +162,12 @@ fn ingest_run(
     sim: &Runtime,
     broker: &BenchBroker,
     n: usize,
+    workers: u32,
     opts: &ScaleOptions,
 ) -> anyhow::Result<Value> {
     let rounds = (opts.updates_per_run / n).max(3) as u64;
     let dir = tempfile::tempdir()?;
-    let cfg = bench_config(n, opts.perturbations, rounds, dir.path());
+    let cfg = bench_config(n, opts.perturbations, rounds, workers, dir.path());
     let params = SimParams {
         job: cfg.job.name.clone(),
         host: "127.0.0.1".into(),
@@ -249,6 +264,7 @@ fn ingest_run(
     let mut out = json!({
         "broker": broker.name(),
         "clients": n,
+        "ingest_workers": workers,
         "rounds": rounds,
         "commits": summary.version,
         "updates_committed": summary.updates,
@@ -318,6 +334,8 @@ pub fn run(opts: &ScaleOptions) -> anyhow::Result<Value> {
     let mut absent = BTreeMap::new();
     let mut runs = Vec::new();
     let mut rate = BTreeMap::new();
+    // Rate at the headline client count by ingest worker count.
+    let mut by_workers: BTreeMap<u32, f64> = BTreeMap::new();
     let mut ceiling = None;
     let max_packet = AggregatorConfig::default().broker.max_packet_bytes;
     // Each connection is a descriptor here and one in the broker (same limit, inherited).
@@ -330,7 +348,7 @@ pub fn run(opts: &ScaleOptions) -> anyhow::Result<Value> {
             );
             continue;
         }
-        let broker = BenchBroker::mosquitto(&opts.mosquitto, max_packet)?;
+        let mut broker = BenchBroker::mosquitto(&opts.mosquitto, max_packet)?;
         if n == opts.headline {
             log::info!("scale: broker ceiling with {n} publishers");
             let c = broker_ceiling(
@@ -350,16 +368,41 @@ pub fn run(opts: &ScaleOptions) -> anyhow::Result<Value> {
             runs.push(json!({"broker_ceiling": c}));
         }
         log::info!("scale: {n} clients through mosquitto");
-        let r = ingest_run(&sim, &broker, n, opts)?;
+        let r = ingest_run(&sim, &broker, n, 1, opts)?;
         match r["updates_per_s_end_to_end"].as_f64() {
             Some(x) => {
                 rate.insert(n, x);
+                if n == opts.headline {
+                    by_workers.insert(1, x);
+                }
             }
             None => {
                 absent.insert(format!("mosquitto_{n}"), r["absent_reason"].to_string());
             }
         }
         runs.push(r);
+        if n != opts.headline {
+            continue;
+        }
+        for &w in opts.workers.iter().filter(|&&w| w > 1) {
+            // A fresh broker: the last run's retained commits would mislead the fleet.
+            drop(broker);
+            broker = BenchBroker::mosquitto(&opts.mosquitto, max_packet)?;
+            log::info!("scale: {n} clients through mosquitto, {w} ingest workers");
+            let r = ingest_run(&sim, &broker, n, w, opts)?;
+            match r["updates_per_s_end_to_end"].as_f64() {
+                Some(x) => {
+                    by_workers.insert(w, x);
+                }
+                None => {
+                    absent.insert(
+                        format!("mosquitto_{n}_workers_{w}"),
+                        r["absent_reason"].to_string(),
+                    );
+                }
+            }
+            runs.push(r);
+        }
     }
     for &n in &opts.embedded {
         if !fits(n) {
@@ -367,7 +410,7 @@ pub fn run(opts: &ScaleOptions) -> anyhow::Result<Value> {
         }
         log::info!("scale: {n} clients through the embedded broker");
         let broker = BenchBroker::Embedded(EmbeddedBroker::start("127.0.0.1", 0, max_packet)?);
-        runs.push(ingest_run(&sim, &broker, n, opts)?);
+        runs.push(ingest_run(&sim, &broker, n, 1, opts)?);
     }
     let mut report = serde_json::Map::new();
     if opts.bridge_clients > 0 {
@@ -388,9 +431,23 @@ pub fn run(opts: &ScaleOptions) -> anyhow::Result<Value> {
             }
         }
     }
-    match rate.get(&opts.headline) {
-        Some(x) => {
+    // The headline is the best worker count's rate (the 1-worker rate stays in
+    // `rates_by_clients`, beside the other client counts, which all ran with 1).
+    let best = by_workers
+        .iter()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map(|(&w, &x)| (w, x));
+    report.insert(
+        "ingest_updates_per_s_end_to_end_workers".into(),
+        json!(by_workers
+            .iter()
+            .map(|(w, x)| (w.to_string(), json!(x)))
+            .collect::<serde_json::Map<_, _>>()),
+    );
+    match best {
+        Some((w, x)) => {
             report.insert("ingest_updates_per_s_end_to_end".into(), json!(x));
+            report.insert("ingest_best_workers".into(), json!(w));
         }
         None => {
             absent
@@ -401,7 +458,7 @@ pub fn run(opts: &ScaleOptions) -> anyhow::Result<Value> {
     if let Some(c) = ceiling {
         report.insert("broker_ceiling_msgs_per_s".into(), json!(c));
     }
-    match (rate.get(&opts.headline), ceiling) {
+    match (best.map(|(_, x)| x), ceiling) {
         (Some(x), Some(c)) => {
             report.insert("ingest_over_broker_ceiling".into(), json!(x / c));
         }

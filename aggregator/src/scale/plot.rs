@@ -15,6 +15,8 @@ pub fn plot(report: &Value, path: &Path) -> Result<(), Box<dyn std::error::Error
         let mut v: Vec<(f64, f64)> = runs
             .iter()
             .filter(|r| r["broker"] == broker)
+            // The curves are by client count, one connection: the worker runs are in the table.
+            .filter(|r| r["ingest_workers"].as_u64().unwrap_or(1) == 1)
             .filter_map(|r| Some((r["clients"].as_f64()?, r[key].as_f64()?)))
             .collect();
         v.sort_by(|a, b| a.0.total_cmp(&b.0));
