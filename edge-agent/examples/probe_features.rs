@@ -20,6 +20,9 @@ struct Args {
     epochs: usize,
     /// Also simulate forward-gradient training of the head on the fixed features.
     fg: bool,
+    /// Sweep the forward-gradient optimiser (directions, batch, Adam, steps) with exact
+    /// directional derivatives (the limit ε → 0 of what the engine measures).
+    fg_grid: bool,
 }
 
 fn parse() -> anyhow::Result<Args> {
@@ -30,11 +33,16 @@ fn parse() -> anyhow::Result<Args> {
         threads: 2,
         epochs: 400,
         fg: false,
+        fg_grid: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
         if k == "--fg" {
             a.fg = true;
+            continue;
+        }
+        if k == "--fg-grid" {
+            a.fg_grid = true;
             continue;
         }
         let v = it.next().with_context(|| format!("{k} needs a value"))?;
@@ -161,6 +169,156 @@ fn fg_sim(
         }
     }
     best
+}
+
+/// One optimiser configuration of the grid.
+#[derive(Clone, Copy, Debug)]
+struct FgRecipe {
+    dirs: usize,
+    batch: usize,
+    steps: usize,
+    lr: f64,
+    adam: bool,
+    /// Halving time of the learning rate in steps (0 = constant).
+    half_life: f64,
+}
+
+/// Batch gradient of the softmax head (K x (d+1), bias last) on rows `idx`, accumulated in `g`.
+fn head_grad(w: &[f64], x: &[Vec<f64>], y: &[usize], idx: &[usize], k: usize, g: &mut [f64]) {
+    let d = x[0].len();
+    g.iter_mut().for_each(|v| *v = 0.0);
+    let inv = 1.0 / idx.len() as f64;
+    for &i in idx {
+        let z: Vec<f64> = (0..k)
+            .map(|c| {
+                let row = &w[c * (d + 1)..(c + 1) * (d + 1)];
+                row[d] + row[..d].iter().zip(&x[i]).map(|(a, b)| a * b).sum::<f64>()
+            })
+            .collect();
+        let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let e: Vec<f64> = z.iter().map(|v| (v - m).exp()).collect();
+        let s: f64 = e.iter().sum();
+        for c in 0..k {
+            let r = (e[c] / s - f64::from(u8::from(c == y[i]))) * inv;
+            let row = &mut g[c * (d + 1)..(c + 1) * (d + 1)];
+            for (gj, xj) in row[..d].iter_mut().zip(&x[i]) {
+                *gj += r * xj;
+            }
+            row[d] += r;
+        }
+    }
+}
+
+/// Forward-gradient training of the head with exact directional derivatives `g_v = v·∇L`
+/// (Rademacher v, what the engine's finite differences converge to): returns (held-out at
+/// the best dev, best dev, step of the best dev).
+fn fg_exact(x: &[Vec<Vec<f64>>], y: [&Vec<usize>; 3], k: usize, r: FgRecipe) -> (f64, f64, usize) {
+    let d = x[0][0].len();
+    let n = k * (d + 1);
+    let (dev_idx, held_idx): (Vec<usize>, Vec<usize>) =
+        ((0..x[1].len()).collect(), (0..x[2].len()).collect());
+    let mut rng = fwdllm_shared::perturb::SplitMix64::new(7);
+    let mut pick = fwdllm_shared::perturb::SplitMix64::new(11);
+    let (mut w, mut grad, mut est, mut v) =
+        (vec![0f64; n], vec![0f64; n], vec![0f64; n], vec![0f64; n]);
+    let (mut m1, mut m2) = (vec![0f64; n], vec![0f64; n]);
+    let mut best = (0.0, -1.0, 0);
+    let every = (r.steps / 40).max(50);
+    for step in 1..=r.steps {
+        let batch: Vec<usize> = (0..r.batch)
+            .map(|_| (pick.next_u64() % x[0].len() as u64) as usize)
+            .collect();
+        head_grad(&w, &x[0], y[0], &batch, k, &mut grad);
+        est.iter_mut().for_each(|e| *e = 0.0);
+        if r.dirs == 0 {
+            // The backprop reference: the exact batch gradient.
+            est.copy_from_slice(&grad);
+        }
+        for _ in 0..r.dirs {
+            let mut bits = 0u64;
+            for (i, e) in v.iter_mut().enumerate() {
+                if i % 64 == 0 {
+                    bits = rng.next_u64();
+                }
+                *e = if bits & 1 == 1 { 1.0 } else { -1.0 };
+                bits >>= 1;
+            }
+            let g: f64 = v.iter().zip(&grad).map(|(a, b)| a * b).sum();
+            for (s, e) in est.iter_mut().zip(&v) {
+                *s += g * e / r.dirs as f64;
+            }
+        }
+        let lr = if r.half_life > 0.0 {
+            r.lr / (1.0 + step as f64 / r.half_life)
+        } else {
+            r.lr
+        };
+        if r.adam {
+            let t = step as i32;
+            for i in 0..n {
+                m1[i] = 0.9 * m1[i] + 0.1 * est[i];
+                m2[i] = 0.999 * m2[i] + 0.001 * est[i] * est[i];
+                let mh = m1[i] / (1.0 - 0.9f64.powi(t));
+                let vh = m2[i] / (1.0 - 0.999f64.powi(t));
+                w[i] -= lr * mh / (vh.sqrt() + 1e-8);
+            }
+        } else {
+            for (a, s) in w.iter_mut().zip(&est) {
+                *a -= lr * s;
+            }
+        }
+        if step % every == 0 || step == r.steps {
+            let (dl, da) = head_loss(&w, &x[1], y[1], &dev_idx, k);
+            if !dl.is_finite() {
+                break;
+            }
+            if da > best.1 {
+                best = (head_loss(&w, &x[2], y[2], &held_idx, k).1, da, step);
+            }
+        }
+    }
+    best
+}
+
+/// The optimiser grid on last-position features, raw and centred on the empty prompt's.
+fn fg_grid(x: [&Vec<Vec<f32>>; 3], y: [&Vec<usize>; 3], k: usize, center: &[f32], task: &str) {
+    let shift = |c: &[f32]| -> Vec<Vec<Vec<f64>>> {
+        x.iter()
+            .map(|s| {
+                s.iter()
+                    .map(|r| r.iter().zip(c).map(|(a, b)| f64::from(a - b)).collect())
+                    .collect()
+            })
+            .collect()
+    };
+    let zero = vec![0f32; center.len()];
+    let grid_env = std::env::var("FG_GRID").unwrap_or_default();
+    let variants = match std::env::var("FG_CENTRED").as_deref() {
+        Ok("1") => vec![("raw", shift(&zero)), ("centred", shift(center))],
+        _ => vec![("raw", shift(&zero))],
+    };
+    for (fname, xs) in variants {
+        for spec in grid_env.split(';').filter(|s| !s.is_empty()) {
+            // dirs,batch,steps,adam(0/1),half_life,lr1|lr2|...
+            let f: Vec<&str> = spec.split(',').collect();
+            for lr in f[5].split('|') {
+                let r = FgRecipe {
+                    dirs: f[0].parse().unwrap(),
+                    batch: f[1].parse().unwrap(),
+                    steps: f[2].parse().unwrap(),
+                    adam: f[3] == "1",
+                    half_life: f[4].parse().unwrap(),
+                    lr: lr.parse().unwrap(),
+                };
+                let t = std::time::Instant::now();
+                let (h, dv, at) = fg_exact(&xs, y, k, r);
+                println!(
+                    "{{\"task\":\"{task}\",\"features\":\"{fname}\",\"dirs\":{},\"batch\":{},\"steps\":{},\"adam\":{},\"half_life\":{},\"lr\":{},\"dev_acc\":{dv:.4},\"heldout_acc\":{h:.4},\"best_step\":{at},\"sim_s\":{:.1}}}",
+                    r.dirs, r.batch, r.steps, r.adam, r.half_life, r.lr, t.elapsed().as_secs_f64()
+                );
+            }
+        }
+    }
 }
 
 /// Softmax regression with standardised inputs; returns held-out accuracy at the epoch with
@@ -304,6 +462,17 @@ fn main() -> anyhow::Result<()> {
         println!(
             "{{\"features\":\"{name}\",\"sd_min\":{:.4},\"sd_median\":{:.4},\"sd_p99\":{:.4},\"sd_max\":{:.4},\"rms_median\":{:.4},\"rms_max\":{:.4}}}",
             sd[0], sd[d / 2], sd[d * 99 / 100], sd[d - 1], r2[d / 2], r2[d - 1]
+        );
+    }
+    if a.fg_grid {
+        let t = e.task().cloned().context("task")?;
+        let empty = e.pooled_hidden(&t, &[""])?.remove(0);
+        fg_grid(
+            [&last[0], &last[1], &last[2]],
+            [&y[0], &y[1], &y[2]],
+            k,
+            &empty.last,
+            &task.name,
         );
     }
     if a.fg {
