@@ -9,7 +9,9 @@
 #
 # Usage: scripts/bench-learning.sh            (about 75 minutes on 2 idle cores)
 #   env (defaults):  SEEDS="1 2 3"  SPLITS="iid dirichlet0.1 dirichlet0.5"  FED_COMMITS=1500
-#                    FED_MINUTES=8  LOCAL_STEPS=6000  LOCAL_WALL_S=1500  DEMO=1
+#                    FED_MINUTES=8  LOCAL_STEPS=6000  LOCAL_WALL_S=1500  DEMO=1  LOCAL=1
+#   LOCAL=0 keeps the local runs already in target/bench/learning/*-local (e.g. after changing
+#   only the federation).
 #                    BIN_DIR=target/release
 #   A shorter run: SEEDS=1 SPLITS="iid dirichlet0.1" FED_COMMITS=600 DEMO=0 ... (the report
 #   says how many seeds each figure averages).
@@ -32,6 +34,10 @@ mkdir -p "$out/fed"
 
 # Local: the recipe's own step and wall budgets; evaluation cadence only.
 for task in bbc ag_news; do
+  if [ "${LOCAL:-1}" = 0 ] && [ -f "$out/$task-local/metrics.json" ]; then
+    echo "== train-local $task: kept from an earlier run (LOCAL=0)"
+    continue
+  fi
   echo "== train-local $task"
   "$bin/fwdllm-agent" train-local --task "edge-agent/tasks/$task.toml" --threads 2 \
     --max-steps "$local_steps" --max-wall-s "$local_wall" --dev-every 100 --heldout-every 500 --no-progress \

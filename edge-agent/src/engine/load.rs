@@ -102,6 +102,7 @@ impl Engine {
             task: None,
             add_bos,
             scratch: Vec::new(),
+            prompt_memo: Default::default(),
             current: None,
             current_lora: None,
             head: None,

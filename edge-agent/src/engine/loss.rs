@@ -166,7 +166,7 @@ impl Engine {
     ) -> Result<Vec<std::sync::Arc<Features>>, EngineError> {
         let prompts: Vec<Vec<llama::Token>> = examples
             .iter()
-            .map(|e| self.prompt_tokens(task, &e.text))
+            .map(|e| self.prompt_tokens_memo(task, &e.text))
             .collect();
         let cacheable = self.tail.as_ref().is_some_and(|t| t.adapter.is_none());
         // Pooling only matters for the hidden state, which only the tail path returns.

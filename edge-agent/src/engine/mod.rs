@@ -299,6 +299,8 @@ pub struct Engine {
     current_lora: Option<fwdllm_shared::WeightsHash>,
     /// Head rows of the adapter in use (applied in Rust to the tail's hidden state).
     head: Option<HeadParams>,
+    /// Prompt tokens of texts already seen (`features` asks for a batch once per direction).
+    prompt_memo: task::PromptMemo,
 }
 
 impl std::fmt::Debug for Engine {

@@ -17,6 +17,54 @@ pub struct Task {
     pub(super) label_tokens: Vec<llama::Token>,
 }
 
+/// Prompt tokens per text, for the task whose prefix, suffix and text budget form `key`.
+/// Daemons ask for one direction at a time (`gradient.seeds_per_chunk` = 1), so each batch's
+/// prompts were tokenized once per direction: with head rows (hundreds of directions on cached
+/// features) llama.cpp's BPE took over half of a federated round's CPU (perf, 2026-12-05).
+/// Bounded by entries; past the bound new texts are tokenized but not kept.
+#[derive(Debug, Default)]
+pub(super) struct PromptMemo {
+    key: (Vec<llama::Token>, Vec<llama::Token>, u32),
+    map: std::collections::HashMap<String, Vec<llama::Token>>,
+}
+
+/// Texts a [`PromptMemo`] keeps (a few MiB for short classification texts).
+const PROMPT_MEMO_ENTRIES: usize = 1 << 16;
+
+impl PromptMemo {
+    fn key_of(task: &Task) -> (Vec<llama::Token>, Vec<llama::Token>, u32) {
+        (
+            task.prefix.clone(),
+            task.suffix.clone(),
+            task.config.max_text_tokens,
+        )
+    }
+
+    /// The tokens of `text` for `task`, from the memo or from `tokenize`.
+    pub(super) fn get_or_tokenize(
+        &mut self,
+        task: &Task,
+        text: &str,
+        tokenize: impl FnOnce() -> Vec<llama::Token>,
+    ) -> Vec<llama::Token> {
+        if self.key.0 != task.prefix
+            || self.key.1 != task.suffix
+            || self.key.2 != task.config.max_text_tokens
+        {
+            self.key = Self::key_of(task);
+            self.map.clear();
+        }
+        if let Some(t) = self.map.get(text) {
+            return t.clone();
+        }
+        let t = tokenize();
+        if self.map.len() < PROMPT_MEMO_ENTRIES {
+            self.map.insert(text.to_string(), t.clone());
+        }
+        t
+    }
+}
+
 impl Task {
     pub fn label_tokens(&self) -> &[llama::Token] {
         &self.label_tokens
@@ -110,6 +158,14 @@ impl Engine {
         self.task.clone().ok_or(EngineError::NoTask)
     }
 
+    /// [`Engine::prompt_tokens`] through the engine's memo (the training hot path).
+    pub(super) fn prompt_tokens_memo(&mut self, task: &Task, text: &str) -> Vec<llama::Token> {
+        let mut memo = std::mem::take(&mut self.prompt_memo);
+        let t = memo.get_or_tokenize(task, text, || self.prompt_tokens(task, text));
+        self.prompt_memo = memo;
+        t
+    }
+
     /// Token ids of one prompt: prefix + text cut to `max_text_tokens` + suffix.
     pub fn prompt_tokens(&self, task: &Task, text: &str) -> Vec<llama::Token> {
         let max = task.config.max_text_tokens as usize;
@@ -125,5 +181,48 @@ impl Engine {
         out.extend_from_slice(&body);
         out.extend_from_slice(&task.suffix);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(suffix: &[llama::Token], max_text_tokens: u32) -> Task {
+        let mut config: TaskConfig = toml::from_str(
+            "name = \"t\"\nprompt = \"{text}\"\nlabels = [\"a\", \"b\"]\nwords = [\" a\", \" b\"]\n[source]\nformat = \"csv\"\npath = \"x.csv\"\nlabel_column = \"label\"\ntext_columns = [\"text\"]\n",
+        )
+        .expect("task toml");
+        config.max_text_tokens = max_text_tokens;
+        Task {
+            config,
+            prefix: vec![1],
+            suffix: suffix.to_vec(),
+            label_tokens: vec![7, 8],
+        }
+    }
+
+    #[test]
+    fn prompt_memo_tokenizes_a_text_once_per_task() {
+        let mut memo = PromptMemo::default();
+        let t = task(&[9], 64);
+        assert_eq!(
+            memo.get_or_tokenize(&t, "x", || vec![1, 2, 9]),
+            vec![1, 2, 9]
+        );
+        // A second request for the same text is served from the memo.
+        let again = memo.get_or_tokenize(&t, "x", || panic!("tokenized twice"));
+        assert_eq!(again, vec![1, 2, 9]);
+        // Another task (suffix or text budget) must not see the first task's tokens.
+        let other = task(&[10], 64);
+        assert_eq!(
+            memo.get_or_tokenize(&other, "x", || vec![1, 2, 10]),
+            vec![1, 2, 10]
+        );
+        let shorter = task(&[10], 8);
+        assert_eq!(
+            memo.get_or_tokenize(&shorter, "x", || vec![1, 10]),
+            vec![1, 10]
+        );
     }
 }
