@@ -5,6 +5,13 @@
 //! for a probe on those features) and prints held-out accuracy at the best dev epoch.
 //!
 //! `cargo run --release --example probe_features -- --task edge-agent/tasks/ag_news.toml --train 2000`
+//!
+//! `--fg-grid` first sweeps the head's forward-gradient optimiser with exact directional
+//! derivatives; `FG_GRID` lists the configurations, `;`-separated, each
+//! `directions,batch,steps,adam(0|1),lr_half_life(0 = constant),lr1|lr2|...` (directions 0 =
+//! the exact batch gradient), e.g.
+//! `FG_GRID="0,8,3000,0,2000,0.1|0.3;1024,32,3000,0,2000,0.01" probe_features --train 7000 --fg-grid`
+//! (`FG_CENTRED=1` also runs every configuration on features centred on the empty prompt's).
 
 use std::path::PathBuf;
 
