@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: setup demo test lint bench bench-learning fuzz chaos deb cross clean-cache
+.PHONY: setup demo test lint bench bench-learning bench-recipes fuzz chaos deb cross clean-cache
 
 setup:
 	@bash scripts/setup.sh
@@ -52,6 +52,13 @@ bench-learning: setup
 	@mkdir -p target/bench
 	$(RELEASE_BUILD)
 	bash scripts/bench-learning.sh
+
+# Issue 16's recipe sweep: layout x estimator on BBC and AG News at an equal wall budget ->
+# target/bench/recipes.json and recipes.png (about 40 minutes on 2 idle cores).
+bench-recipes: setup
+	@mkdir -p target/bench
+	$(RELEASE_BUILD)
+	bash scripts/bench-recipes.sh
 
 # >= 10M mutated inputs per target through the wire decoder, the update ingest, the GGUF reader
 # and both config loaders -> target/bench/fuzz.json (crashing inputs in target/bench/fuzz-crashes/).

@@ -29,7 +29,7 @@ struct Args {
     /// `bench-federation` report of the demo configuration (BBC, 4 agents, 10 minutes).
     #[arg(long)]
     demo: PathBuf,
-    /// `train-local` metrics.json of the SFT (headline) run, if one was made.
+    /// `bench-federation` report of the federated SFT (headline) run, if one was made.
     #[arg(long)]
     sft: Option<PathBuf>,
     #[arg(long, default_value = "target/bench/learning.json")]
@@ -293,7 +293,7 @@ fn main() -> anyhow::Result<()> {
         None => {
             missing.insert(
                 "sft_nll_rel_drop".into(),
-                json!("no federated SFT run in this bench (see the README's learning section)"),
+                json!("no federated SFT run in this bench (SFT=0; scripts/bench-learning.sh runs one by default)"),
             );
         }
     }

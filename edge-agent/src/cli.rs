@@ -235,6 +235,9 @@ pub struct TrainLocalArgs {
     pub eps: Option<f32>,
     #[arg(long)]
     pub directions: Option<u32>,
+    /// Examples per step (the recipe's batch size otherwise).
+    #[arg(long)]
+    pub batch: Option<usize>,
     #[arg(long)]
     pub max_wall_s: Option<f64>,
     #[arg(long)]
@@ -316,6 +319,10 @@ impl TrainLocalArgs {
         }
         if let Some(v) = self.directions {
             tc.directions = v;
+        }
+        if let Some(v) = self.batch {
+            anyhow::ensure!(v > 0, "--batch must be at least 1");
+            tc.batch_size = v;
         }
         if let Some(v) = self.max_wall_s {
             tc.max_wall_s = v;

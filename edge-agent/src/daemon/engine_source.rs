@@ -112,6 +112,13 @@ impl EngineSource {
         self
     }
 
+    /// As [`EngineSource::with_dev`] for either kind of shard (an SFT source scores its dev
+    /// subset by NLL).
+    pub fn with_dev_shard(mut self, dev: Shard) -> Self {
+        self.dev = dev;
+        self
+    }
+
     /// Moves the last `n` examples of the shard's fixed shuffle into the dev subset (see
     /// [`split_dev`]).
     fn split_dev(&mut self, n: usize) {

@@ -219,6 +219,23 @@ impl Engine {
     /// whole batch. Prompt and response are tokenized separately and concatenated, so the
     /// first response token is scored from the prompt's last position.
     pub fn sft_loss(&mut self, examples: &[SftExample]) -> Result<f64, EngineError> {
+        let mut sum = 0.0f64;
+        let mut count = 0usize;
+        self.sft_response_logits(examples, &mut |_, logits, target| {
+            sum += token_nll(logits, target);
+            count += 1;
+        })?;
+        Ok(sum / count.max(1) as f64)
+    }
+
+    /// Hands `on(example, logits, target)` the full-vocabulary logits that score every
+    /// response token of `examples` under the currently set adapter (teacher-forced), in
+    /// order within an example. [`Engine::sft_loss`] is the mean of [`token_nll`] over them.
+    pub fn sft_response_logits(
+        &mut self,
+        examples: &[SftExample],
+        on: &mut dyn FnMut(usize, &[f32], llama::Token),
+    ) -> Result<(), EngineError> {
         if examples.is_empty() {
             return Err(EngineError::EmptyBatch);
         }
@@ -242,8 +259,6 @@ impl Engine {
                 });
             }
         }
-        let mut sum = 0.0f64;
-        let mut count = 0usize;
         let (toks, first): (Vec<Vec<llama::Token>>, Vec<usize>) =
             seqs.into_iter().map(|(t, n)| (t, n - 1)).unzip();
         let targets = &toks;
@@ -251,16 +266,8 @@ impl Engine {
             let Some(&target) = targets[s].get(pos + 1) else {
                 return; // the last token predicts nothing we score
             };
-            let m = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-            let lse = m + logits
-                .iter()
-                .map(|&x| (x as f64 - m).exp())
-                .sum::<f64>()
-                .ln();
-            sum += lse - logits[target as usize] as f64;
-            count += 1;
-        })?;
-        Ok(sum / count.max(1) as f64)
+            on(s, logits, target);
+        })
     }
 
     /// Accuracy and mean loss of the active task on `examples` with `weights` (or the base
@@ -298,4 +305,15 @@ impl Engine {
             n: examples.len(),
         })
     }
+}
+
+/// Next-token NLL of `target` under `logits` (a log-softmax in f64).
+pub fn token_nll(logits: &[f32], target: llama::Token) -> f64 {
+    let m = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+    let lse = m + logits
+        .iter()
+        .map(|&x| (x as f64 - m).exp())
+        .sum::<f64>()
+        .ln();
+    lse - logits[target as usize] as f64
 }

@@ -49,7 +49,7 @@ use std::path::{Path, PathBuf};
 use fwdllm_shared::lora::ModelShape;
 use serde::{Deserialize, Serialize};
 
-pub use loss::{BatchLoss, EvalReport, PooledHidden};
+pub use loss::{token_nll, BatchLoss, EvalReport, PooledHidden};
 pub use task::Task;
 pub use train::TrainConfig;
 

@@ -5,31 +5,31 @@
 //! * `monitor` — live view of a job on any broker.
 //! * `export` — GGUF LoRA from an aggregator state directory.
 //! * `bench-federation` — the same federation on AG News, plus the simulated-client ingest
-//!   measurement, written as flat JSON.
+//!   measurement, written as flat JSON; on an instruction (sft) task, federated SFT with the
+//!   held-out NLL before and after (`sft.rs`). `run.rs` drives a run of either kind.
 //!
 //! Evaluation: the demo process holds the held-out split and runs its own engine instance on
 //! the aggregator's exact weights (zero-shot before round 1, final after the last commit, and
 //! through the exported GGUF file). Agents never see held-out data, and training is not stalled
 //! by evaluation passes on a training agent.
 
-use std::io::IsTerminal;
+mod run;
+mod sft;
+
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
-use fwdllm_agent::daemon::{Agent, AgentInfo, EngineSource};
-use fwdllm_agent::data::{Example, Partition};
+use fwdllm_agent::daemon::gradient::GradientSource;
+use fwdllm_agent::daemon::{AgentInfo, EngineSource};
+use fwdllm_agent::data::{Example, Partition, TaskFile};
 use fwdllm_agent::engine::Engine;
 use fwdllm_agent::engine::TrainConfig;
-use fwdllm_aggregator::broker::EmbeddedBroker;
-use fwdllm_aggregator::coordinator::AggEvent;
 use fwdllm_aggregator::federation::{self, FedData};
-use fwdllm_aggregator::server::{self, BrokerTarget, Hooks};
+use fwdllm_aggregator::server;
 use fwdllm_aggregator::{export, metrics, monitor, sim};
 use fwdllm_shared::lora::LoraWeights;
-use indicatif::{ProgressBar, ProgressStyle};
-use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -195,6 +195,12 @@ fn main() -> anyhow::Result<()> {
             out,
             sim_clients,
         } => rt.block_on(async move {
+            // An instruction task: its own evaluation (NLL, generations), no ingest part.
+            if let TaskFile::Sft(t) = TaskFile::from_file(&task)
+                .with_context(|| format!("reading task {}", task.display()))?
+            {
+                return sft::bench(&fed, &task, t, &out).await;
+            }
             // 0 skips the simulated-client measurement (`fwdllm-aggregator sim` runs it alone).
             let ingest = if sim_clients > 0 {
                 let r = sim::bench(sim_clients, 10, 4, None).await?;
@@ -422,8 +428,7 @@ async fn federate(fed: &FedArgs, task_path: &Path, name: &str) -> anyhow::Result
     let (zero_shot, _) = evaluate(&mut eval_engine, None, &heldout)?;
     println!("zero-shot held-out accuracy: {zero_shot:.3}");
 
-    // Broker + aggregator.
-    let broker = EmbeddedBroker::start("127.0.0.1", 0, 64 << 20)?;
+    // Aggregator config; weights snapshots for the curve.
     let mut cfg = federation::aggregator_config(
         &format!("{name}-{}", task.name),
         &fed.model,
@@ -435,8 +440,6 @@ async fn federate(fed: &FedArgs, task_path: &Path, name: &str) -> anyhow::Result
     )?;
     cfg.job.max_commits = fed.max_commits;
     let layout = cfg.layout().map_err(anyhow::Error::msg)?;
-    let (ev_tx, mut ev_rx) = broadcast::channel(65_536);
-    let agg_stop = CancellationToken::new();
     // Weights every `curve_every` commits, evaluated after the run (not during it, where the
     // evaluation would take CPU from the agents).
     let snapshots = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -457,125 +460,30 @@ async fn federate(fed: &FedArgs, task_path: &Path, name: &str) -> anyhow::Result
             None
         }) as server::OnCommit
     });
-    let target = BrokerTarget {
-        host: broker.host(),
-        port: broker.port(),
-    };
-    let agg_task = tokio::spawn(server::run(
-        cfg.clone(),
-        target,
-        agg_stop.clone(),
-        Hooks {
-            events: Some(ev_tx),
-            on_commit,
-            ..Hooks::default()
-        },
-    ));
-
     // Agents: each its own engine (1 thread: N engines share the cores) and shard.
     let threads = (std::thread::available_parallelism()
         .map(|x| x.get())
         .unwrap_or(2)
         / fed.agents)
         .max(1) as u32;
-    let mut agents = Vec::new();
+    let mut sources: Vec<Box<dyn GradientSource + Send>> = Vec::new();
     for (i, (shard, dev)) in shards.into_iter().zip(dev_sets).enumerate() {
-        let id = format!("agent-{i}");
         let mut engine =
             Engine::load(&federation::engine_config(&fed.model, threads, &train.lora))?;
         engine.set_task(&task)?;
-        let source = EngineSource::new(engine, shard, i as u64 + 1)?.with_dev(dev);
-        let agent_dir = out_dir.join("agents").join(&id);
-        let _ = std::fs::remove_dir_all(&agent_dir);
-        let ac = federation::agent_config(
-            &id,
-            &cfg.job.name,
-            &broker.host(),
-            broker.port(),
-            &agent_dir,
-        );
-        let agent = Agent::new(ac, Box::new(source)).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let info = agent.watch();
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(agent.run(stop.clone()));
-        agents.push((info, stop, task));
+        sources.push(Box::new(
+            EngineSource::new(engine, shard, i as u64 + 1)?.with_dev(dev),
+        ));
     }
-
-    // Progress: one bar over the time budget, its message the latest commit. indicatif draws
-    // nothing when stdout is not a terminal (CI, `make bench | tee`): then a plain line per
-    // commit, at most one every 5 s (head-row rounds commit several times a second).
-    let t_train = Instant::now();
-    let budget = Duration::from_secs_f64(fed.minutes * 60.0);
-    let style = ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {msg}")
-        .expect("template")
-        .progress_chars("=> ");
-    let plain = !std::io::stdout().is_terminal();
-    let bar = if plain {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(budget.as_secs().max(1)).with_style(style)
-    };
-    let mut last_line = Instant::now() - Duration::from_secs(10);
-    let mut commits = 0u64;
-    let deadline = tokio::time::Instant::now() + budget;
-    loop {
-        let ev = tokio::select! {
-            _ = tokio::time::sleep_until(deadline) => break,
-            e = ev_rx.recv() => match e { Ok(e) => e, Err(broadcast::error::RecvError::Lagged(_)) => continue, Err(_) => break },
-        };
-        match ev {
-            AggEvent::Committed {
-                version,
-                perturbations,
-                ..
-            } => {
-                commits = version;
-                let msg = format!(
-                    "v{version} ({perturbations} pairs in the last commit, {:.0}s elapsed)",
-                    t_train.elapsed().as_secs_f64()
-                );
-                if plain && last_line.elapsed() >= Duration::from_secs(5) {
-                    println!("commit {msg}");
-                    last_line = Instant::now();
-                }
-                bar.set_position(t_train.elapsed().as_secs());
-                bar.set_message(msg);
-            }
-            AggEvent::Abandoned { round } => {
-                let msg = format!("round {round} abandoned (deadline without quorum)");
-                if plain {
-                    println!("{msg}");
-                } else {
-                    bar.println(msg);
-                }
-            }
-            _ => {}
-        }
-    }
-    bar.finish_and_clear();
-    let train_wall_s = t_train.elapsed().as_secs_f64();
-    agg_stop.cancel();
-    let summary = agg_task.await??;
-    // Replicas: every agent at the final version with the aggregator's hash.
-    let final_version = summary.version;
-    let (version, weights) = export::load_weights(&state_dir)?;
-    let final_hash = Some(weights.hash());
-    let mut per_agent = Vec::new();
-    let mut replicas_equal = true;
-    for (info, stop, task) in agents.iter_mut() {
-        let got = tokio::time::timeout(
-            Duration::from_secs(30),
-            info.wait_for(|i| i.model_version >= final_version),
-        )
-        .await
-        .map(|r| r.is_ok())
-        .unwrap_or(false);
-        let i = info.borrow().clone();
-        replicas_equal &= got && i.model_version == final_version && i.weights_hash == final_hash;
-        stop.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(30), task).await;
-        per_agent.push(info.borrow().clone());
-    }
+    let run::Ran {
+        summary,
+        commits,
+        train_wall_s,
+        version,
+        weights,
+        per_agent,
+        replicas_equal,
+    } = run::drive(&cfg, sources, fed, &out_dir, on_commit).await?;
     println!(
         "evaluating version {version} on {} held-out examples ...",
         heldout.len()
