@@ -45,8 +45,8 @@ scale: setup
 	target/release/fwdllm-aggregator scale --out target/bench/scale.json
 
 # Issue 16's learning figures: local BBC and AG News, federated AG News with 8 agents on IID and
-# Dirichlet shards (3 seeds), the demo configuration -> target/bench/learning.json and
-# learning_noniid.png. About 75 minutes on 2 idle cores (scripts/bench-learning.sh says how to
+# Dirichlet shards (3 seeds), the demo configuration, federated SFT on the headline task ->
+# target/bench/learning.json and learning_noniid.png. About 90 minutes on 2 idle cores (scripts/bench-learning.sh says how to
 # shorten it).
 bench-learning: setup
 	@mkdir -p target/bench

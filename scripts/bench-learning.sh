@@ -5,10 +5,12 @@
 #  2. federated AG News, 8 agents, IID and Dirichlet alpha = 0.1 and 0.5 shards, SEEDS seeds
 #     each, stopped at an equal number of commits so a warm feature cache favours no split;
 #  3. the demo configuration (BBC, 4 agents, 10 minutes), as `make demo` runs it;
-#  4. federated instruction tuning: the headline task, 8 agents, SFT_MINUTES (10) minutes;
+#  4. federated instruction tuning: the headline task, 8 agents, SFT_MINUTES (10) minutes, 4
+#     directions per agent per round (a round's prefix pass over the agent's new batch costs
+#     more than its tail evaluations, so each batch serves several directions);
 #  5. learning_report gathers the reports (mean +- sd over seeds, the non-IID gap, the curves).
 #
-# Usage: scripts/bench-learning.sh            (about 75 minutes on 2 idle cores)
+# Usage: scripts/bench-learning.sh            (about 90 minutes on 2 idle cores)
 #   env (defaults):  SEEDS="1 2 3"  SPLITS="iid dirichlet0.1 dirichlet0.5"  FED_COMMITS=1500
 #                    FED_MINUTES=8  LOCAL_STEPS=6000  LOCAL_WALL_S=1500  DEMO=1  LOCAL=1
 #                    SFT=1  SFT_MINUTES=10
@@ -78,7 +80,7 @@ fi
 if [ "${SFT:-1}" = 1 ]; then
   echo "== bench-federation ag_news_headline (sft), 8 agents, ${SFT_MINUTES:-10} minutes"
   "$bin/fwdllm" bench-federation --task edge-agent/tasks/ag_news_headline.toml --agents 8 \
-    --minutes "${SFT_MINUTES:-10}" --sim-clients 0 --out-dir "$out/sft-run" --out "$out/sft.json"
+    --perturbations 4 --minutes "${SFT_MINUTES:-10}" --sim-clients 0 --out-dir "$out/sft-run" --out "$out/sft.json"
 fi
 sft_args=()
 if [ -f "$out/sft.json" ]; then sft_args=(--sft "$out/sft.json"); fi

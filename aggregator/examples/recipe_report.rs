@@ -105,7 +105,9 @@ fn plot(runs: &[Run], png: &Path) -> anyhow::Result<()> {
     for (i, area) in panels.iter().enumerate() {
         let task = TASKS[i / 2];
         let by_evals = i % 2 == 1;
-        let pick = |p: &Point| if by_evals { p.1 } else { p.0 };
+        // Head-only runs take tens of thousands of cheap steps, LoRA runs hundreds: the
+        // evaluations axis is logarithmic (log10 of evaluations + 1, so zero-shot sits at 0).
+        let pick = |p: &Point| if by_evals { (p.1 + 1.0).log10() } else { p.0 };
         let mine: Vec<&Run> = runs.iter().filter(|r| r.task == task).collect();
         let max_x = mine
             .iter()
@@ -115,7 +117,7 @@ fn plot(runs: &[Run], png: &Path) -> anyhow::Result<()> {
         b.margin(10);
         if text {
             let axis = if by_evals {
-                "loss evaluations"
+                "log10(loss evaluations + 1)"
             } else {
                 "training seconds"
             };
@@ -216,7 +218,7 @@ fn main() -> anyhow::Result<()> {
         "chosen_recipe": chosen.as_ref().map(|c| c.0.clone()),
         "chosen_mean_dev_acc": chosen.as_ref().map(|c| c.1),
         "rule": "the recipe with the highest best-dev accuracy averaged over both tasks, each run given the same wall budget",
-        "loss_evaluations_counts": "forward passes of the batch (train-local's count): a head-block direction reuses the unperturbed pass's features and costs a K x n_embd product, not a pass, so it adds none",
+        "loss_evaluations_counts": "train-local's count: one per step for the unperturbed batch (served from the feature cache once a head-only run has seen its examples) and one per adapter-block direction; a head-block direction costs a K x n_embd product on the batch's features and adds none",
         "missing": missing,
     });
     std::fs::write(&a.out, serde_json::to_string_pretty(&report)? + "\n")

@@ -51,7 +51,7 @@ fn two_agents_commit_sft_rounds_and_their_replicas_agree() {
         serde_json::from_str(&std::fs::read_to_string(&report).expect("report")).expect("json");
     assert_eq!(r["kind"], "sft");
     assert_eq!(r["commits"], 2, "{r:#}");
-    assert_eq!(r["rounds"], 2, "{r:#}");
+    assert!(r["rounds"].as_u64().expect("rounds") >= 2, "{r:#}");
     assert_eq!(r["replica_hashes_equal"], true, "{r:#}");
     assert_eq!(r["heldout_examples"], 8);
     let zero = r["zero_shot_nll"].as_f64().expect("zero-shot NLL");
