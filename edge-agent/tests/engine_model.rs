@@ -306,6 +306,39 @@ fn tail_engine(prefix: Precision) -> Engine {
 }
 
 #[test]
+fn one_sided_estimates_one_seed_per_call_equal_one_call_and_follow_batch_and_weights() {
+    // The daemon asks for one direction per call on the round's batch: every call after the
+    // first reuses L(θ) (same weights, loss and batch), and must give the bits one call gives.
+    let mut e = tail_engine(Precision::Q8_0);
+    let (_, s) = task();
+    let (a, b) = (&s.train[..4], &s.train[4..8]);
+    let w = weights(&e, 5, 2e-2);
+    let seeds = [11u64, 12, 13];
+    let (g_all, l_all) = e
+        .forward_gradients_with_loss(&w, b, &seeds, 1e-2, true)
+        .unwrap();
+    // Another batch, then other weights, each with its own L(θ).
+    let (_, l_a) = e
+        .forward_gradients_with_loss(&w, a, &seeds[..1], 1e-2, true)
+        .unwrap();
+    assert_ne!(l_a, l_all);
+    let w2 = weights(&e, 6, 2e-2);
+    let (_, l_w2) = e
+        .forward_gradients_with_loss(&w2, b, &seeds[..1], 1e-2, true)
+        .unwrap();
+    assert_ne!(l_w2, l_all);
+    let mut g_chunks = Vec::new();
+    for s in seeds {
+        let (g, l) = e
+            .forward_gradients_with_loss(&w, b, &[s], 1e-2, true)
+            .unwrap();
+        assert_eq!(l.to_bits(), l_all.to_bits());
+        g_chunks.push(g[0]);
+    }
+    assert_eq!(bits(&[g_all]), bits(&[g_chunks]));
+}
+
+#[test]
 fn tail_path_gives_the_full_models_loss_for_the_same_weights_and_batch() {
     // Same θ (non-zero B), same batch: with an F32 prefix the tail computes the same function
     // as the whole F32 model, split at layer 26.

@@ -4,6 +4,8 @@
 //! rows, head-block directions computed from the unperturbed pass's features without a forward
 //! pass.
 
+use std::hash::{Hash, Hasher};
+
 use fwdllm_shared::lora::LoraWeights;
 
 use super::head::{loss_from_features, HeadParams};
@@ -45,7 +47,10 @@ impl Engine {
         if weights.layout().head().is_some() {
             return self.head_forward_gradients(&task, weights, batch, seeds, eps, one_sided);
         }
-        self.forward_gradients_by(weights, seeds, eps, one_sided, &mut |engine| {
+        let key = base_key(weights, &format!("{task:?}"), |h| {
+            batch.iter().for_each(|e| (&e.text, e.label).hash(h))
+        });
+        self.forward_gradients_by(weights, key, seeds, eps, one_sided, &mut |engine| {
             engine.loss(&task, batch).map(|l| l.mean)
         })
     }
@@ -107,15 +112,21 @@ impl Engine {
         one_sided: bool,
     ) -> Result<(Vec<f32>, f64), EngineError> {
         sft_eval::check_sft_layout(weights)?;
-        self.forward_gradients_by(weights, seeds, eps, one_sided, &mut |engine| {
+        let key = base_key(weights, "sft", |h| {
+            batch.iter().for_each(|e| (&e.prompt, &e.response).hash(h))
+        });
+        self.forward_gradients_by(weights, key, seeds, eps, one_sided, &mut |engine| {
             engine.sft_loss(batch)
         })
     }
 
-    /// The estimator over any loss of the currently set adapter.
+    /// The estimator over any loss of the currently set adapter; `key` names the unperturbed
+    /// loss (weights, loss and batch, [`base_key`]) so a one-sided call on the same key reuses
+    /// the previous call's `L(θ)` instead of evaluating it again.
     fn forward_gradients_by(
         &mut self,
         weights: &LoraWeights,
+        key: u64,
         seeds: &[u64],
         eps: f32,
         one_sided: bool,
@@ -129,8 +140,15 @@ impl Engine {
         let mut scratch = std::mem::take(&mut self.scratch);
         let result = self.finite_differences(seeds, eps, one_sided, &mut |engine, perturbation| {
             let Some((seed, e)) = perturbation else {
+                if let Some((k, l0)) = engine.base_loss {
+                    if k == key {
+                        return Ok(l0);
+                    }
+                }
                 engine.set_adapter(weights)?;
-                return loss(engine);
+                let l0 = loss(engine)?;
+                engine.base_loss = Some((key, l0));
+                return Ok(l0);
             };
             // The adapter of θ + e·v(seed).
             fwdllm_shared::update::perturbed_params(weights, seed, e, &mut scratch);
@@ -172,4 +190,19 @@ impl Engine {
             Ok((gs, sum / (2 * seeds.len()).max(1) as f64))
         }
     }
+}
+
+/// Names an unperturbed loss: the weights (layout and values), what loss (`loss`: the task as
+/// `Debug` text, or "sft") and the batch (`batch` feeds its examples to the hasher). SipHash
+/// with fixed keys: the key only lives in this process's memo.
+pub(super) fn base_key(
+    weights: &LoraWeights,
+    loss: &str,
+    batch: impl FnOnce(&mut std::collections::hash_map::DefaultHasher),
+) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    weights.hash().hash(&mut h);
+    loss.hash(&mut h);
+    batch(&mut h);
+    h.finish()
 }

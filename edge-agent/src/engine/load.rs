@@ -103,6 +103,7 @@ impl Engine {
             add_bos,
             scratch: Vec::new(),
             prompt_memo: Default::default(),
+            base_loss: None,
             current: None,
             current_lora: None,
             head: None,

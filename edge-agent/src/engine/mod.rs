@@ -301,6 +301,10 @@ pub struct Engine {
     head: Option<HeadParams>,
     /// Prompt tokens of texts already seen (`features` asks for a batch once per direction).
     prompt_memo: task::PromptMemo,
+    /// `(key, L(θ))` of the last one-sided estimate on a forward pass: the daemon asks for one
+    /// direction at a time on the round's batch and weights, and each call would otherwise
+    /// evaluate the unperturbed loss again (key: [`estimator::base_key`]).
+    base_loss: Option<(u64, f64)>,
 }
 
 impl std::fmt::Debug for Engine {
