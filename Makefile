@@ -46,7 +46,7 @@ scale: setup
 
 # Issue 16's learning figures: local BBC and AG News, federated AG News with 8 agents on IID and
 # Dirichlet shards (3 seeds), the demo configuration, federated SFT on the headline task ->
-# target/bench/learning.json and learning_noniid.png. About 90 minutes on 2 idle cores (scripts/bench-learning.sh says how to
+# target/bench/learning.json and learning_noniid.png. About 75 minutes on 2 idle cores and 11 for SFT (scripts/bench-learning.sh says how to
 # shorten it).
 bench-learning: setup
 	@mkdir -p target/bench
@@ -54,7 +54,7 @@ bench-learning: setup
 	bash scripts/bench-learning.sh
 
 # Issue 16's recipe sweep: layout x estimator on BBC and AG News at an equal wall budget ->
-# target/bench/recipes.json and recipes.png (about 40 minutes on 2 idle cores).
+# target/bench/recipes.json and recipes.png (32 minutes on 2 idle cores, 2026-12-05).
 bench-recipes: setup
 	@mkdir -p target/bench
 	$(RELEASE_BUILD)

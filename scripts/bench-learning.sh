@@ -10,7 +10,7 @@
 #     more than its tail evaluations, so each batch serves several directions);
 #  5. learning_report gathers the reports (mean +- sd over seeds, the non-IID gap, the curves).
 #
-# Usage: scripts/bench-learning.sh            (about 90 minutes on 2 idle cores)
+# Usage: scripts/bench-learning.sh            (about 75 minutes on 2 idle cores, and 11 for the SFT step)
 #   env (defaults):  SEEDS="1 2 3"  SPLITS="iid dirichlet0.1 dirichlet0.5"  FED_COMMITS=1500
 #                    FED_MINUTES=8  LOCAL_STEPS=6000  LOCAL_WALL_S=1500  DEMO=1  LOCAL=1
 #                    SFT=1  SFT_MINUTES=10

@@ -10,7 +10,7 @@
 #   head-64x8     head rows only, 64 directions on batches of 8 (the previous head estimator)
 #   head-1024x32  head rows only, 1,024 directions on batches of 32 (the shipped recipe)
 #
-# Usage: scripts/bench-recipes.sh        (about 40 minutes on 2 idle cores)
+# Usage: scripts/bench-recipes.sh        (32 minutes on 2 idle cores with the defaults, 2026-12-05)
 #   env (defaults): TASKS="bbc ag_news"  RECIPES="<all five>"  WALL_S=180  BIN_DIR=target/release
 # A recipe's first pass over its data includes the frozen prefix (cached on disk afterwards):
 # the plot's x axis is training time, evaluations excluded, so a warm cache favours a later run.
