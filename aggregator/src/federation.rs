@@ -80,16 +80,23 @@ pub fn load_data(
         partition,
         shard_seed.unwrap_or(task.split_seed),
     );
-    let mut dev_sets: Vec<Vec<Example>> = vec![Vec::new(); agents];
-    for (i, e) in split.dev.iter().enumerate() {
-        dev_sets[i % agents].push(e.clone());
-    }
+    let dev_sets = deal_round_robin(&split.dev, agents);
     Ok(FedData {
         task,
         heldout,
         shards,
         dev_sets,
     })
+}
+
+/// `items` dealt round-robin to `agents` sets (each agent's fixed dev subset, either task kind).
+pub fn deal_round_robin<T: Clone>(items: &[T], agents: usize) -> Vec<Vec<T>> {
+    let agents = agents.max(1);
+    let mut sets: Vec<Vec<T>> = vec![Vec::new(); agents];
+    for (i, e) in items.iter().enumerate() {
+        sets[i % agents].push(e.clone());
+    }
+    sets
 }
 
 /// The engine for `lora`: the tail path (frozen prefix once per batch, F32 tail per

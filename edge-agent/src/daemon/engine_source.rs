@@ -107,9 +107,8 @@ impl EngineSource {
     }
 
     /// Sets the dev subset model selection scores (examples the source does not train on).
-    pub fn with_dev(mut self, dev: Vec<Example>) -> Self {
-        self.dev = Shard::Classification(dev);
-        self
+    pub fn with_dev(self, dev: Vec<Example>) -> Self {
+        self.with_dev_shard(Shard::Classification(dev))
     }
 
     /// As [`EngineSource::with_dev`] for either kind of shard (an SFT source scores its dev

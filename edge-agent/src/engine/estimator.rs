@@ -47,7 +47,7 @@ impl Engine {
         if weights.layout().head().is_some() {
             return self.head_forward_gradients(&task, weights, batch, seeds, eps, one_sided);
         }
-        let key = base_key(weights, &format!("{task:?}"), |h| {
+        let key = base_key(weights, "classification", |h| {
             batch.iter().for_each(|e| (&e.text, e.label).hash(h))
         });
         self.forward_gradients_by(weights, key, seeds, eps, one_sided, &mut |engine| {
@@ -192,9 +192,10 @@ impl Engine {
     }
 }
 
-/// Names an unperturbed loss: the weights (layout and values), what loss (`loss`: the task as
-/// `Debug` text, or "sft") and the batch (`batch` feeds its examples to the hasher). SipHash
-/// with fixed keys: the key only lives in this process's memo.
+/// Names an unperturbed loss: the weights (layout and values), which loss (`loss`) and the
+/// batch (`batch` feeds its examples to the hasher). The task is not in the key:
+/// [`Engine::set_task`] drops the memo. SipHash with fixed keys: the key only lives in this
+/// process's memo.
 pub(super) fn base_key(
     weights: &LoraWeights,
     loss: &str,

@@ -303,7 +303,7 @@ pub struct Engine {
     prompt_memo: task::PromptMemo,
     /// `(key, L(θ))` of the last one-sided estimate on a forward pass: the daemon asks for one
     /// direction at a time on the round's batch and weights, and each call would otherwise
-    /// evaluate the unperturbed loss again (key: [`estimator::base_key`]).
+    /// evaluate the unperturbed loss again (key: [`estimator::base_key`]; `set_task` drops it).
     base_loss: Option<(u64, f64)>,
 }
 

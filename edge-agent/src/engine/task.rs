@@ -147,6 +147,8 @@ impl Engine {
     /// Prepares and activates a task for [`Engine::forward_gradients`] and [`Engine::evaluate`].
     pub fn set_task(&mut self, config: &TaskConfig) -> Result<(), EngineError> {
         self.task = Some(self.prepare_task(config)?);
+        // A memoised L(θ) was measured with the previous task's prompt and label words.
+        self.base_loss = None;
         Ok(())
     }
 

@@ -405,16 +405,7 @@ async fn federate(fed: &FedArgs, task_path: &Path, name: &str) -> anyhow::Result
         fed.seed,
         fed.heldout,
     )?;
-    let out_dir = fed
-        .out_dir
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(format!("target/{name}")));
-    let state_dir = out_dir.join("aggregator");
-    if state_dir.exists() {
-        std::fs::remove_dir_all(&state_dir)
-            .with_context(|| format!("clearing {}", state_dir.display()))?;
-    }
-    std::fs::create_dir_all(&out_dir)?;
+    let (out_dir, state_dir) = run::fresh_dirs(fed, &format!("target/{name}"))?;
     let train = TrainConfig::head_rows_recipe(task.labels.len());
     let perturbations = fed
         .perturbations
@@ -460,12 +451,8 @@ async fn federate(fed: &FedArgs, task_path: &Path, name: &str) -> anyhow::Result
             None
         }) as server::OnCommit
     });
-    // Agents: each its own engine (1 thread: N engines share the cores) and shard.
-    let threads = (std::thread::available_parallelism()
-        .map(|x| x.get())
-        .unwrap_or(2)
-        / fed.agents)
-        .max(1) as u32;
+    // Agents: each its own engine (N engines share the cores) and shard.
+    let threads = run::agent_threads(fed.agents);
     let mut sources: Vec<Box<dyn GradientSource + Send>> = Vec::new();
     for (i, (shard, dev)) in shards.into_iter().zip(dev_sets).enumerate() {
         let mut engine =

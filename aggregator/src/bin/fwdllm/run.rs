@@ -5,9 +5,10 @@
 //! sources and evaluate around it.
 
 use std::io::IsTerminal;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use fwdllm_agent::daemon::gradient::GradientSource;
 use fwdllm_agent::daemon::{Agent, AgentInfo};
 use fwdllm_aggregator::broker::EmbeddedBroker;
@@ -22,6 +23,28 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use crate::FedArgs;
+
+/// The run's output directory (`--out-dir`, else `default`) and its aggregator state directory
+/// inside it, cleared: a run starts a new job.
+pub(crate) fn fresh_dirs(fed: &FedArgs, default: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let out_dir = fed
+        .out_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(default));
+    let state_dir = out_dir.join("aggregator");
+    if state_dir.exists() {
+        std::fs::remove_dir_all(&state_dir)
+            .with_context(|| format!("clearing {}", state_dir.display()))?;
+    }
+    std::fs::create_dir_all(&out_dir)?;
+    Ok((out_dir, state_dir))
+}
+
+/// Compute threads per agent engine: the cores shared among the agents, at least one.
+pub(crate) fn agent_threads(agents: usize) -> u32 {
+    let cores = std::thread::available_parallelism().map_or(2, |x| x.get());
+    (cores / agents.max(1)).max(1) as u32
+}
 
 /// What a run leaves for its evaluation.
 pub(crate) struct Ran {

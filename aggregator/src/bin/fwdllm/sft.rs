@@ -5,14 +5,14 @@
 //! held-out split and reports its NLL per response token before and after, and the word F1
 //! of greedy generations (issue 16's `sft_nll_rel_drop`).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
 use fwdllm_agent::daemon::engine_source::Shard;
 use fwdllm_agent::daemon::gradient::GradientSource;
 use fwdllm_agent::daemon::EngineSource;
-use fwdllm_agent::data::{self, SftExample, SftTaskConfig};
+use fwdllm_agent::data::{self, SftTaskConfig};
 use fwdllm_agent::engine::sft_eval::{GenerationBudget, SftEvalReport};
 use fwdllm_agent::engine::{Engine, TrainConfig};
 use fwdllm_aggregator::{export, federation};
@@ -53,10 +53,7 @@ pub(crate) async fn bench(
     }
     let seed = fed.seed.unwrap_or(task.split_seed);
     let shards = data::shard_iid(&split.train, fed.agents, seed);
-    let mut dev_sets: Vec<Vec<SftExample>> = vec![Vec::new(); fed.agents];
-    for (i, e) in split.dev.iter().enumerate() {
-        dev_sets[i % fed.agents].push(e.clone());
-    }
+    let dev_sets = federation::deal_round_robin(&split.dev, fed.agents);
     let budget = GenerationBudget {
         examples: F1_EXAMPLES.min(heldout.len()),
         max_new_tokens: task.max_response_tokens,
@@ -71,16 +68,7 @@ pub(crate) async fn bench(
     let zero = eval_engine.evaluate_sft(None, &heldout, budget)?;
     println!("zero-shot held-out NLL/token {:.4}", zero.nll);
 
-    let out_dir = fed
-        .out_dir
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("target/bench-sft"));
-    let state_dir = out_dir.join("aggregator");
-    if state_dir.exists() {
-        std::fs::remove_dir_all(&state_dir)
-            .with_context(|| format!("clearing {}", state_dir.display()))?;
-    }
-    std::fs::create_dir_all(&out_dir)?;
+    let (out_dir, state_dir) = run::fresh_dirs(fed, "target/bench-sft")?;
     let perturbations = fed
         .perturbations
         .unwrap_or_else(|| federation::default_perturbations(&train, fed.agents as u32));
@@ -95,11 +83,7 @@ pub(crate) async fn bench(
     )?;
     cfg.job.max_commits = fed.max_commits;
     let trainable = cfg.layout().map_err(anyhow::Error::msg)?.trainable_len();
-    let threads = (std::thread::available_parallelism()
-        .map(|x| x.get())
-        .unwrap_or(2)
-        / fed.agents)
-        .max(1) as u32;
+    let threads = run::agent_threads(fed.agents);
     let mut sources: Vec<Box<dyn GradientSource + Send>> = Vec::new();
     for (i, (shard, dev)) in shards.into_iter().zip(dev_sets).enumerate() {
         let engine = Engine::load(&federation::engine_config(&fed.model, threads, &train.lora))?;
