@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -135,12 +135,38 @@ impl Drop for Mosquitto {
     }
 }
 
-/// A TCP relay whose live connections can be cut (each new connection is relayed again).
+/// A TCP relay whose live connections can be cut (each new connection is relayed again), or
+/// held down: [`Relay::hold`] stops it at once (no byte read after the call is forwarded, so
+/// whatever a broker publishes after it cannot cross) and refuses connections until
+/// [`Relay::release`].
 pub struct Relay {
     addr: SocketAddr,
     cut: watch::Sender<u64>,
+    held: Arc<AtomicBool>,
     accepted: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// Copies `from` to `to` chunk by chunk until either closes or the relay is held. The hold is
+/// checked between reading a chunk and writing it, which is what makes [`Relay::hold`] a
+/// boundary (`copy_bidirectional` could forward a chunk read after it).
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    held: Arc<AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if held.load(Ordering::SeqCst) || to.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
 }
 
 impl Relay {
@@ -149,20 +175,29 @@ impl Relay {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let (cut, _) = watch::channel(0u64);
+        let held = Arc::new(AtomicBool::new(false));
         let accepted = Arc::new(AtomicU64::new(0));
-        let (cut2, accepted2) = (cut.clone(), accepted.clone());
+        let (cut2, held2, accepted2) = (cut.clone(), held.clone(), accepted.clone());
         let task = tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
+            while let Ok((inbound, _)) = listener.accept().await {
+                if held2.load(Ordering::SeqCst) {
+                    // Refused: dropping the socket ends the peer's connection attempt.
+                    continue;
+                }
                 accepted2.fetch_add(1, Ordering::Relaxed);
                 let mut cut = cut2.subscribe();
+                let held = held2.clone();
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                    let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
                         return;
                     };
                     let _ = inbound.set_nodelay(true);
                     let _ = outbound.set_nodelay(true);
+                    let (in_r, in_w) = inbound.into_split();
+                    let (out_r, out_w) = outbound.into_split();
                     tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = pipe(in_r, out_w, held.clone()) => {}
+                        _ = pipe(out_r, in_w, held) => {}
                         _ = cut.changed() => {}
                     }
                     // Dropping both sockets closes them: the peers see the connection end.
@@ -172,6 +207,7 @@ impl Relay {
         Ok(Relay {
             addr,
             cut,
+            held,
             accepted,
             task,
         })
@@ -184,6 +220,18 @@ impl Relay {
     /// Closes every live relayed connection.
     pub fn cut(&self) {
         self.cut.send_modify(|g| *g += 1);
+    }
+
+    /// Takes the link down until [`Relay::release`]: from this call on no byte is forwarded,
+    /// live connections close and new ones are refused.
+    pub fn hold(&self) {
+        self.held.store(true, Ordering::SeqCst);
+        self.cut();
+    }
+
+    /// Lets connections through again (the peers reconnect on their own schedule).
+    pub fn release(&self) {
+        self.held.store(false, Ordering::SeqCst);
     }
 
     /// Connections accepted so far.

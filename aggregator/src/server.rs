@@ -197,12 +197,14 @@ pub struct Hooks {
     /// *before* the updates it consumed are acknowledged to the broker: a record written here
     /// survives any later crash, so every acknowledged update has its outcome recorded (the
     /// chaos bench's ledger, `crate::chaos`).
-    #[allow(clippy::type_complexity)]
-    pub on_event: Option<Box<dyn FnMut(&AggEvent) + Send>>,
+    pub on_event: Option<OnEvent>,
     /// Called with each commit's version and weights; may return a held-out (accuracy, loss)
     /// evaluation, recorded with the next commit's metrics.
     pub on_commit: Option<OnCommit>,
 }
+
+/// The event hook of [`Hooks`].
+pub type OnEvent = Box<dyn FnMut(&AggEvent) + Send>;
 
 /// The commit hook of [`Hooks`].
 pub type OnCommit =

@@ -8,6 +8,8 @@
 //! (`directions` exact directional derivatives, the ε → 0 limit of what the engine measures),
 //! printing dev and held-out NLL per token against the base model's.
 //!
+//! `--vocab-bias true` trains a bias on the logits themselves (one value per vocabulary word).
+//!
 //! `--rank R` studies a rank-R linear map on the final hidden state instead (`n → n + P·Q·n`,
 //! P fixed, Q trainable; the hidden states are recovered from the logits by least squares).
 //!
@@ -94,6 +96,7 @@ fn main() -> anyhow::Result<()> {
     let mut threads = 2u32;
     let mut prepared = PathBuf::from(".cache/prepared/SmolLM2-135M-Instruct.Q4_1.f32.gguf");
     let mut rank = 0usize;
+    let mut vocab_bias = false;
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
         let v = it.next().with_context(|| format!("{k} needs a value"))?;
@@ -103,6 +106,7 @@ fn main() -> anyhow::Result<()> {
             "--threads" => threads = v.parse()?,
             "--prepared" => prepared = v.into(),
             "--rank" => rank = v.parse()?,
+            "--vocab-bias" => vocab_bias = v.parse()?,
             _ => anyhow::bail!("unknown flag {k}"),
         }
     }
@@ -140,6 +144,9 @@ fn main() -> anyhow::Result<()> {
     let (dev0, held0) = (mean_nll(&dev, &w, &zero), mean_nll(&held, &w, &zero));
     println!("{{\"base_dev_nll\":{dev0:.4},\"base_heldout_nll\":{held0:.4}}}");
 
+    if vocab_bias {
+        return logit_bias(n_vocab, &train, &dev, &held, held0);
+    }
     if rank > 0 {
         return final_adapter(&w, n_embd, rank, &train, &dev, &held, held0);
     }
@@ -413,6 +420,70 @@ fn final_adapter(
             }
             println!(
                 "{{\"final_rank\":{r},\"directions\":{dirs},\"batch\":{batch},\"steps\":{steps},\"lr\":{lr},\"best_dev_nll\":{:.4},\"best_step\":{},\"heldout_nll\":{:.4},\"rel_drop\":{:.4},\"secs\":{:.1}}}",
+                best.0, best.1, best.2, (held0 - best.2) / held0, t.elapsed().as_secs_f64()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A bias on the logits themselves (one value per vocabulary word, a unigram shift): the exact
+/// gradient is `Σ (softmax − onehot)` per token, no head product at all.
+fn logit_bias(
+    n_vocab: usize,
+    train: &[Scored],
+    dev: &[Scored],
+    held: &[Scored],
+    held0: f64,
+) -> anyhow::Result<()> {
+    let all = |set: &[Scored], b: &[f32]| {
+        let refs: Vec<&Scored> = set.iter().collect();
+        let (s, n) = nll(&refs, b, None);
+        s / n as f64
+    };
+    let grid = std::env::var("SFT_GRID").unwrap_or_else(|_| "0,8,300,0.3|1|3".into());
+    for conf in grid.split(';').filter(|c| !c.trim().is_empty()) {
+        let f: Vec<&str> = conf.split(',').collect();
+        anyhow::ensure!(
+            f.len() == 4,
+            "SFT_GRID entry {conf:?}: directions,batch,steps,lr1|lr2"
+        );
+        let (dirs, batch, steps): (usize, usize, usize) =
+            (f[0].parse()?, f[1].parse()?, f[2].parse()?);
+        for lr in f[3].split('|') {
+            let lr: f32 = lr.parse()?;
+            let mut b = vec![0f32; n_vocab];
+            let mut rng = SplitMix64::new(7);
+            let mut best = (f64::INFINITY, 0usize, 0f64);
+            let t = std::time::Instant::now();
+            for step in 1..=steps {
+                let pick: Vec<&Scored> = (0..batch)
+                    .map(|_| &train[rng.below(train.len() as u64) as usize])
+                    .collect();
+                let mut gv = vec![0f64; n_vocab];
+                let (_, n) = nll(&pick, &b, Some(&mut gv));
+                let g: Vec<f32> = gv.iter().map(|x| (x / n as f64) as f32).collect();
+                if dirs == 0 {
+                    b.iter_mut().zip(&g).for_each(|(x, gi)| *x -= lr * gi);
+                } else {
+                    let mut v = vec![0f32; n_vocab];
+                    for k in 0..dirs {
+                        direction((step * 100_003 + k) as u64, &mut v);
+                        let gd: f32 = v.iter().zip(&g).map(|(a, c)| a * c).sum();
+                        b.iter_mut()
+                            .zip(&v)
+                            .for_each(|(x, vi)| *x -= lr * gd * vi / dirs as f32);
+                    }
+                }
+                if step % 25 == 0 || step == steps {
+                    let d = all(dev, &b);
+                    if d < best.0 {
+                        best = (d, step, all(held, &b));
+                    }
+                }
+            }
+            println!(
+                "{{\"logit_bias\":true,\"directions\":{dirs},\"batch\":{batch},\"steps\":{steps},\"lr\":{lr},\"best_dev_nll\":{:.4},\"best_step\":{},\"heldout_nll\":{:.4},\"rel_drop\":{:.4},\"secs\":{:.1}}}",
                 best.0, best.1, best.2, (held0 - best.2) / held0, t.elapsed().as_secs_f64()
             );
         }

@@ -58,6 +58,16 @@ pub struct RunningAggregator {
 }
 
 pub fn spawn_aggregator(cfg: AggregatorConfig, broker: SocketAddr) -> RunningAggregator {
+    spawn_aggregator_hooked(cfg, broker, None)
+}
+
+/// [`spawn_aggregator`] with [`Hooks::on_event`]: `on_event` sees each event after the state
+/// behind it is durable and before anything derived from it is published.
+pub fn spawn_aggregator_hooked(
+    cfg: AggregatorConfig,
+    broker: SocketAddr,
+    on_event: Option<server::OnEvent>,
+) -> RunningAggregator {
     let (tx, events) = broadcast::channel(65_536);
     let hashes = Arc::new(Mutex::new(BTreeMap::new()));
     let (h2, mut rx2) = (hashes.clone(), tx.subscribe());
@@ -79,6 +89,7 @@ pub fn spawn_aggregator(cfg: AggregatorConfig, broker: SocketAddr) -> RunningAgg
     };
     let hooks = Hooks {
         events: Some(tx),
+        on_event,
         ..Hooks::default()
     };
     let task = tokio::spawn(server::run(cfg, target, stop.clone(), hooks));
