@@ -108,6 +108,24 @@ fn value(s: &Samples, name: &str, with: &[(&str, &str)]) -> f64 {
     hits[0]
 }
 
+/// The agent's metric names. The agent crate is linked with the `engine` feature only (as in
+/// `make test`); without it the boards' panels are not checked.
+#[cfg(feature = "engine")]
+fn agent_exported() -> Option<BTreeSet<String>> {
+    let text = fwdllm_agent::daemon::prometheus::AgentMetrics::unserved("dash", "b").render();
+    Some(
+        parse_exposition(&text)
+            .into_keys()
+            .map(|(n, _)| n)
+            .collect(),
+    )
+}
+
+#[cfg(not(feature = "engine"))]
+fn agent_exported() -> Option<BTreeSet<String>> {
+    None
+}
+
 fn dashboard() -> serde_json::Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/grafana-fwdllm.json");
     let text = std::fs::read_to_string(&path).expect("dashboard file");
@@ -185,13 +203,23 @@ fn every_dashboard_query_names_an_exported_metric() {
         .collect();
     let listed: BTreeSet<String> = METRICS.iter().map(|(n, _, _)| n.to_string()).collect();
     assert_eq!(exported, listed);
+    let boards = agent_exported();
     let mut used = BTreeSet::new();
     for q in dashboard_queries() {
         for m in query_metrics(&q) {
-            assert!(
-                exported.contains(&m),
-                "dashboard query {q:?} names {m}, which the aggregator does not export"
-            );
+            if m.starts_with("fwdllm_agent_") {
+                if let Some(b) = &boards {
+                    assert!(
+                        b.contains(&m),
+                        "dashboard query {q:?} names {m}, which the agent does not export"
+                    );
+                }
+            } else {
+                assert!(
+                    exported.contains(&m),
+                    "dashboard query {q:?} names {m}, which the aggregator does not export"
+                );
+            }
             used.insert(m);
         }
     }
@@ -315,10 +343,13 @@ async fn metrics_are_scraped_from_a_running_aggregator() {
     assert!(value(&s, "fwdllm_state_fsyncs_total", &[("kind", "snapshot")]) >= 3.0);
     let received = value(&s, "fwdllm_updates_received_total", &[]);
     assert!(received >= value(&s, "fwdllm_updates_accepted_total", &[]));
-    // The dashboard's queries name metrics this running aggregator serves.
+    // The dashboard's queries name metrics this running aggregator serves (the boards' panels:
+    // `an_agents_metrics_are_scraped_while_it_trains`).
     for q in dashboard_queries() {
         for m in query_metrics(&q) {
-            assert!(names.contains(m.as_str()), "{q}: {m} not served");
+            if !m.starts_with("fwdllm_agent_") {
+                assert!(names.contains(m.as_str()), "{q}: {m} not served");
+            }
         }
     }
     stop.cancel();
@@ -327,4 +358,126 @@ async fn metrics_are_scraped_from_a_running_aggregator() {
     for c in clients {
         let _ = c.await;
     }
+}
+
+/// A real agent (synthetic gradient source) with `[prometheus] listen` set, trained by a real
+/// aggregator through the embedded broker, is scraped over HTTP: every metric it lists is
+/// served with the job and client labels and tells what the agent did, and the dashboard's
+/// boards panels name metrics it serves.
+#[cfg(feature = "engine")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agents_metrics_are_scraped_while_it_trains() {
+    use fwdllm_agent::config::{AgentConfig, SourceKind};
+    use fwdllm_agent::daemon::prometheus::{COUNTERS, GAUGES};
+    use fwdllm_agent::daemon::{Agent, SyntheticSource};
+
+    const JOB: &str = "prom-agent";
+    let dir = tempfile::tempdir().unwrap();
+    let broker = EmbeddedBroker::start("127.0.0.1", 0, 8 << 20).unwrap();
+    let mut cfg = AggregatorConfig::tiny(JOB, &dir.path().join("agg"));
+    cfg.round.min_clients = 1;
+    cfg.round.quorum = 1;
+    cfg.round.perturbations_per_client = 2;
+    cfg.pacing.max_perturbations = 2;
+    cfg.pacing.min_perturbations = 2;
+    cfg.pacing.max_extends = 0;
+    cfg.step.lr = 0.5;
+    let target = BrokerTarget {
+        host: broker.host(),
+        port: broker.port(),
+    };
+    let (tx, mut events) = tokio::sync::broadcast::channel(4096);
+    let hooks = Hooks {
+        events: Some(tx),
+        ..Hooks::default()
+    };
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(server::run(cfg, target, stop.clone(), hooks));
+
+    let port = free_port("127.0.0.1").unwrap();
+    let mut a = AgentConfig::default();
+    a.agent.client_id = "board-1".into();
+    a.agent.job = JOB.into();
+    a.agent.state_dir = dir.path().join("board-1").display().to_string();
+    a.agent.systemd_notify = false;
+    a.mqtt.host = broker.host();
+    a.mqtt.port = broker.port();
+    a.mqtt.max_packet_bytes = 8 << 20;
+    a.limits.min_free_memory_mb = 0;
+    a.limits.max_temperature_c = 0.0;
+    a.gradient.source = SourceKind::Synthetic;
+    a.prometheus.listen = format!("127.0.0.1:{port}");
+    let source = SyntheticSource::new(
+        a.gradient.synthetic_target_seed,
+        a.gradient.synthetic_target_scale,
+    );
+    let agent = Agent::new(a, Box::new(source)).expect("valid agent config");
+    let mut info = agent.watch();
+    let agent_stop = CancellationToken::new();
+    let agent_run = tokio::spawn(agent.run(agent_stop.clone()));
+
+    tokio::time::timeout(GUARD, async {
+        loop {
+            match events.recv().await {
+                Ok(AggEvent::Committed { version, .. }) if version >= 3 => break,
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(e) => panic!("aggregator events ended: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("three commits");
+    tokio::time::timeout(GUARD, info.wait_for(|i| i.model_version >= 3))
+        .await
+        .expect("the agent reaches version 3")
+        .expect("agent info");
+    // The endpoint's task follows the same info channel on its own: scrape until it has seen
+    // version 3 (the failure guard bounds it; each scrape is an HTTP round trip).
+    let s = tokio::time::timeout(GUARD, async {
+        loop {
+            let s = parse_exposition(&scrape(port).await);
+            if value(&s, "fwdllm_agent_model_version", &[]) >= 3.0 {
+                break s;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the endpoint shows version 3");
+    let names: BTreeSet<&str> = s.keys().map(|(n, _)| n.as_str()).collect();
+    for (name, _) in COUNTERS.iter().chain(GAUGES.iter()) {
+        assert!(names.contains(name), "{name} missing from the scrape");
+    }
+    for ((name, labels), _) in s.iter() {
+        assert_eq!(
+            labels.get("fwdllm_job").map(String::as_str),
+            Some(JOB),
+            "{name}"
+        );
+        assert_eq!(
+            labels.get("fwdllm_client").map(String::as_str),
+            Some("board-1"),
+            "{name}"
+        );
+    }
+    assert_eq!(value(&s, "fwdllm_agent_connected", &[]), 1.0);
+    assert!(value(&s, "fwdllm_agent_connections_total", &[]) >= 1.0);
+    // Quorum 1: the agent's update made each of the three commits.
+    assert!(value(&s, "fwdllm_agent_updates_sent_total", &[]) >= 3.0);
+    assert!(value(&s, "fwdllm_agent_perturbations_total", &[]) >= 6.0);
+    let synced = value(&s, "fwdllm_agent_commits_applied_total", &[])
+        + value(&s, "fwdllm_agent_checkpoints_loaded_total", &[]);
+    assert!(synced >= 3.0, "{synced}");
+    assert!(value(&s, "fwdllm_agent_mqtt_received_bytes_total", &[]) > 0.0);
+    for q in dashboard_queries() {
+        for m in query_metrics(&q) {
+            if m.starts_with("fwdllm_agent_") {
+                assert!(names.contains(m.as_str()), "{q}: {m} not served");
+            }
+        }
+    }
+    agent_stop.cancel();
+    agent_run.await.unwrap().expect("agent ran");
+    stop.cancel();
+    run.await.unwrap().expect("aggregator ran");
 }

@@ -37,6 +37,7 @@ pub struct AgentConfig {
     pub telemetry: TelemetrySection,
     pub gradient: GradientSection,
     pub engine: EngineSection,
+    pub prometheus: PrometheusSection,
 }
 
 /// `[agent]`: identity and local state.
@@ -149,6 +150,23 @@ pub struct TelemetrySection {
 impl Default for TelemetrySection {
     fn default() -> Self {
         Self { interval_s: 30 }
+    }
+}
+
+/// `[prometheus]`: the agent's own metrics endpoint ([`crate::daemon::prometheus`]). Off by
+/// default: a board should not open a port nobody scrapes, and the telemetry topic carries the
+/// same figures through the broker.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PrometheusSection {
+    /// `host:port` to serve `/metrics` on, e.g. "127.0.0.1:9101"; empty = no endpoint.
+    pub listen: String,
+}
+
+impl PrometheusSection {
+    /// The listen address, None when off (`validate` reports an unparsable one).
+    pub fn addr(&self) -> Option<std::net::SocketAddr> {
+        self.listen.parse().ok()
     }
 }
 
@@ -394,6 +412,20 @@ mod tests {
         assert!(err.contains("mqtt.port") && err.contains("fix:"), "{err}");
         let err = load("[mqtt\n", &[]).unwrap_err();
         assert!(matches!(err, ConfigError::Syntax { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn the_metrics_endpoint_needs_an_address() {
+        let c = load("[prometheus]\nlisten = \"127.0.0.1:9101\"\n", &[]).unwrap();
+        assert_eq!(c.prometheus.addr(), Some(([127, 0, 0, 1], 9101).into()));
+        assert_eq!(load("", &[]).unwrap().prometheus.addr(), None);
+        let err = load("[prometheus]\nlisten = \"localhost\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("prometheus.listen") && err.contains("127.0.0.1:9101"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -101,6 +101,16 @@ impl AgentConfig {
             m.connect_timeout_s,
             "use at least 1 (default 10)",
         );
+        if !self.prometheus.listen.is_empty() && self.prometheus.addr().is_none() {
+            p.bad(
+                "prometheus.listen",
+                format!(
+                    "is {:?}, not an IP address and port",
+                    self.prometheus.listen
+                ),
+                "use e.g. \"127.0.0.1:9101\", or \"\" for no endpoint",
+            );
+        }
         if !m.password_file.is_empty() && m.username.is_empty() {
             p.bad(
                 "mqtt.password_file",

@@ -46,6 +46,7 @@ pub mod dev_eval;
 pub mod device;
 pub mod engine_source;
 pub mod gradient;
+pub mod prometheus;
 mod publish;
 pub mod replica;
 mod round;
@@ -109,6 +110,8 @@ pub struct AgentInfo {
     /// MQTT payload bytes published / received.
     pub bytes_sent: u64,
     pub bytes_received: u64,
+    /// The last device reading (telemetry tick), None before the first.
+    pub device: Option<DeviceSample>,
 }
 
 /// Why the daemon stopped or could not start.
@@ -126,6 +129,13 @@ pub enum AgentError {
     SourcePanicked(String),
     #[error("the MQTT client stopped unexpectedly")]
     ClientGone,
+    #[error(
+        "prometheus.listen {addr}: {message} (fix: choose a free port, or \"\" for no endpoint)"
+    )]
+    Metrics {
+        addr: std::net::SocketAddr,
+        message: String,
+    },
 }
 
 /// The daemon. Build with [`Agent::new`], observe with [`Agent::watch`], start with [`Agent::run`].
@@ -179,6 +189,7 @@ impl Agent {
             commits_applied: 0,
             bytes_sent: 0,
             bytes_received: 0,
+            device: None,
         });
         Ok(Agent {
             config,
@@ -232,6 +243,19 @@ impl Agent {
             source,
             info,
         } = self;
+        // Validated in `Agent::new`: an address is set exactly when the endpoint is on.
+        let _metrics = match config.prometheus.addr() {
+            Some(addr) => Some(
+                prometheus::MetricsServer::serve(
+                    addr,
+                    &config.agent.job,
+                    &client_id,
+                    info.subscribe(),
+                )
+                .map_err(|message| AgentError::Metrics { addr, message })?,
+            ),
+            None => None,
+        };
         let state_dir = StateDir::open(&config.state_dir())?;
         let mut persisted = state_dir.load_state();
         if persisted.client_id != client_id || persisted.job != config.agent.job {

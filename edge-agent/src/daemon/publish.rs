@@ -107,6 +107,7 @@ impl Daemon {
         }
         self.last_telemetry = Some(Instant::now());
         let s = self.device.sample();
+        self.info.send_modify(|i| i.device = Some(s));
         self.update_busy(&s).await;
         let i = self.info.borrow().clone();
         let t = Telemetry {
