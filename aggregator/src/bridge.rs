@@ -68,6 +68,18 @@ topic fwdllm/v1/+/metrics in 0
     )
 }
 
+/// Readiness poll of a broker process just started on `addr` (a bounded guard, not a delay).
+pub(crate) fn wait_listening(addr: SocketAddr, what: &str) -> anyhow::Result<()> {
+    let start = Instant::now();
+    while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        if start.elapsed() > Duration::from_secs(30) {
+            bail!("{what} not listening on {addr}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
 /// A Mosquitto process on 127.0.0.1 with a generated config; killed on drop.
 pub struct Mosquitto {
     child: Child,
@@ -100,14 +112,7 @@ impl Mosquitto {
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        // Readiness poll of the listener just started (a bounded guard, not a delay).
-        let start = Instant::now();
-        while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-            if start.elapsed() > Duration::from_secs(30) {
-                bail!("mosquitto not listening on {addr}");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_listening(addr, "mosquitto")?;
         Ok(Mosquitto {
             child,
             port,

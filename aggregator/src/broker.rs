@@ -66,7 +66,12 @@ impl EmbeddedBroker {
             connections,
         };
         let router = RouterConfig {
-            max_connections: 10_010,
+            // Twice a 10,000-board fleet: a burst of connects overflows the listen backlog,
+            // and boards that retry while their half-open attempts still hold a slot must
+            // find room. rumqttd answers a connection beyond this with no CONNACK at all (it
+            // logs "no space for new connection"), so a board would hang, not fail. A slot
+            // is a few empty `Slab` entries.
+            max_connections: 20_000,
             // Also the cap on retained messages delivered to one QoS 0 subscription (the
             // aggregator's status filter: one per board), so well above the board count.
             max_outgoing_packet_count: 20_000,

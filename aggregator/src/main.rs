@@ -42,6 +42,17 @@ enum Cmd {
         #[arg(long)]
         last: bool,
     },
+    /// Run only the embedded broker (rumqttd with the aggregator's settings, loopback only)
+    /// until SIGTERM/SIGINT: a site without mosquitto, and the scale bench's embedded runs.
+    Broker {
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        #[arg(long, default_value_t = 1883)]
+        port: u16,
+        /// The largest MQTT packet accepted (it must hold a full checkpoint).
+        #[arg(long, default_value_t = 64 << 20)]
+        max_packet_bytes: usize,
+    },
     /// Simulated clients against the real aggregator on an embedded broker; measures ingest.
     Sim {
         /// Number of simulated clients (each a real MQTT connection).
@@ -68,7 +79,7 @@ enum Cmd {
         clients: Vec<usize>,
         /// Client counts also run through the embedded broker (comma-separated; `--embedded`
         /// alone = none).
-        #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "1000")]
+        #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "100,1000,10000")]
         embedded: Vec<usize>,
         /// The client count of the headline figure and of the ceiling's publishers.
         #[arg(long, default_value_t = 1000)]
@@ -102,7 +113,10 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // The scale bench's embedded broker logs every one of thousands of disconnects at error
     // level when its fleet stops: quiet rumqttd unless RUST_LOG says otherwise.
-    if matches!(cli.cmd, Cmd::Scale { .. }) && std::env::var_os("RUST_LOG").is_none() {
+    // So does the standalone broker, whose tracing spans log every packet at error level.
+    if matches!(cli.cmd, Cmd::Scale { .. } | Cmd::Broker { .. })
+        && std::env::var_os("RUST_LOG").is_none()
+    {
         std::env::set_var("RUST_LOG", "info,rumqttd=off");
     }
     fwdllm_shared::service::init_logging(log::LevelFilter::Info);
@@ -201,6 +215,7 @@ fn main() -> anyhow::Result<()> {
                 mosquitto,
                 bridge_clients,
                 workers,
+                broker_exe: Some(std::env::current_exe().context("locating this executable")?),
                 ..Default::default()
             };
             let report = fwdllm_aggregator::scale::run(&opts).context("scale bench")?;
@@ -219,6 +234,24 @@ fn main() -> anyhow::Result<()> {
                 }
             }
             Ok(())
+        }
+        Cmd::Broker {
+            host,
+            port,
+            max_packet_bytes,
+        } => {
+            // One descriptor per board: as many as the hard limit allows.
+            if let Err(e) = fwdllm_aggregator::scale::raise_fd_limit() {
+                log::warn!("raising the open-file limit: {e}");
+            }
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(async move {
+                let b = EmbeddedBroker::start(&host, port, max_packet_bytes)
+                    .with_context(|| format!("starting the embedded broker on {host}:{port}"))?;
+                println!("embedded broker on {}", b.addr());
+                server::shutdown_on_signals().cancelled().await;
+                anyhow::Ok(())
+            })
         }
         Cmd::Sim {
             clients,
