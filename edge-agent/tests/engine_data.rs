@@ -1,9 +1,9 @@
 //! Data pipeline tests (no model needed): readers, errors naming file and line, split and
 //! shard determinism.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use fwdllm_agent::data::{self, DataError, DataSource, Partition, TaskConfig};
+use fwdllm_agent::data::{self, DataError, DataSource, LabelCoding, Partition, TaskConfig};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -22,7 +22,7 @@ fn jsonl_with_unknown_label_names_file_line_and_labels() {
         "{\"text\":\"x\",\"label\":\"a\"}\n{\"text\":\"y\",\"label\":\"weather\"}\n",
     )
     .unwrap();
-    let err = data::read_jsonl(&p, "text", "label", &labels()).unwrap_err();
+    let err = data::read_jsonl(&p, "text", "label", LabelCoding::Names, &labels()).unwrap_err();
     match &err {
         DataError::UnknownLabel { line, label, .. } => {
             assert_eq!(*line, 2);
@@ -42,7 +42,7 @@ fn jsonl_bad_json_and_missing_field_name_the_line() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("d.jsonl");
     std::fs::write(&p, "{\"text\":\"x\",\"label\":\"a\"}\n{oops\n").unwrap();
-    let msg = data::read_jsonl(&p, "text", "label", &labels())
+    let msg = data::read_jsonl(&p, "text", "label", LabelCoding::Names, &labels())
         .unwrap_err()
         .to_string();
     assert!(
@@ -50,7 +50,7 @@ fn jsonl_bad_json_and_missing_field_name_the_line() {
         "{msg}"
     );
     std::fs::write(&p, "{\"label\":\"a\"}\n").unwrap();
-    let msg = data::read_jsonl(&p, "text", "label", &labels())
+    let msg = data::read_jsonl(&p, "text", "label", LabelCoding::Names, &labels())
         .unwrap_err()
         .to_string();
     assert!(
@@ -72,7 +72,7 @@ fn csv_quotes_escapes_and_bad_rows() {
         &p,
         "label",
         &["title".into(), "body".into()],
-        false,
+        LabelCoding::Names,
         ". ",
         &labels(),
     )
@@ -80,21 +80,42 @@ fn csv_quotes_escapes_and_bad_rows() {
     assert_eq!(ex[0].text, "Hello, \"world\". text");
     assert_eq!(ex[0].label, 1);
     std::fs::write(&p, "label,title,body\na,t,b\nc,t,b\n").unwrap();
-    let msg = data::read_csv(&p, "label", &["title".into()], false, ". ", &labels())
-        .unwrap_err()
-        .to_string();
+    let msg = data::read_csv(
+        &p,
+        "label",
+        &["title".into()],
+        LabelCoding::Names,
+        ". ",
+        &labels(),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(msg.contains("d.csv:3") && msg.contains("\"c\""), "{msg}");
     std::fs::write(&p, "label,title\na,\"unterminated\n").unwrap();
-    let msg = data::read_csv(&p, "label", &["title".into()], false, ". ", &labels())
-        .unwrap_err()
-        .to_string();
+    let msg = data::read_csv(
+        &p,
+        "label",
+        &["title".into()],
+        LabelCoding::Names,
+        ". ",
+        &labels(),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(
         msg.contains("d.csv:2") && msg.contains("unterminated"),
         "{msg}"
     );
-    let msg = data::read_csv(&p, "label", &["nope".into()], false, ". ", &labels())
-        .unwrap_err()
-        .to_string();
+    let msg = data::read_csv(
+        &p,
+        "label",
+        &["nope".into()],
+        LabelCoding::Names,
+        ". ",
+        &labels(),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(msg.contains("nope"), "{msg}");
 }
 
@@ -194,7 +215,8 @@ fn shards_cover_everything_and_dirichlet_skews_labels() {
     let dir = tempfile::tempdir().unwrap();
     let labels: Vec<String> = (0..5).map(|i| format!("l{i}")).collect();
     let paths = data::write_shards(dir.path(), &non, &labels).unwrap();
-    let back = data::read_jsonl(&paths[0], "text", "label", &labels).unwrap_or_default();
+    let back = data::read_jsonl(&paths[0], "text", "label", LabelCoding::Names, &labels)
+        .unwrap_or_default();
     assert_eq!(back, non[0]);
 }
 
@@ -224,4 +246,85 @@ fn sft_jsonl_reads_prompt_response_and_names_bad_lines() {
     std::fs::write(&p, "{\"prompt\":\"a\",\"response\":\"\"}\n").unwrap();
     let err = data::read_sft_jsonl(&p).unwrap_err();
     assert!(err.to_string().contains("empty \"response\""), "{err}");
+}
+
+/// Integer labels, as many exported datasets write them: 1-based by default (AG News), 0-based
+/// with `label_index_base = 0`, in CSV and in JSONL (as numbers or numeric strings). A 0 in a
+/// 1-based file says which key to set.
+#[test]
+fn index_labels_from_either_base_in_csv_and_jsonl() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("d.csv");
+    std::fs::write(&csv, "label,text\n0,first\n1,second\n").unwrap();
+    let zero = LabelCoding::Index { base: 0 };
+    let ex = data::read_csv(&csv, "label", &["text".into()], zero, ". ", &labels()).unwrap();
+    assert_eq!(
+        ex.iter().map(|e| e.label).collect::<Vec<_>>(),
+        [0, 1],
+        "0-based"
+    );
+    let one = LabelCoding::Index { base: 1 };
+    let msg = data::read_csv(&csv, "label", &["text".into()], one, ". ", &labels())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("d.csv:2") && msg.contains("label_index_base = 0"),
+        "{msg}"
+    );
+    let jsonl = dir.path().join("d.jsonl");
+    std::fs::write(
+        &jsonl,
+        "{\"text\": \"a\", \"label\": 2}\n{\"text\": \"b\", \"label\": \"1\"}\n",
+    )
+    .unwrap();
+    let ex = data::read_jsonl(&jsonl, "text", "label", one, &labels()).unwrap();
+    assert_eq!(ex.iter().map(|e| e.label).collect::<Vec<_>>(), [1, 0]);
+    // Past the last label in either base: no hint to flip the base.
+    std::fs::write(&jsonl, "{\"text\": \"a\", \"label\": 7}\n").unwrap();
+    let msg = data::read_jsonl(&jsonl, "text", "label", one, &labels())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("\"7\"") && !msg.contains("label_index_base"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn a_label_index_base_other_than_0_or_1_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("t.toml");
+    std::fs::write(
+        &p,
+        "name = \"t\"\nprompt = \"{text}\"\nlabels = [\"a\", \"b\"]\nwords = [\" a\", \" b\"]\n\
+         [source]\nformat = \"jsonl\"\npath = \"x.jsonl\"\nlabel_is_index = true\nlabel_index_base = 2\n",
+    )
+    .unwrap();
+    let msg = TaskConfig::from_file(&p).unwrap_err().to_string();
+    assert!(
+        msg.contains("label_index_base") && msg.contains("or 0"),
+        "{msg}"
+    );
+}
+
+/// A task file written next to its data, run from elsewhere: the error names the key, the
+/// root it was resolved against and `--root`.
+#[test]
+fn a_missing_data_path_names_the_key_the_root_and_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("t.toml");
+    std::fs::write(
+        &p,
+        "name = \"t\"\nprompt = \"{text}\"\nlabels = [\"a\", \"b\"]\nwords = [\" a\", \" b\"]\n\
+         [source]\nformat = \"jsonl\"\npath = \"mine.jsonl\"\n",
+    )
+    .unwrap();
+    let task = TaskConfig::from_file(&p).unwrap();
+    let msg = task
+        .load_examples(Path::new("/nonexistent-root"))
+        .unwrap_err()
+        .to_string();
+    for part in ["source.path", "mine.jsonl", "/nonexistent-root", "--root"] {
+        assert!(msg.contains(part), "{part}: {msg}");
+    }
 }

@@ -178,8 +178,14 @@ impl EngineSource {
         // on the SFT task writes them), so the agent needs no tokenizer to read it.
         let examples = match &task {
             TaskFile::Classification(t) => Shard::Classification(
-                data::read_jsonl(Path::new(&e.shard), "text", "label", &t.labels)
-                    .map_err(EngineSourceError::Shard)?,
+                data::read_jsonl(
+                    Path::new(&e.shard),
+                    "text",
+                    "label",
+                    data::LabelCoding::Names,
+                    &t.labels,
+                )
+                .map_err(EngineSourceError::Shard)?,
             ),
             TaskFile::Sft(_) => Shard::Sft(
                 data::read_sft_jsonl(Path::new(&e.shard)).map_err(EngineSourceError::Shard)?,

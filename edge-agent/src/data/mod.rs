@@ -37,17 +37,43 @@ pub enum DataError {
         line: usize,
         problem: String,
     },
-    #[error("{path}:{line}: unknown label {label:?}; the task's labels are {known:?} (fix the row or add the label to the task config)")]
+    #[error("{path}:{line}: unknown label {label:?}; the task's labels are {known:?} ({fix})")]
     UnknownLabel {
         path: PathBuf,
         line: usize,
         label: String,
         known: Vec<String>,
+        fix: &'static str,
     },
+    /// Boxed: it would double the size of every `DataError`.
+    #[error("{0}")]
+    MissingData(Box<MissingData>),
     #[error("task config {path}: {problem}")]
     Config { path: PathBuf, problem: String },
     #[error("{path}: no examples found")]
     Empty { path: PathBuf },
+}
+
+/// A task's data path that resolves to nothing ([`DataError::MissingData`]).
+#[derive(Debug)]
+pub struct MissingData {
+    pub key: &'static str,
+    pub given: PathBuf,
+    pub resolved: PathBuf,
+    pub root: PathBuf,
+}
+
+impl std::fmt::Display for MissingData {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} does not exist: the task's `{}` is {:?}, and a relative path is resolved against {:?} (`--root`, by default the directory the command runs in); run it from the directory the path is relative to, pass `--root`, or write an absolute path",
+            self.resolved.display(),
+            self.key,
+            self.given,
+            self.root
+        )
+    }
 }
 
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DataError + '_ {
@@ -85,11 +111,24 @@ pub(crate) fn non_empty<T>(path: &Path, examples: Vec<T>) -> Result<Vec<T>, Data
 }
 
 /// A data path of a task: relative paths resolve against `root`.
-pub(crate) fn resolve(root: &Path, path: &Path) -> PathBuf {
-    if path.is_absolute() {
+/// The task's data path `path` (its key `key`) resolved against `root`; an error naming the
+/// key, the root and the fixes when nothing is there (a relative path in a task file written
+/// elsewhere is the usual cause).
+pub(crate) fn resolve(root: &Path, path: &Path, key: &'static str) -> Result<PathBuf, DataError> {
+    let resolved = if path.is_absolute() {
         path.to_path_buf()
     } else {
         root.join(path)
+    };
+    if resolved.exists() {
+        Ok(resolved)
+    } else {
+        Err(DataError::MissingData(Box::new(MissingData {
+            key,
+            given: path.to_path_buf(),
+            resolved,
+            root: root.to_path_buf(),
+        })))
     }
 }
 
@@ -100,25 +139,111 @@ pub(crate) fn resolve(root: &Path, path: &Path) -> PathBuf {
 pub enum DataSource {
     /// One directory per label (named like the label), one UTF-8 text file per example.
     LabelDirs { dir: PathBuf },
-    /// CSV with a header; `label_column` holds label names, or 1-based indices when
-    /// `label_is_index` (AG News).  `text_columns` are joined with `joiner`.
+    /// CSV with a header; `label_column` holds label names, or indices into `labels` when
+    /// `label_is_index` (1-based by default, as in AG News; `label_index_base = 0` for
+    /// 0-based files). `text_columns` are joined with `joiner`.
     Csv {
         path: PathBuf,
         label_column: String,
         text_columns: Vec<String>,
         #[serde(default)]
         label_is_index: bool,
+        #[serde(default = "default_label_index_base")]
+        label_index_base: usize,
         #[serde(default = "default_joiner")]
         joiner: String,
     },
-    /// JSON Lines `{"<text_field>": "...", "<label_field>": "<label name>"}`.
+    /// JSON Lines `{"<text_field>": "...", "<label_field>": "<label name>"}`; with
+    /// `label_is_index` the label is an index into `labels` (a JSON number or a numeric string,
+    /// base `label_index_base` as for CSV).
     Jsonl {
         path: PathBuf,
         #[serde(default = "default_text_field")]
         text_field: String,
         #[serde(default = "default_label_field")]
         label_field: String,
+        #[serde(default)]
+        label_is_index: bool,
+        #[serde(default = "default_label_index_base")]
+        label_index_base: usize,
     },
+}
+
+/// How a data file writes its labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LabelCoding {
+    /// The label names of the task, as they are.
+    Names,
+    /// Integer indices into the task's labels, the first label being `base` (0 or 1).
+    Index { base: usize },
+}
+
+impl LabelCoding {
+    fn of(label_is_index: bool, base: usize) -> LabelCoding {
+        if label_is_index {
+            LabelCoding::Index { base }
+        } else {
+            LabelCoding::Names
+        }
+    }
+
+    /// The index into `labels` of the raw label `raw` on `line` of `path`.
+    fn decode(
+        self,
+        raw: &str,
+        labels: &[String],
+        path: &Path,
+        line: usize,
+    ) -> Result<usize, DataError> {
+        let raw = raw.trim();
+        let found = match self {
+            LabelCoding::Names => labels.iter().position(|l| l == raw),
+            LabelCoding::Index { base } => raw
+                .parse::<usize>()
+                .ok()
+                .and_then(|n| n.checked_sub(base))
+                .filter(|&i| i < labels.len()),
+        };
+        found.ok_or_else(|| {
+            let (known, fix) = match self {
+                LabelCoding::Names => (
+                    labels.to_vec(),
+                    "fix the row or add the label to the task config",
+                ),
+                LabelCoding::Index { base } => {
+                    let other = 1 - base.min(1);
+                    let fits_other = raw
+                        .parse::<usize>()
+                        .is_ok_and(|n| n >= other && n - other < labels.len());
+                    (
+                        (base..base + labels.len()).map(|n| n.to_string()).collect(),
+                        match (fits_other, other) {
+                            (true, 0) => {
+                                "indices counted from 0? set `label_index_base = 0` in [source]"
+                            }
+                            (true, _) => {
+                                "indices counted from 1? set `label_index_base = 1` in [source]"
+                            }
+                            (false, _) => {
+                                "fix the row, or list every label in the task config's `labels`"
+                            }
+                        },
+                    )
+                }
+            };
+            DataError::UnknownLabel {
+                path: path.to_path_buf(),
+                line,
+                label: raw.to_string(),
+                known,
+                fix,
+            }
+        })
+    }
+}
+
+fn default_label_index_base() -> usize {
+    1
 }
 
 fn default_joiner() -> String {
@@ -220,6 +345,19 @@ impl TaskConfig {
         if self.max_text_tokens == 0 {
             return Err(bad("`max_text_tokens` must be > 0".into()));
         }
+        if let DataSource::Csv {
+            label_index_base, ..
+        }
+        | DataSource::Jsonl {
+            label_index_base, ..
+        } = &self.source
+        {
+            if *label_index_base > 1 {
+                return Err(bad(format!(
+                    "`label_index_base` is {label_index_base}; use 1 (the first label is index 1, the default) or 0"
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -231,18 +369,21 @@ impl TaskConfig {
     /// Reads all examples of the task's source, in a deterministic order.
     pub fn load_examples(&self, root: &Path) -> Result<Vec<Example>, DataError> {
         match &self.source {
-            DataSource::LabelDirs { dir } => read_label_dirs(&resolve(root, dir), &self.labels),
+            DataSource::LabelDirs { dir } => {
+                read_label_dirs(&resolve(root, dir, "source.dir")?, &self.labels)
+            }
             DataSource::Csv {
                 path,
                 label_column,
                 text_columns,
                 label_is_index,
+                label_index_base,
                 joiner,
             } => read_csv(
-                &resolve(root, path),
+                &resolve(root, path, "source.path")?,
                 label_column,
                 text_columns,
-                *label_is_index,
+                LabelCoding::of(*label_is_index, *label_index_base),
                 joiner,
                 &self.labels,
             ),
@@ -250,7 +391,15 @@ impl TaskConfig {
                 path,
                 text_field,
                 label_field,
-            } => read_jsonl(&resolve(root, path), text_field, label_field, &self.labels),
+                label_is_index,
+                label_index_base,
+            } => read_jsonl(
+                &resolve(root, path, "source.path")?,
+                text_field,
+                label_field,
+                LabelCoding::of(*label_is_index, *label_index_base),
+                &self.labels,
+            ),
         }
     }
 }
@@ -384,7 +533,7 @@ pub fn read_csv(
     path: &Path,
     label_column: &str,
     text_columns: &[String],
-    label_is_index: bool,
+    coding: LabelCoding,
     joiner: &str,
     labels: &[String],
 ) -> Result<Vec<Example>, DataError> {
@@ -402,30 +551,7 @@ pub fn read_csv(
     let mut out = Vec::new();
     for record in csv.records() {
         let (lineno, fields) = record?;
-        let raw = fields[label_col].trim();
-        let label = if label_is_index {
-            match raw.parse::<usize>() {
-                Ok(n) if (1..=labels.len()).contains(&n) => n - 1,
-                _ => {
-                    return Err(DataError::UnknownLabel {
-                        path: path.to_path_buf(),
-                        line: lineno,
-                        label: raw.to_string(),
-                        known: (1..=labels.len()).map(|n| n.to_string()).collect(),
-                    })
-                }
-            }
-        } else {
-            labels
-                .iter()
-                .position(|l| l == raw)
-                .ok_or_else(|| DataError::UnknownLabel {
-                    path: path.to_path_buf(),
-                    line: lineno,
-                    label: raw.to_string(),
-                    known: labels.to_vec(),
-                })?
-        };
+        let label = coding.decode(&fields[label_col], labels, path, lineno)?;
         let text = text_cols
             .iter()
             .map(|&c| csv_text(&fields[c]))
@@ -462,6 +588,7 @@ pub fn read_jsonl(
     path: &Path,
     text_field: &str,
     label_field: &str,
+    coding: LabelCoding,
     labels: &[String],
 ) -> Result<Vec<Example>, DataError> {
     let mut out = Vec::new();
@@ -476,15 +603,7 @@ pub fn read_jsonl(
             Some(other) => other.to_string(),
             None => return Err(row_err(format!("missing field {label_field:?}"))),
         };
-        let label = labels
-            .iter()
-            .position(|x| *x == l)
-            .ok_or_else(|| DataError::UnknownLabel {
-                path: path.to_path_buf(),
-                line: lineno,
-                label: l.clone(),
-                known: labels.to_vec(),
-            })?;
+        let label = coding.decode(&l, labels, path, lineno)?;
         out.push(Example {
             text: t.to_string(),
             label,

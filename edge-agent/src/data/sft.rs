@@ -216,7 +216,7 @@ impl SftTaskConfig {
         truncate: &Truncate<'_>,
     ) -> Result<Vec<SftExample>, DataError> {
         let (prompt, response) = self.validate(Path::new(&self.name))?;
-        let path = resolve(root, self.source.path());
+        let path = resolve(root, self.source.path(), "source.path")?;
         let rows = match &self.source {
             SftSource::Csv { .. } => read_csv_rows(&path, &prompt, &response)?,
             SftSource::Jsonl { .. } => read_jsonl_rows(&path, &prompt, &response)?,
