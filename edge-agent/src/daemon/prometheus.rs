@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 
 use super::AgentInfo;
 
-/// Every counter the agent exports, in the order [`counter_values`] fills them.
+/// Every counter the agent exports, in the order `counter_values` fills them.
 pub const COUNTERS: [(&str, &str); 8] = [
     (
         "fwdllm_agent_connections_total",
@@ -53,7 +53,7 @@ pub const COUNTERS: [(&str, &str); 8] = [
     ),
 ];
 
-/// Every gauge the agent exports, in the order [`gauge_values`] fills them. Device readings
+/// Every gauge the agent exports, in the order `gauge_values` fills them. Device readings
 /// are NaN until the first telemetry tick (and the temperature and load where the board has
 /// none).
 pub const GAUGES: [(&str, &str); 8] = [
