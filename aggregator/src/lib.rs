@@ -21,7 +21,7 @@
 //! * [`scale`] — the fleet-scale bench (`scale.json`): end-to-end ingest vs the broker ceiling.
 //! * [`monitor`] — live terminal view of a job on any broker.
 //! * [`export`] — GGUF LoRA export of the current weights.
-//! * [`federation`] (feature `engine`) — the demo's federation recipe: data dealt to agents,
+//! * `federation` (feature `engine`) — the demo's federation recipe: data dealt to agents,
 //!   engine and aggregator configs (shared by `fwdllm demo` and the chaos bench).
 //! * [`chaos`] — the chaos bench's instruments: ledger subscriber, rulings, duplicating proxy,
 //!   accounting of lost / doubled updates and replica hashes.

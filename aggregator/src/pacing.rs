@@ -20,7 +20,7 @@
 //! the signal-to-noise ratio of the pooled estimate: how many standard errors the detected
 //! common gradient lies above pure noise. It is dimensionless and invariant to the scale of the
 //! loss and of g (unlike FwdLLM's absolute variance threshold): z ≈ ρ·K/sqrt(2d) with
-//! ρ = ‖∇L‖²/E[g²] ∈ [0, 1] the share of directional-derivative energy that is common signal.
+//! ρ = ‖∇L‖²/E\[g²\] ∈ [0, 1] the share of directional-derivative energy that is common signal.
 //! A round commits when z ≥ `pacing.target_z` (default 2: the step direction holds a detectable
 //! gradient), or at the cap/deadline. We also report the gradient noise scale
 //! `B = d·m/S` (McCandlish et al. 2018: the K beyond which more pairs per step stop paying).

@@ -77,7 +77,7 @@ pub struct ScaleOptions {
     /// `[ingest] workers` counts run at the headline client count through Mosquitto.
     pub workers: Vec<u32>,
     /// The `fwdllm-aggregator` executable, whose `broker` subcommand runs the embedded broker
-    /// apart ([`EmbeddedProcess`]); None skips the embedded runs.
+    /// apart (`EmbeddedProcess`); None skips the embedded runs.
     pub broker_exe: Option<PathBuf>,
 }
 

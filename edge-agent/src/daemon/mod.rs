@@ -33,7 +33,7 @@
 //!    `perturbations_per_client` values of k (k continues across extends of a round) are handed
 //!    to the gradient source a chunk at a time on a blocking thread; between chunks the work
 //!    loop pings the watchdog and can abandon the round (new round announced, shutdown).
-//! 4. One [`ClientUpdate`] (`seq = e`) is published with QoS 1, then `last_answered = (r, e)` is
+//! 4. One [`ClientUpdate`](fwdllm_shared::wire::ClientUpdate) (`seq = e`) is published with QoS 1, then `last_answered = (r, e)` is
 //!    persisted atomically; a re-delivered announce is therefore never answered twice.
 //!
 //! Invariants: the replica only changes by replaying aggregator commits or adopting a

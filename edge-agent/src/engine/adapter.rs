@@ -29,7 +29,7 @@ impl Engine {
     }
 
     /// Builds the GGUF adapter for `weights` in memory and sets it (frees the previous one).
-    /// Also picks the forward path for the weights' layout (see [`ForwardPath`]).
+    /// Also picks the forward path for the weights' layout (see [`ForwardPath`](super::ForwardPath)).
     pub fn set_adapter(&mut self, weights: &LoraWeights) -> Result<(), EngineError> {
         self.check_shape(weights)?;
         let layout = weights.layout();

@@ -296,7 +296,7 @@ fn time_ms<T>(f: impl FnOnce() -> T) -> (T, f64) {
 }
 
 /// Runs the benchmark. `probe_args` re-invoke this benchmark's command line for the RSS
-/// probes (see [`probe_in_child`]).
+/// probes (see `probe_in_child`).
 pub fn run(
     config: &EngineConfig,
     task: &TaskConfig,

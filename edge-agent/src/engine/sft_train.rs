@@ -1,7 +1,7 @@
 //! Local forward-gradient training of an instruction (`kind = "sft"`) task: the loop of
-//! [`super::train::train_local`] — the same step ([`super::train_run::Stepper`]: seeds,
+//! [`super::train::train_local`] — the same step (`train_run::Stepper`: seeds,
 //! discriminative pick, `c_k = −lr_t·g_k/K`, the norm clamp, the schedule), the same records
-//! and divergence guard ([`super::train_run`]) — with the SFT loss
+//! and divergence guard (`train_run`) — with the SFT loss
 //! (mean NLL of the response tokens through the full vocabulary) in place of the verbalizer
 //! loss. The best adapter is kept on dev NLL (lower is better); held-out NLL and the F1 of
 //! greedy generations are reported at evaluation points, never used for a decision.

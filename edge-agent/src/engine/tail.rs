@@ -18,7 +18,7 @@
 //! state itself (a dot product with a one-hot row is exact in f32): the verbalizer head rows of
 //! a layout ([`fwdllm_shared::lora::HeadBlock`]) are applied to it in Rust, with no extra API. Tail models are derived
 //! from the model file with ggml's own dequantisers (bit-identical to the prepared F32 copy)
-//! and cached next to a stamp like the prepared copy ([`super::prepare::cached_derivation`]).
+//! and cached next to a stamp like the prepared copy (`prepare::cached_derivation`).
 //! The tail's GGUF uses llama.cpp's `tokenizer.ggml.model = "none"` with
 //! `{arch}.vocab_size` rows: it is never asked to tokenize.
 
