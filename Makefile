@@ -36,8 +36,9 @@ bench: setup
 	target/release/fwdllm-aggregator scale --out target/bench/scale.json
 
 # Fleet scale alone: 100 / 1,000 / 10,000 simulated MQTT clients through mosquitto (1,000 also
-# with 2 and 4 ingest workers, and through the embedded broker), end-to-end ingest against mosquitto's own QoS-1 ceiling measured
-# in the same run -> target/bench/scale.json (a few minutes; raises its own open-file limit).
+# with 2 and 4 ingest workers) and through the embedded broker (in its own process), end-to-end
+# ingest against mosquitto's own QoS-1 ceiling measured in the same run, a bridged site broker
+# -> target/bench/scale.json (about a minute on an idle machine; raises its own open-file limit).
 .PHONY: scale
 scale: setup
 	@mkdir -p target/bench
