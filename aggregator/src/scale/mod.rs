@@ -126,14 +126,12 @@ impl EmbeddedProcess {
             .stdout(std::process::Stdio::null())
             .spawn()
             .with_context(|| format!("starting {} broker", exe.display()))?;
-        let mut p = EmbeddedProcess { child, port };
-        if let Err(e) = crate::bridge::wait_listening(
+        // Dropped (so killed) if it never listens.
+        let p = EmbeddedProcess { child, port };
+        crate::bridge::wait_listening(
             std::net::SocketAddr::from(([127, 0, 0, 1], port)),
             "the embedded broker",
-        ) {
-            let _ = p.child.kill();
-            return Err(e);
-        }
+        )?;
         Ok(p)
     }
 }
