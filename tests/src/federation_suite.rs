@@ -111,6 +111,13 @@ impl RunningAggregator {
                 Ok(Err(broadcast::error::RecvError::Lagged(n))) => panic!("lagged {n} events"),
                 Ok(Err(e)) => panic!("aggregator events closed while waiting for {what}: {e}"),
                 Ok(Ok(e)) => {
+                    // The collector task fills `hashes` on its own schedule: record what the
+                    // test has seen too, so a check right after a wait finds that version.
+                    if let AggEvent::Committed { version, hash, .. }
+                    | AggEvent::Resumed { version, hash, .. } = &e
+                    {
+                        self.hashes.lock().unwrap().insert(*version, *hash);
+                    }
                     if let Some(t) = f(&e) {
                         return t;
                     }

@@ -213,23 +213,21 @@ impl LabelCoding {
                     "fix the row or add the label to the task config",
                 ),
                 LabelCoding::Index { base } => {
-                    let other = 1 - base.min(1);
-                    let fits_other = raw
-                        .parse::<usize>()
-                        .is_ok_and(|n| n >= other && n - other < labels.len());
+                    // An index that is valid in the other base says which key to set.
+                    let fits = |b: usize| {
+                        raw.parse::<usize>()
+                            .is_ok_and(|n| (b..b + labels.len()).contains(&n))
+                    };
+                    let fix = if base != 0 && fits(0) {
+                        "indices counted from 0? set `label_index_base = 0` in [source]"
+                    } else if base == 0 && fits(1) {
+                        "indices counted from 1? set `label_index_base = 1` in [source]"
+                    } else {
+                        "fix the row, or list every label in the task config's `labels`"
+                    };
                     (
                         (base..base + labels.len()).map(|n| n.to_string()).collect(),
-                        match (fits_other, other) {
-                            (true, 0) => {
-                                "indices counted from 0? set `label_index_base = 0` in [source]"
-                            }
-                            (true, _) => {
-                                "indices counted from 1? set `label_index_base = 1` in [source]"
-                            }
-                            (false, _) => {
-                                "fix the row, or list every label in the task config's `labels`"
-                            }
-                        },
+                        fix,
                     )
                 }
             };
