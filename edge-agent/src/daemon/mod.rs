@@ -130,11 +130,12 @@ pub enum AgentError {
     #[error("the MQTT client stopped unexpectedly")]
     ClientGone,
     #[error(
-        "prometheus.listen {addr}: {message} (fix: choose a free port, or \"\" for no endpoint)"
+        "prometheus.listen {addr}: {source} (fix: choose a free port, or \"\" for no endpoint)"
     )]
     Metrics {
         addr: std::net::SocketAddr,
-        message: String,
+        #[source]
+        source: metrics_exporter_prometheus::BuildError,
     },
 }
 
@@ -244,18 +245,19 @@ impl Agent {
             info,
         } = self;
         // Validated in `Agent::new`: an address is set exactly when the endpoint is on.
-        let _metrics = match config.prometheus.addr() {
-            Some(addr) => Some(
+        let _metrics = config
+            .prometheus
+            .addr()
+            .map(|addr| {
                 prometheus::MetricsServer::serve(
                     addr,
                     &config.agent.job,
                     &client_id,
                     info.subscribe(),
                 )
-                .map_err(|message| AgentError::Metrics { addr, message })?,
-            ),
-            None => None,
-        };
+                .map_err(|source| AgentError::Metrics { addr, source })
+            })
+            .transpose()?;
         let state_dir = StateDir::open(&config.state_dir())?;
         let mut persisted = state_dir.load_state();
         if persisted.client_id != client_id || persisted.job != config.agent.job {

@@ -14,7 +14,9 @@ use std::net::SocketAddr;
 
 use ::metrics::{Counter, Gauge, Key, KeyName, Metadata, Recorder};
 use fwdllm_shared::wire::AgentState;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+use metrics_exporter_prometheus::{
+    BuildError, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -194,11 +196,8 @@ impl MetricsServer {
         job: &str,
         client_id: &str,
         mut info: watch::Receiver<AgentInfo>,
-    ) -> Result<MetricsServer, String> {
-        let (recorder, exporter) = builder(job, client_id)
-            .with_http_listener(listen)
-            .build()
-            .map_err(|e| e.to_string())?;
+    ) -> Result<MetricsServer, BuildError> {
+        let (recorder, exporter) = builder(job, client_id).with_http_listener(listen).build()?;
         let metrics = AgentMetrics::register(&recorder);
         metrics.observe(&info.borrow_and_update());
         let server = tokio::spawn(async move {
