@@ -31,6 +31,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::connection::no_delay;
 use crate::sim::{Quadratic, Replica, SimParams};
 
 /// Connections being opened at once.
@@ -38,15 +39,6 @@ pub const CONNECT_BURST: usize = 256;
 /// Largest packet a thin client accepts (announcements are small; the observer takes commits
 /// and checkpoints up to the job's limit).
 const THIN_MAX_PACKET: usize = 1 << 20;
-
-/// Turns Nagle's algorithm off on a client's connection: an MQTT exchange is many small
-/// writes (a PUBACK then the next PUBLISH), and with Nagle each can wait for the peer's delayed
-/// ACK (40 ms on Linux) — a round trip of several hops would be paced by that, not by the work.
-pub fn no_delay(el: &mut rumqttc::EventLoop) {
-    let mut n = el.network_options();
-    n.set_tcp_nodelay(true);
-    el.set_network_options(n);
-}
 
 /// Counters of a fleet, shared by its tasks.
 #[derive(Debug)]

@@ -30,12 +30,15 @@ use fwdllm_shared::topics::{TopicKind, Topics};
 use fwdllm_shared::wire::{self, ClientUpdate, WireError};
 use log::{info, warn};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
+use thiserror::Error;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::config::AggregatorConfig;
-use crate::server::{reconnect_wait, BrokerTarget, Incoming, ServerError};
+use crate::connection::{no_delay, reconnect_wait, BrokerTarget};
+use crate::security::SecurityError;
+use crate::state::StateError;
 
 /// The share group of the workers (one per updates filter, so one per job on a broker).
 pub const SHARE_GROUP: &str = "fwdllm-ingest";
@@ -59,6 +62,16 @@ pub fn share_filter(topics: &Topics) -> String {
 /// The MQTT client id of worker `i`.
 pub fn worker_client_id(aggregator_id: &str, i: usize) -> String {
     format!("{aggregator_id}-ingest-{i}")
+}
+
+/// Why the workers could not start.
+#[derive(Debug, Error)]
+pub enum IngestError {
+    /// Recording the worker sessions in `state.dir` ([`SESSIONS_FILE`]).
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("broker security settings: {0}")]
+    Security(#[from] SecurityError),
 }
 
 /// One publish as a worker hands it to the coordinator.
@@ -85,7 +98,7 @@ fn options(
     cfg: &AggregatorConfig,
     target: &BrokerTarget,
     i: usize,
-) -> Result<MqttOptions, ServerError> {
+) -> Result<MqttOptions, IngestError> {
     let mut o = MqttOptions::new(
         worker_client_id(&cfg.broker.client_id, i),
         target.host.clone(),
@@ -103,14 +116,14 @@ fn options(
 
 impl Workers {
     /// Connects the `cfg.ingest.workers` workers (none when it is 1) and, as retiring workers,
-    /// any further ones a previous run recorded; their hand-offs go to `tx`. None when there
-    /// is neither.
-    pub(crate) fn start(
+    /// any further ones a previous run recorded; their hand-offs go to `tx` (the coordinator's
+    /// channel, whose messages are made from a [`Handoff`]). None when there is neither.
+    pub(crate) fn start<T: From<Handoff> + Send + 'static>(
         cfg: &AggregatorConfig,
         target: &BrokerTarget,
         topics: &Topics,
-        tx: mpsc::UnboundedSender<Incoming>,
-    ) -> Result<Option<Workers>, ServerError> {
+        tx: mpsc::UnboundedSender<T>,
+    ) -> Result<Option<Workers>, IngestError> {
         let active = if cfg.ingest.workers > 1 {
             cfg.ingest.workers
         } else {
@@ -133,7 +146,7 @@ impl Workers {
         let mut tasks = Vec::new();
         for i in 0..total as usize {
             let (client, mut el) = AsyncClient::new(options(cfg, target, i)?, 4096);
-            crate::fleet::no_delay(&mut el);
+            no_delay(&mut el);
             let role = if i < active as usize {
                 Role::Share
             } else {
@@ -163,8 +176,8 @@ impl Workers {
     }
 
     /// Acknowledges `p` on the connection of the worker that received it.
-    pub(crate) async fn ack(&self, worker: usize, p: &Publish) -> Result<(), ServerError> {
-        Ok(self.clients[worker].ack(p).await?)
+    pub(crate) async fn ack(&self, worker: usize, p: &Publish) -> Result<(), rumqttc::ClientError> {
+        self.clients[worker].ack(p).await
     }
 
     /// Disconnects every worker (what was not acknowledged is redelivered to its session).
@@ -198,13 +211,13 @@ enum Role {
 }
 
 /// One worker: (un)subscribes on every connection, decodes what it receives and hands it over.
-async fn work(
+async fn work<T: From<Handoff>>(
     worker: usize,
     role: Role,
     client: AsyncClient,
     mut el: rumqttc::EventLoop,
     topics: Topics,
-    tx: mpsc::UnboundedSender<Incoming>,
+    tx: mpsc::UnboundedSender<T>,
     stop: CancellationToken,
 ) {
     let filter = share_filter(&topics);
@@ -239,7 +252,7 @@ async fn work(
                     update,
                     publish,
                 };
-                if tx.send(Incoming::Shared(h)).is_err() {
+                if tx.send(T::from(h)).is_err() {
                     return;
                 }
             }

@@ -12,6 +12,7 @@
 //! * [`broker`] — embedded rumqttd on loopback.
 //! * [`bridge`] — a site broker bridged to a central one, and the bench across the bridge.
 //! * [`config`] — TOML config and `validate`.
+//! * [`connection`] — what every broker connection shares: target, reconnect wait, no Nagle.
 //! * [`metrics`] — CSV/JSONL records and the PNG plot.
 //! * [`prometheus`] — the `/metrics` endpoint (Prometheus text exposition).
 //! * [`fuzz`] — mutation fuzzing of the decoders, the ingest and the config loaders.
@@ -30,6 +31,7 @@ pub mod bridge;
 pub mod broker;
 pub mod chaos;
 pub mod config;
+pub mod connection;
 pub mod coordinator;
 pub mod export;
 #[cfg(feature = "engine")]
@@ -49,5 +51,4 @@ pub mod selection;
 pub mod server;
 pub mod sim;
 pub mod state;
-mod state_legacy;
 pub mod step;

@@ -56,63 +56,7 @@ use fwdllm_shared::wire::SeedScalar;
 use log::warn;
 use serde::{Deserialize, Serialize};
 
-use crate::config::AggregatorConfig;
-
-/// `[robust]`: bounds on what one client's scalars can do to a commit.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct RobustConfig {
-    /// Hard bound on |g| of one pair; an update holding a larger value is rejected whole.
-    pub max_abs_g: f64,
-    /// Per-round clip of every g to `median ± clip_sigmas·σ̂` (σ̂ from the MAD); 0 = off.
-    pub clip_sigmas: f64,
-    /// Per-client cap: RMS deviation of a client's g ≤ `client_rms_sigmas·σ̂`; 0 = off.
-    pub client_rms_sigmas: f64,
-    /// Clipping and the cap need at least this many pairs in a direction block.
-    pub min_pairs: u32,
-}
-
-/// Default of `robust.max_abs_g`. Measured: `make demo` (BBC, head-rows recipe, 4 agents,
-/// 2026-12-05) saw honest |g| at most 63.9 (median 2.75) over 118,528 pairs, so 1e4 sits two
-/// orders of magnitude above any honest value. It only has to stop absurd values outright; the
-/// per-round clipping does the fine work. Other tasks and layouts scale g differently: check
-/// `g_abs_max` in the commit metrics before tightening it.
-pub const DEFAULT_MAX_ABS_G: f64 = 1e4;
-
-impl Default for RobustConfig {
-    fn default() -> Self {
-        RobustConfig {
-            max_abs_g: DEFAULT_MAX_ABS_G,
-            clip_sigmas: 5.0,
-            client_rms_sigmas: 3.0,
-            min_pairs: 8,
-        }
-    }
-}
-
-/// `[dp]`: optional Gaussian noise on the pooled scalars (see the module docs).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct DpConfig {
-    pub enabled: bool,
-    /// Fixed public clip C of every |g| (replaces the data-dependent clipping when enabled).
-    pub clip: f64,
-    /// z: noise standard deviation in units of the L2 sensitivity Δ₂ = 2C·√n_max.
-    pub noise_multiplier: f64,
-    /// δ of the reported (ε, δ) guarantee.
-    pub delta: f64,
-}
-
-impl Default for DpConfig {
-    fn default() -> Self {
-        DpConfig {
-            enabled: false,
-            clip: 1.0,
-            noise_multiplier: 1.0,
-            delta: 1e-6,
-        }
-    }
-}
+use crate::config::{AggregatorConfig, DpConfig, RobustConfig};
 
 /// Why an update was rejected; the `reason` log field and the key of the per-reason counter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -421,75 +365,6 @@ pub fn robust_pairs(
         clipped_pairs,
         capped_clients,
         dp_rho,
-    }
-}
-
-/// Config problems of `[robust]` and `[dp]` (called from `AggregatorConfig::validate`).
-pub fn validate(robust: &RobustConfig, dp: &DpConfig, bad: &mut dyn FnMut(&str, String)) {
-    if !(robust.max_abs_g.is_finite() && robust.max_abs_g > 0.0) {
-        bad(
-            "robust.max_abs_g",
-            format!(
-                "is {}; use a positive bound on |g|, e.g. {DEFAULT_MAX_ABS_G}",
-                robust.max_abs_g
-            ),
-        );
-    }
-    if !(robust.clip_sigmas.is_finite() && (robust.clip_sigmas == 0.0 || robust.clip_sigmas >= 1.0))
-    {
-        bad(
-            "robust.clip_sigmas",
-            format!(
-                "is {}; use 0 (off) or a multiple of σ̂ ≥ 1, e.g. 5 (below 1 clips most honest values)",
-                robust.clip_sigmas
-            ),
-        );
-    }
-    if !(robust.client_rms_sigmas.is_finite()
-        && (robust.client_rms_sigmas == 0.0 || robust.client_rms_sigmas >= 1.0))
-    {
-        bad(
-            "robust.client_rms_sigmas",
-            format!(
-                "is {}; use 0 (off) or a multiple of σ̂ ≥ 1, e.g. 3",
-                robust.client_rms_sigmas
-            ),
-        );
-    }
-    if robust.min_pairs < 3 {
-        bad(
-            "robust.min_pairs",
-            format!(
-                "is {}; a median and MAD need at least 3 pairs, use e.g. 8",
-                robust.min_pairs
-            ),
-        );
-    }
-    if dp.enabled {
-        if !(dp.clip.is_finite() && dp.clip > 0.0) {
-            bad(
-                "dp.clip",
-                format!("is {}; use a positive bound on |g|", dp.clip),
-            );
-        }
-        if !(dp.noise_multiplier.is_finite() && dp.noise_multiplier > 0.0) {
-            bad(
-                "dp.noise_multiplier",
-                format!(
-                    "is {}; use a positive multiple of the sensitivity, e.g. 1.0",
-                    dp.noise_multiplier
-                ),
-            );
-        }
-        if !(dp.delta > 0.0 && dp.delta < 1.0) {
-            bad(
-                "dp.delta",
-                format!(
-                    "is {}; use a probability in (0, 1), below 1/clients, e.g. 1e-6",
-                    dp.delta
-                ),
-            );
-        }
     }
 }
 

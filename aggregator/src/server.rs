@@ -10,7 +10,6 @@
 //! `state.group_commit_max_ms`): one fsync for the whole group (a journal append, or a state
 //! snapshot after a round event), then the group's acks and whatever the group produced.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fwdllm_shared::topics::TopicKind;
@@ -22,8 +21,11 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::AggregatorConfig;
+/// Where [`run`] connects (one of the connection helpers all the aggregator's clients share).
+pub use crate::connection::BrokerTarget;
+use crate::connection::{no_delay, reconnect_wait};
 use crate::coordinator::{AggEvent, Coordinator, Outgoing};
-use crate::ingest_workers::{Handoff, Workers};
+use crate::ingest_workers::{Handoff, IngestError, Workers};
 use crate::metrics::MetricsSink;
 use crate::prometheus::Prometheus;
 use crate::state::StateError;
@@ -40,6 +42,15 @@ pub enum ServerError {
     Security(#[from] crate::security::SecurityError),
     #[error(transparent)]
     Prometheus(#[from] crate::prometheus::PrometheusError),
+}
+
+impl From<IngestError> for ServerError {
+    fn from(e: IngestError) -> ServerError {
+        match e {
+            IngestError::State(e) => ServerError::State(e),
+            IngestError::Security(e) => ServerError::Security(e),
+        }
+    }
 }
 
 pub fn now_ms() -> u64 {
@@ -77,13 +88,6 @@ impl RunSummary {
     }
 }
 
-/// Broker connection parameters.
-#[derive(Debug, Clone)]
-pub struct BrokerTarget {
-    pub host: String,
-    pub port: u16,
-}
-
 pub(crate) enum Incoming {
     Connected {
         session_present: bool,
@@ -94,19 +98,10 @@ pub(crate) enum Incoming {
     Shared(Handoff),
 }
 
-/// The wait before a reconnect: `backoff` plus up to half of it in jitter, then `backoff`
-/// doubles (capped at 30 s). rumqttc has no backoff of its own.
-pub(crate) fn reconnect_wait(backoff: &mut Duration) -> Duration {
-    static JITTER: AtomicU64 = AtomicU64::new(0);
-    // Cheap jitter without a RNG dependency: xorshift on a time seed.
-    let mut x = (JITTER.load(Ordering::Relaxed) ^ now_ms()) | 1;
-    x ^= x << 13;
-    x ^= x >> 7;
-    x ^= x << 17;
-    JITTER.store(x, Ordering::Relaxed);
-    let wait = *backoff + Duration::from_millis(x % (backoff.as_millis() as u64 / 2 + 1));
-    *backoff = (*backoff * 2).min(Duration::from_secs(30));
-    wait
+impl From<Handoff> for Incoming {
+    fn from(h: Handoff) -> Incoming {
+        Incoming::Shared(h)
+    }
 }
 
 pub fn mqtt_options(
@@ -266,7 +261,7 @@ pub async fn run(
     crate::security::apply(&cfg.broker, &mut opts)?;
     let (client, mut el) = AsyncClient::new(opts, 4096);
     // No Nagle: commits, announcements and acks are small writes whose latency paces rounds.
-    crate::fleet::no_delay(&mut el);
+    no_delay(&mut el);
     let (tx, mut rx) = mpsc::unbounded_channel();
     let stop = CancellationToken::new();
     // Dropping this future (task abort = "kill") must also end the event loop, or a zombie

@@ -3,6 +3,7 @@
 
 pub mod app;
 pub mod cli;
+pub mod cli_args;
 pub mod config;
 pub mod daemon;
 pub mod data;

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use serde::Serialize;
 
-use crate::cli::{EngineArgs, TaskArgs};
+use crate::cli_args::{EngineArgs, TaskArgs};
 use crate::data::TaskConfig;
 use crate::engine::Engine;
 

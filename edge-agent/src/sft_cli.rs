@@ -4,7 +4,7 @@
 
 use anyhow::Context;
 
-use crate::cli::{EvalArgs, ShardArgs, TrainLocalArgs};
+use crate::cli_args::{EvalArgs, ShardArgs, TrainLocalArgs};
 use crate::data::{self, SftTaskConfig};
 use crate::engine::sft_eval::GenerationBudget;
 use crate::engine::{self, Engine, TrainConfig};

@@ -13,6 +13,7 @@ use tokio::runtime::Runtime;
 
 use super::cpu::{cpu_json, sample_cpu};
 use super::BenchBroker;
+use crate::connection::no_delay;
 use crate::fleet;
 
 /// Mosquitto's QoS-1 fan-in: `publishers` connections publish `messages` update-sized
@@ -35,7 +36,7 @@ pub(super) fn broker_ceiling(
         o.set_clean_session(true);
         o.set_keep_alive(Duration::from_secs(60));
         let (sub, mut sub_el) = AsyncClient::new(o, 16);
-        fleet::no_delay(&mut sub_el);
+        no_delay(&mut sub_el);
         sub.subscribe("fwdllm/v1/ceiling/update/+", QoS::AtLeastOnce)
             .await?;
         loop {
@@ -65,7 +66,7 @@ pub(super) fn broker_ceiling(
                 o.set_clean_session(true);
                 o.set_keep_alive(Duration::from_secs(60));
                 let (c, mut el) = AsyncClient::new(o, per.max(16));
-                fleet::no_delay(&mut el);
+                no_delay(&mut el);
                 let permit = gate.acquire_owned().await.expect("gate");
                 loop {
                     match el.poll().await {

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::train::DEFAULT_DISCRIMINATIVE_CANDIDATES;
+use crate::engine::recipe::DEFAULT_DISCRIMINATIVE_CANDIDATES;
 use crate::engine::ForwardPath;
 
 /// Prefix of environment overrides; sections and keys are separated by `__`.

@@ -10,7 +10,7 @@ use fwdllm_shared::lora::LoraWeights;
 
 use super::forward::Want;
 use super::head::{label_logits, loss_from_features, FeatureAccumulator, Features};
-use super::{llama, Engine, EngineError, Task};
+use super::{llama, BatchLoss, Engine, EngineError, Task};
 use crate::data::{Example, SftExample};
 
 /// Final hidden states of one prompt ([`Engine::pooled_hidden`]).
@@ -20,16 +20,6 @@ pub struct PooledHidden {
     pub last: Vec<f32>,
     /// Mean over all prompt positions.
     pub mean: Vec<f32>,
-}
-
-/// Loss of one batch.
-#[derive(Debug, Clone, PartialEq)]
-pub struct BatchLoss {
-    /// Mean cross-entropy over the label words (f64 sum of per-example f64 losses / n).
-    pub mean: f64,
-    pub per_example: Vec<f64>,
-    /// argmax over the label words.
-    pub predictions: Vec<usize>,
 }
 
 /// Held-out evaluation.

@@ -15,7 +15,8 @@
 //! - `loss` — the verbalizer and instruction-tuning losses, label probabilities, evaluation;
 //! - `estimator` — the forward-gradient estimator (central / one-sided, head-block directions).
 //!
-//! The tail path's files and caches are [`tail`]'s, the head rows `head`'s; generation, SFT
+//! The tail path's files and caches are [`tail`]'s, the head rows `head`'s; the local-training
+//! recipe ([`recipe`]: hyper-parameters, a step's seeds and coefficients), generation, SFT
 //! evaluation and training, calibration and the benchmark have their own modules.
 //!
 //! Determinism: for the same model file, θ, batch and thread count, losses are bit-identical
@@ -35,6 +36,7 @@ pub mod llama;
 mod load;
 mod loss;
 pub mod prepare;
+pub mod recipe;
 pub mod sft_eval;
 pub mod sft_train;
 pub mod tail;
@@ -49,9 +51,9 @@ use std::path::{Path, PathBuf};
 use fwdllm_shared::lora::ModelShape;
 use serde::{Deserialize, Serialize};
 
-pub use loss::{token_nll, BatchLoss, EvalReport, PooledHidden};
+pub use loss::{token_nll, EvalReport, PooledHidden};
+pub use recipe::TrainConfig;
 pub use task::Task;
-pub use train::TrainConfig;
 
 /// Weight precision the engine computes in. Only F32 weights keep f32 activations in ggml's
 /// CPU matmuls; quantised weights add an 8-bit activation jitter (noise in ΔL ~2e-2) that
@@ -209,6 +211,16 @@ impl EngineConfig {
 }
 
 /// Engine errors; each names what went wrong and the fix.
+/// Loss of one batch ([`Engine::loss`]; computed from the prompts' features by `head`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchLoss {
+    /// Mean cross-entropy over the label words (f64 sum of per-example f64 losses / n).
+    pub mean: f64,
+    pub per_example: Vec<f64>,
+    /// argmax over the label words.
+    pub predictions: Vec<usize>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     #[error("model file {0} does not exist; run `make setup` or pass --model PATH")]

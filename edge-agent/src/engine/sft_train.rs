@@ -11,8 +11,9 @@ use std::path::Path;
 use fwdllm_shared::lora::{LoraLayout, LoraModule, LoraWeights, Trainable};
 use serde::{Deserialize, Serialize};
 
+use super::recipe::TrainConfig;
 use super::sft_eval::{GenerationBudget, SftEvalReport};
-use super::train::{EpochBatches, TrainConfig};
+use super::train::EpochBatches;
 use super::train_run::{write_report, BestOnDev, RunAt, RunLog, Stepper};
 use super::{Engine, EngineError};
 use crate::data::{SftExample, Split};

@@ -24,8 +24,8 @@ use fwdllm_shared::lora::{LoraLayout, LoraWeights};
 use fwdllm_shared::update::apply_commit;
 use serde::Serialize;
 
-use super::train::{block_seeds, local_seed};
-use super::{EngineError, EvalReport, TrainConfig};
+use super::recipe::{block_seeds, local_seed, TrainConfig};
+use super::{EngineError, EvalReport};
 
 /// Takes one local step after another: the seeds of a step, and the step's update applied to
 /// the weights (`c_k = −lr_t·g_k/K_b`, the norm clamp, [`apply_commit`]).

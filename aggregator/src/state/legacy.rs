@@ -5,8 +5,8 @@ use fwdllm_shared::lora::{LoraConfig, ModelShape};
 use fwdllm_shared::wire::{RoundAnnounce, RoundCommit, SeedScalar};
 use serde::Deserialize;
 
+use super::{Counters, DurableState, LossStats, OpenRound, STATE_FORMAT};
 use crate::robust::RobustCounters;
-use crate::state::{Counters, DurableState, LossStats, OpenRound, STATE_FORMAT};
 
 /// Decodes a `state.bin` of the current format or of format 1 (upgraded in memory; the next
 /// write stores the current format). The format number is the first field of every version.

@@ -25,9 +25,11 @@ use fwdllm_shared::wire::{self, Checkpoint, RoundAnnounce, RoundCommit, SeedScal
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+mod legacy;
+
 /// Bumped on incompatible changes of [`DurableState`]. 2: the open round records who sent
 /// each pair and whose answers were refused, plus the robust/DP counters (format 1 is still
-/// read: `crate::state_legacy`).
+/// read: [`legacy`]).
 pub const STATE_FORMAT: u32 = 2;
 
 #[derive(Debug, Error)]
@@ -275,7 +277,7 @@ impl Store {
             path: path.clone(),
             source,
         })?;
-        let state = crate::state_legacy::decode_state(&bytes).map_err(|e| StateError::Corrupt {
+        let state = legacy::decode_state(&bytes).map_err(|e| StateError::Corrupt {
             path: path.clone(),
             message: e,
         })?;
