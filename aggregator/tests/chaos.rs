@@ -102,7 +102,7 @@ async fn duplicated_deliveries_are_counted_once_and_nothing_is_lost() {
     }
     observer.drain(GUARD).await.unwrap();
     let ledger = observer.stop().await;
-    let fin = FinalState::load(dir.path()).unwrap();
+    let fin = FinalState::load(&cfg).unwrap();
     let rulings = rulings.lock().unwrap().clone();
 
     let t = account(&ledger, &rulings, &fin);
@@ -130,4 +130,79 @@ async fn duplicated_deliveries_are_counted_once_and_nothing_is_lost() {
             .load(std::sync::atomic::Ordering::Relaxed),
         0
     );
+}
+
+/// Updates acknowledged in a round still open when the aggregator stops are pending in its
+/// durable state — read as its restart reads it, `journal.bin` included — never lost. Found by
+/// `make chaos`: every run ends with a round open, and the accounting read `state.bin` alone,
+/// which holds only what arrived before the round's last snapshot.
+#[test]
+fn updates_of_the_round_open_at_stop_are_pending_not_lost() {
+    use fwdllm_aggregator::coordinator::{Coordinator, UpdateOutcome};
+    use fwdllm_shared::perturb::derive_seed;
+    use fwdllm_shared::wire::{
+        self, client_index, AgentState, AgentStatus, ClientUpdate, SeedScalar,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = AggregatorConfig::tiny("chaos-open-at-stop", dir.path());
+    cfg.round.min_clients = 3;
+    cfg.round.quorum = 3;
+    cfg.round.perturbations_per_client = 2;
+    cfg.pacing.max_perturbations = 6;
+    cfg.pacing.min_perturbations = 6;
+    cfg.pacing.max_extends = 0;
+    let mut c = Coordinator::open(cfg.clone()).unwrap();
+    for id in ["a", "b", "c"] {
+        let s = AgentStatus::new(id, AgentState::Online);
+        c.on_status(id, &wire::encode_json(&s), 0);
+    }
+    c.persist().unwrap(); // the round's opening snapshot
+    let a = c.open_round().expect("a round is open").announce.clone();
+    let mut ledger = fwdllm_aggregator::chaos::Ledger::default();
+    for id in ["a", "b"] {
+        let u = ClientUpdate {
+            client_id: id.into(),
+            round: a.round,
+            base_version: a.model_version,
+            seq: 0,
+            pairs: (0..2)
+                .map(|k| SeedScalar {
+                    seed: derive_seed(a.seed_base, a.round, client_index(id), k),
+                    g: 0.1,
+                })
+                .collect(),
+            samples: 2,
+            loss_mean: 1.0,
+            loss_m2: 0.0,
+        };
+        assert_eq!(
+            c.on_update(id, &wire::encode(&u), 0),
+            UpdateOutcome::Accepted { pairs: 2 }
+        );
+        ledger.on_update(&u);
+    }
+    // What the server does before it acknowledges them, then a stop (SIGTERM's last persist
+    // has nothing new to write; a SIGKILL leaves the same files).
+    c.persist().unwrap();
+    let mut rulings = Rulings::default();
+    for e in c.take_events() {
+        if let Some(r) = RulingRecord::from_event(&e) {
+            rulings.record(&r);
+        }
+    }
+    drop(c);
+
+    // state.bin alone (what the accounting used to read) holds the round without them.
+    let (snapshot, _, _) = fwdllm_aggregator::state::Store::new(dir.path())
+        .unwrap()
+        .load()
+        .unwrap();
+    assert_eq!(snapshot.open.map(|o| o.answered.len()), Some(0));
+    let fin = FinalState::load(&cfg).unwrap();
+    assert_eq!(
+        fin.open,
+        Some((a.round, vec![("a".to_string(), 0), ("b".to_string(), 0)]))
+    );
+    let t = account(&ledger, &rulings, &fin);
+    assert_eq!((t.updates, t.pending, t.lost), (2, 2, 0), "{t:?}");
 }

@@ -475,3 +475,95 @@ pub async fn busy_sits_out(broker: &Broker) {
     assert_eq!((info.updates_sent, info.last_answered), (0, None));
     agent.stop().await;
 }
+
+/// What the broker still holds of a restarted agent's session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Session {
+    /// The persistent session survives the restart: its cursor is past commits the agent
+    /// received but never persisted, and re-subscribing may not re-send retained messages
+    /// (rumqttd 0.20 sends them only for a filter new to the session).
+    Kept,
+    /// The session is gone (wiped by a clean connection under the agent's id, as after a broker
+    /// restart without persistence): every subscription is new.
+    Wiped,
+}
+
+/// An agent restarted on a persisted replica older than what its session already delivered
+/// (killed after replaying commits, before their replica reached the disk) catches up from
+/// the retained commit log and answers the announced round at the announced version — the
+/// checkpoint, older than its replica, cannot help. Found by `make chaos` (`agents_killed`).
+pub async fn stale_replica_restart(broker: &Broker, session: Session) {
+    let mut peer = Peer::connect(broker.addr(), "test-peer").await;
+    let mut reference = Reference::new();
+    peer.checkpoint(0, &reference.weights).await;
+    for round in 1..=2 {
+        let c = reference.commit(round);
+        peer.commit(&c).await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let stale = tempfile::tempdir().unwrap();
+    let id = "agent-stale";
+    let mut agent = spawn_agent(agent_config(broker.addr(), id, dir.path()));
+    agent
+        .wait_info("at version 2", |i| i.model_version == 2)
+        .await;
+    agent.stop().await;
+    copy_files(dir.path(), stale.path());
+
+    // Back up to version 4, then "lose" that on disk: the session saw commits 3 and 4.
+    let mut agent = spawn_agent(agent_config(broker.addr(), id, dir.path()));
+    agent.wait_info("connected", |i| i.connected).await;
+    for round in 3..=4 {
+        let c = reference.commit(round);
+        peer.commit(&c).await;
+    }
+    agent
+        .wait_info("at version 4", |i| i.model_version == 4)
+        .await;
+    agent.stop().await;
+    copy_files(stale.path(), dir.path());
+    if session == Session::Wiped {
+        let wipe = TestClient::connect(
+            broker.addr(),
+            id,
+            Duration::from_secs(30),
+            OnError::Fail,
+            &["fwdllm/wipe".to_string()],
+        )
+        .await;
+        drop(wipe);
+    }
+
+    let a = reference.announce(5, 0, 3);
+    peer.announce(&a).await;
+    let mut agent = spawn_agent(agent_config(broker.addr(), id, dir.path()));
+    let u = peer.next_update(id).await;
+    assert_eq!((u.round, u.base_version), (5, 4));
+    assert_eq!(pairs_of(&u), expected_pairs(id, &a, &reference.weights, 0));
+    let info = agent
+        .wait_info("answered", |i| i.last_answered == Some((5, 0)))
+        .await;
+    assert_eq!(info.weights_hash, Some(reference.hash()));
+    assert_eq!(
+        (info.checkpoints_loaded, info.commits_applied),
+        (0, 2),
+        "caught up by replaying commits 3 and 4 from the retained log"
+    );
+    agent.stop().await;
+}
+
+/// Copies the files of `from` into `to` (an agent's flat state directory).
+fn copy_files(from: &Path, to: &Path) {
+    for e in std::fs::read_dir(to).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_file() {
+            std::fs::remove_file(&p).unwrap();
+        }
+    }
+    for e in std::fs::read_dir(from).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_file() {
+            std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+}

@@ -1,5 +1,5 @@
 //! Agent daemon end-to-end on both brokers: status and last will, replay, checkpoint catch-up,
-//! de-duplication, device limits. One body per scenario, instantiated per broker:
+//! a restart on a stale replica, de-duplication, device limits. One body per scenario, instantiated per broker:
 //! `embedded::…` (the embedded rumqttd) and `mosquitto::…` (Debian's mosquitto, started by the
 //! test on 127.0.0.1). Scenarios in `fwdllm_tests::agent_suite`.
 
@@ -27,6 +27,16 @@ macro_rules! agent_suite {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn each_round_extend_is_answered_once_across_restarts() {
                 scenario::duplicate_announce_answered_once(&Broker::$broker()).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn stale_replica_catches_up_from_the_log_with_its_session_kept() {
+                scenario::stale_replica_restart(&Broker::$broker(), scenario::Session::Kept).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn stale_replica_catches_up_from_the_log_with_its_session_wiped() {
+                scenario::stale_replica_restart(&Broker::$broker(), scenario::Session::Wiped).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

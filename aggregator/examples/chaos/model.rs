@@ -393,7 +393,7 @@ async fn run_variant(
     observer.drain(GUARD).await?;
     let ledger = observer.stop().await;
     let rulings = rulings.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let fin = FinalState::load(&cfg.state.dir)?;
+    let fin = FinalState::load(&cfg)?;
     let layout = cfg.layout().map_err(anyhow::Error::msg)?;
     let tally = account(&ledger, &rulings, &fin);
     let check = check_replicas(&layout, &ledger, &fin);

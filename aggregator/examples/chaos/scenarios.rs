@@ -27,6 +27,9 @@ pub(crate) const GUARD: Duration = Duration::from_secs(180);
 pub(crate) enum Chaos {
     /// SIGKILL `k` agents in the middle of a round, restart them once it closed; `times` times.
     KillAgents { k: usize, times: usize },
+    /// SIGKILL `k` agents that answered a round the moment its commit is published (they have
+    /// answered; the new replica may not have reached their disk), restart them; `times` times.
+    KillAgentsAtCommit { k: usize, times: usize },
     /// Restart the broker (SIGTERM, start again) in the middle of a round; `times` times.
     RestartBroker { times: usize },
     /// SIGKILL the aggregator a random 0.1–1.5 s after it resumed, restart it after a random
@@ -34,6 +37,9 @@ pub(crate) enum Chaos {
     KillAggregator { times: usize },
     /// Every update reaches the broker twice (the duplicating proxy).
     Duplicate,
+    /// SIGTERM the aggregator while a round is open with answers in it, restart it once it
+    /// exited; `times` times.
+    StopAggregator { times: usize },
 }
 
 /// What every synthetic scenario shares.
@@ -102,8 +108,12 @@ pub(crate) async fn run(name: &str, chaos: Chaos, mosquitto: bool, s: &Setup) ->
     let mut rng = SplitMix64::new(s.seed);
     let events = match chaos {
         Chaos::KillAgents { k, times } => {
-            kill_agents(&mut observer, &mut agents, k, times, &mut rng).await?
+            kill_agents(&mut observer, &mut agents, k, times, false, &mut rng).await?
         }
+        Chaos::KillAgentsAtCommit { k, times } => {
+            kill_agents(&mut observer, &mut agents, k, times, true, &mut rng).await?
+        }
+        Chaos::StopAggregator { times } => stop_aggregator(&mut observer, &mut agg, times).await?,
         Chaos::RestartBroker { times } => {
             let Broker::Mosquitto(m) = &mut broker else {
                 bail!("the broker restart needs mosquitto");
@@ -121,7 +131,7 @@ pub(crate) async fn run(name: &str, chaos: Chaos, mosquitto: bool, s: &Setup) ->
             l.version() >= target
         })
         .await?;
-    let books = finish(observer, &mut agents, &mut agg).await?;
+    let books = finish(observer, &mut agents, &mut agg, &cfg).await?;
     let mut j = books.json(&cfg, &agents)?;
     let o = j.as_object_mut().expect("object");
     o.insert("name".into(), json!(name));
@@ -201,22 +211,33 @@ async fn round_closed(observer: &mut Observer, round: u64) -> Result<()> {
     Ok(())
 }
 
+/// SIGKILLs `k` agents per event: mid-round (those that had not answered first, so the kill
+/// lands mid-work) or, with `at_commit`, the moment the round's commit is published (those that
+/// had answered first: they are replaying the commit and persisting the new replica).
 async fn kill_agents(
     observer: &mut Observer,
     agents: &mut [AgentProc],
     k: usize,
     times: usize,
+    at_commit: bool,
     rng: &mut SplitMix64,
 ) -> Result<Vec<Value>> {
     let mut events = Vec::new();
     let mut last = 0;
     for _ in 0..times {
-        let (round, answered) = round_in_flight(observer, last, agents.len()).await?;
+        let (round, mut answered) = round_in_flight(observer, last, agents.len()).await?;
         last = round;
-        // Victims: agents that had not answered yet first (so the kill lands mid-work).
+        if at_commit {
+            // The subscriber checks after every message: this returns as the commit arrives.
+            let rx = observer.when(move |l| l.round_committed(round).then(|| l.answered(round)));
+            answered = match tokio::time::timeout(GUARD, rx).await {
+                Ok(got) => got.context("the ledger subscriber stopped")?,
+                Err(_) => bail!("timed out waiting for round {round} to commit"),
+            };
+        }
         let mut order: Vec<usize> = (0..agents.len()).collect();
         rng.shuffle(&mut order);
-        order.sort_by_key(|&i| answered.contains(&agents[i].id));
+        order.sort_by_key(|&i| answered.contains(&agents[i].id) != at_commit);
         let victims: Vec<usize> = order.into_iter().take(k).collect();
         for &i in &victims {
             agents[i].kill()?;
@@ -319,6 +340,36 @@ async fn kill_aggregator(
     Ok(events)
 }
 
+/// SIGTERMs the aggregator while a round is open with answers in it (what systemd's stop or a
+/// package upgrade does), waits for it to exit, restarts it on its state.
+async fn stop_aggregator(
+    observer: &mut Observer,
+    agg: &mut AggregatorProc,
+    times: usize,
+) -> Result<Vec<Value>> {
+    let mut events = Vec::new();
+    let mut last = 0;
+    for _ in 0..times {
+        let (round, answered) = round_in_flight(observer, last, usize::MAX).await?;
+        last = round;
+        let version = observer.ledger().version();
+        let before = agg.rulings()?.resumes;
+        agg.stop()?;
+        log::info!(
+            "round {round}: aggregator stopped with {} answers in",
+            answered.len()
+        );
+        events.push(json!({
+            "round": round,
+            "version": version,
+            "answers_in_at_stop": answered.len(),
+        }));
+        agg.start()?;
+        wait_rulings(agg, "the aggregator resumed", |r| r.resumes > before).await?;
+    }
+    Ok(events)
+}
+
 /// Waits until the aggregator's rulings log satisfies `f` (a child process: the log is polled).
 async fn wait_rulings(
     agg: &AggregatorProc,
@@ -351,6 +402,7 @@ async fn finish(
     mut observer: Observer,
     agents: &mut [AgentProc],
     agg: &mut AggregatorProc,
+    cfg: &AggregatorConfig,
 ) -> Result<Books> {
     for a in agents.iter_mut() {
         a.stop()?;
@@ -375,7 +427,7 @@ async fn finish(
     observer.drain(GUARD).await?;
     let ledger = observer.stop().await;
     let rulings = agg.rulings()?;
-    let fin = FinalState::load(&agg.state_dir)
+    let fin = FinalState::load(cfg)
         .with_context(|| format!("aggregator state in {}", agg.state_dir.display()))?;
     Ok(Books {
         ledger,

@@ -4,14 +4,14 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
-use std::path::Path;
 
 use fwdllm_shared::lora::{LoraLayout, LoraWeights, WeightsHash};
 use fwdllm_shared::update::apply_commit;
 use fwdllm_shared::wire::{ClientUpdate, RoundAnnounce, RoundCommit};
 use serde::{Deserialize, Serialize};
 
-use crate::coordinator::{AggEvent, UpdateOutcome};
+use crate::config::AggregatorConfig;
+use crate::coordinator::{AggEvent, Coordinator, UpdateOutcome};
 use crate::state::{StateError, Store};
 
 /// `(client, round, seq)`: what the aggregator counts at most once.
@@ -300,17 +300,31 @@ pub struct FinalState {
 }
 
 impl FinalState {
-    /// Reads `state.bin` (and the checkpoint it names) in `dir`, verifying every hash.
-    pub fn load(dir: &Path) -> Result<FinalState, StateError> {
-        let (state, weights, _) = Store::new(dir)?.load()?;
+    /// The durable outcome of the run whose config is `cfg`, read as the aggregator's own
+    /// restart reads it ([`Coordinator::resume`]): `state.bin`, the checkpoint it names (hashes
+    /// verified) and `journal.bin` replayed through the same ingest — so an update acknowledged
+    /// after the last snapshot counts as pending in the open round, as it would after a restart.
+    pub fn load(cfg: &AggregatorConfig) -> Result<FinalState, StateError> {
+        let dir = &cfg.state.dir;
+        if !Store::new(dir)?.exists() {
+            return Err(StateError::Io {
+                path: dir.join(crate::state::STATE_FILE),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no state: the aggregator never committed a snapshot here",
+                ),
+            });
+        }
+        let c = Coordinator::resume(cfg.clone())?;
+        let robust = c.robust_counters();
         Ok(FinalState {
-            version: state.version,
-            hash: weights.hash(),
-            round: state.round,
-            open: state.open.map(|o| (o.round, o.answered)),
-            rejected_by_reason: state.robust.rejected_by_reason,
-            clipped_pairs: state.robust.clipped_pairs,
-            capped_clients: state.robust.capped_clients,
+            version: c.version(),
+            hash: c.weights().hash(),
+            round: c.round(),
+            open: c.open_round().map(|o| (o.round, o.answered.clone())),
+            rejected_by_reason: robust.rejected_by_reason.clone(),
+            clipped_pairs: robust.clipped_pairs,
+            capped_clients: robust.capped_clients,
         })
     }
 }

@@ -23,8 +23,19 @@ use crate::selection::Selection;
 use crate::state::{Counters, DurableState, StateError, Store, STATE_FORMAT};
 
 impl Coordinator {
-    /// Opens the state in `cfg.state.dir` (resuming if present, else starting at version 0).
+    /// Opens the state in `cfg.state.dir` (resuming if present, else starting at version 0) and
+    /// makes the replayed journal part of a fresh snapshot.
     pub fn open(cfg: AggregatorConfig) -> Result<Coordinator, StateError> {
+        let mut c = Coordinator::resume(cfg)?;
+        // A fresh snapshot holding the replayed updates, and an empty journal after it.
+        c.persist()?;
+        Ok(c)
+    }
+
+    /// What a restart resumes from — `state.bin`, the checkpoint it names and `journal.bin`
+    /// replayed through the same ingest — without writing anything (benches and tests read the
+    /// durable outcome of a stopped run through it, exactly as the next start would see it).
+    pub fn resume(cfg: AggregatorConfig) -> Result<Coordinator, StateError> {
         let topics = Topics::new(&cfg.job.name).map_err(|e| StateError::Mismatch {
             dir: cfg.state.dir.clone(),
             message: e.to_string(),
@@ -132,8 +143,6 @@ impl Coordinator {
         for r in &journaled {
             c.ingest(&r.client, &r.payload, false);
         }
-        // A fresh snapshot holding the replayed updates, and an empty journal after it.
-        c.persist()?;
         Ok(c)
     }
 

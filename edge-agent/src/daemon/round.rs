@@ -79,16 +79,36 @@ impl Daemon {
                     self.on_chunk_done(done).await?;
                 }
                 _ = async { tokio::time::sleep_until(sync_deadline.expect("guarded")).await }, if sync_deadline.is_some() => {
-                    if !self.checkpoint_subscribed {
-                        info!("commits for the announced version did not arrive within {SYNC_GRACE:?}; fetching the checkpoint");
-                        self.request_checkpoint().await;
-                    }
-                    self.sync_since = None;
+                    self.on_sync_stalled().await;
                 }
                 _ = tick.tick() => self.on_tick().await,
             }
             self.try_work().await;
         }
+    }
+
+    /// The replica still cannot reach the announced version one grace period after it first
+    /// tried: say why at `warn` (the agent is not answering), and ask the broker again for the
+    /// retained commit log and checkpoint, which together always reach the announced version.
+    /// Repeats every grace period while the announcement stands.
+    async fn on_sync_stalled(&mut self) {
+        self.sync_since = None;
+        let Some(a) = self.announce.clone() else {
+            return;
+        };
+        let why = match self.replica.sync_to(a.model_version, &a.weights_hash) {
+            Sync::Ready => return,
+            Sync::MissingCommits { have, want } => {
+                format!("replica at version {have}, commits up to {want} did not arrive")
+            }
+            Sync::NeedCheckpoint(why) => format!("{why}, no usable checkpoint arrived"),
+        };
+        warn!(
+            "round {}: not answering yet: {why} within {SYNC_GRACE:?}; asking the broker again for the retained commit log and checkpoint",
+            a.round
+        );
+        self.refetch_retained().await;
+        self.sync_since = Some(Instant::now());
     }
 
     /// Starts work on the pending announcement when everything is in place.
@@ -138,8 +158,9 @@ impl Daemon {
                 return;
             }
             Sync::NeedCheckpoint(why) => {
-                if !self.checkpoint_subscribed {
+                if self.sync_since.is_none() {
                     info!("round {}: {why}; fetching the checkpoint", a.round);
+                    self.sync_since = Some(Instant::now());
                     self.set_state(AgentState::Syncing).await;
                     self.request_checkpoint().await;
                 }

@@ -133,9 +133,7 @@ impl Daemon {
                 }
                 filters.push(self.topics.round());
                 for f in filters {
-                    if let Err(e) = self.client.subscribe(f.clone(), QoS::AtLeastOnce).await {
-                        warn!("subscribe {f}: {e}");
-                    }
+                    subscribe_retained(&self.client, f, session_present).await;
                 }
                 self.published_state = None;
                 self.publish_status().await;
@@ -285,13 +283,38 @@ impl Daemon {
             return;
         }
         // Subscribing delivers the retained checkpoint.
-        match self
-            .client
-            .subscribe(self.topics.checkpoint(), QoS::AtLeastOnce)
-            .await
-        {
-            Ok(()) => self.checkpoint_subscribed = true,
-            Err(e) => warn!("subscribe checkpoint: {e}"),
+        subscribe_retained(&self.client, self.topics.checkpoint(), false).await;
+        self.checkpoint_subscribed = true;
+    }
+
+    /// Asks the broker again for the retained commit log and checkpoint: what a replica that
+    /// cannot reach the announced version is missing is always there (the log holds every
+    /// commit since the checkpoint), but a persistent session may already have delivered it
+    /// to a process that died before persisting it, and a re-subscription alone may not send
+    /// it again (below).
+    pub(super) async fn refetch_retained(&mut self) {
+        subscribe_retained(&self.client, self.topics.commits_filter(), true).await;
+        subscribe_retained(&self.client, self.topics.checkpoint(), true).await;
+        self.checkpoint_subscribed = true;
+    }
+}
+
+/// Subscribes to `filter` so that its retained messages are delivered. MQTT 3.1.1 §3.8.4
+/// says a re-subscription re-sends them, but rumqttd 0.20 sends retained messages only for a
+/// filter new to the session (routing.rs, `prepare_filter`) and ignores an UNSUBSCRIBE of a
+/// restored session's filter until it was subscribed on this connection: where the filter
+/// may already be in the session, subscribe, unsubscribe, subscribe (as the aggregator's
+/// server does for statuses). Every filter subscribed this way is retained, so a message
+/// published between the steps comes with the last SUBSCRIBE.
+async fn subscribe_retained(client: &AsyncClient, filter: String, may_be_in_session: bool) {
+    let mut result = client.subscribe(filter.clone(), QoS::AtLeastOnce).await;
+    if may_be_in_session && result.is_ok() {
+        result = client.unsubscribe(filter.clone()).await;
+        if result.is_ok() {
+            result = client.subscribe(filter.clone(), QoS::AtLeastOnce).await;
         }
+    }
+    if let Err(e) = result {
+        warn!("subscribe {filter}: {e}");
     }
 }
