@@ -180,6 +180,9 @@ impl Replica {
         }
         match self.version.cmp(&version) {
             std::cmp::Ordering::Greater => {
+                // Another history (e.g. the aggregator's state restored from a backup): only a
+                // checkpoint, even one older than this replica, leads back to the announced one.
+                self.diverged = true;
                 Sync::NeedCheckpoint("replica is ahead of the announcement")
             }
             std::cmp::Ordering::Less => Sync::MissingCommits {
@@ -316,6 +319,11 @@ mod tests {
             r.sync_to(1, &states[1].hash()),
             Sync::NeedCheckpoint(_)
         ));
+        // A checkpoint older than the replica brings it back to the announced history.
+        let cp = Checkpoint::from_weights(0, &states[0]);
+        assert_eq!(r.on_checkpoint(&cp).unwrap(), Some(0));
+        r.on_commit(commits[0].clone());
+        assert_eq!(r.sync_to(1, &states[1].hash()), Sync::Ready);
         let mut r = Replica::with_weights(init(), 0);
         assert!(matches!(
             r.sync_to(0, &WeightsHash([1; 32])),
