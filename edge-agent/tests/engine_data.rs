@@ -328,3 +328,79 @@ fn a_missing_data_path_names_the_key_the_root_and_the_fix() {
         assert!(msg.contains(part), "{part}: {msg}");
     }
 }
+
+#[test]
+fn csv_quoting_line_breaks_in_fields_crlf_and_a_bom() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("d.csv");
+    let read = |text: &str, cols: &[&str]| {
+        std::fs::write(&p, text).unwrap();
+        let cols: Vec<String> = cols.iter().map(|c| c.to_string()).collect();
+        data::read_csv(&p, "label", &cols, LabelCoding::Names, ". ", &labels())
+            .map(|ex| {
+                ex.into_iter()
+                    .map(|e| (e.label, e.text))
+                    .collect::<Vec<_>>()
+            })
+            .map_err(|e| e.to_string())
+    };
+    let ok = |v: &[(usize, &str)]| -> Result<Vec<(usize, String)>, String> {
+        Ok(v.iter().map(|&(l, t)| (l, t.to_string())).collect())
+    };
+    // Quoting: delimiters, doubled quotes and an empty quoted field inside quotes; a quote
+    // inside an unquoted field is text.
+    assert_eq!(
+        read(
+            "label,title,body\nb,\"a, \"\"b\"\", c\",\"\"\na,5\" screen,x\n",
+            &["title", "body"]
+        ),
+        ok(&[(1, "a, \"b\", c"), (0, "5\" screen. x")])
+    );
+    // A line break inside a quoted field is part of the field, and the lines below keep
+    // their own numbers (the bad label is on line 5).
+    assert_eq!(
+        read("label,title\na,\"first\nsecond\"\nb,next\n", &["title"]),
+        ok(&[(0, "first\nsecond"), (1, "next")])
+    );
+    let msg = read(
+        "label,title\na,\"first\n\nthird\"\nb,ok\nc,bad\n",
+        &["title"],
+    )
+    .unwrap_err();
+    assert!(msg.contains("d.csv:6") && msg.contains("\"c\""), "{msg}");
+    // CRLF line ends, a UTF-8 byte order mark before the header, blank and space-only lines.
+    assert_eq!(
+        read(
+            "\u{feff}label,title\r\na,one\r\n\r\n   \r\nb,\"two\r\nlines\"\r\n",
+            &["title"]
+        ),
+        ok(&[(0, "one"), (1, "two\r\nlines")])
+    );
+    // A quote still open at the end of the file, on the last line or many lines up, in
+    // the header or a record; a closed empty field at the end is no open quote.
+    for (text, line) in [
+        ("label,title\na,\"open\n", 2),
+        ("label,title\na,\"open\nb,x\nb,y\n", 2),
+        ("label,title\na,x\nb,\"", 3),
+        ("label,\"title\n", 1),
+    ] {
+        let msg = read(text, &["title"]).unwrap_err();
+        assert!(
+            msg.contains(&format!("d.csv:{line}:")) && msg.contains("unterminated"),
+            "{text:?}: {msg}"
+        );
+    }
+    assert_eq!(
+        read("label,title,body\na,x,\"\"", &["title", "body"]),
+        ok(&[(0, "x")])
+    );
+    // A record with too few or too many fields, after a multi-line one.
+    let msg = read("label,title\na,\"x\ny\"\nb\n", &["title"]).unwrap_err();
+    assert!(
+        msg.contains("d.csv:4") && msg.contains("1 fields, header has 2"),
+        "{msg}"
+    );
+    // No header at all.
+    let msg = read("", &["title"]).unwrap_err();
+    assert!(msg.contains("d.csv"), "{msg}");
+}

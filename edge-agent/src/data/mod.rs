@@ -428,64 +428,74 @@ pub fn read_label_dirs(dir: &Path, labels: &[String]) -> Result<Vec<Example>, Da
     non_empty(dir, out)
 }
 
-/// Splits one CSV record (RFC 4180: quoted fields, `""` escapes, no embedded newlines).
-/// Hand-written: one small function instead of a dependency; AG News needs nothing more.
-pub(crate) fn split_csv_line(line: &str) -> Result<Vec<String>, String> {
-    let mut fields = Vec::new();
-    let mut cur = String::new();
-    let mut chars = line.chars().peekable();
-    let mut quoted = false;
-    let mut at_start = true;
-    while let Some(c) = chars.next() {
-        if quoted {
-            if c == '"' {
-                if chars.peek() == Some(&'"') {
-                    cur.push('"');
-                    chars.next();
-                } else {
-                    quoted = false;
-                }
-            } else {
-                cur.push(c);
-            }
-        } else if c == '"' && at_start {
-            quoted = true;
-            at_start = false;
-        } else if c == ',' {
-            fields.push(std::mem::take(&mut cur));
-            at_start = true;
-        } else {
-            cur.push(c);
-            at_start = false;
-        }
-    }
-    if quoted {
-        return Err("unterminated quoted field".into());
-    }
-    fields.push(cur);
-    Ok(fields)
-}
-
-/// A CSV file with a header line, read whole; records are [`split_csv_line`]'s.
+/// A CSV file with a header record, read whole and parsed by the `csv` crate: RFC 4180 quoted
+/// fields with `""` escapes, line breaks inside quoted fields, LF or CRLF line ends, and a
+/// UTF-8 byte order mark before the header. Errors name the file and the line a record
+/// starts on.
 pub(crate) struct CsvFile<'p> {
     path: &'p Path,
     text: String,
     header: Vec<String>,
+    /// The line the header starts on (1 unless blank lines come first).
+    header_line: usize,
+}
+
+/// The reader every CSV of a task goes through: a header, `,` between fields, and records
+/// of any length (a short or long record is reported with the header's count).
+fn csv_reader(text: &str) -> ::csv::Reader<&[u8]> {
+    ::csv::ReaderBuilder::new()
+        .has_headers(true)
+        .flexible(true)
+        .from_reader(text.as_bytes())
+}
+
+/// The line a record starts on (1-based).
+fn record_line(record: &::csv::StringRecord) -> usize {
+    record.position().map_or(1, |p| p.line() as usize)
+}
+
+/// Whether `text` ends inside the quoted last field of its `last` record. The `csv` crate ends
+/// such a field at the end of the file without an error (it runs on through every line
+/// below); it is refused, as a truncated or mistyped file: the file then ends with a
+/// delimiter or line start, the opening quote and the field's text (quotes doubled), and no
+/// closing quote.
+fn ends_in_open_quote(text: &str, last: &::csv::StringRecord) -> bool {
+    let Some(field) = last.iter().next_back() else {
+        return false;
+    };
+    let open = format!("\"{}", field.replace('"', "\"\""));
+    let Some(before) = text.strip_suffix(open.as_str()) else {
+        return false;
+    };
+    before.is_empty() || before.ends_with([',', '\n', '\r', '\u{feff}'])
 }
 
 impl<'p> CsvFile<'p> {
     /// Reads `path` and parses its header (a file without one is [`DataError::Empty`]).
     pub(crate) fn read(path: &'p Path) -> Result<CsvFile<'p>, DataError> {
         let text = fs::read_to_string(path).map_err(io_err(path))?;
-        let header = text.lines().next().ok_or_else(|| DataError::Empty {
-            path: path.to_path_buf(),
-        })?;
-        let header = split_csv_line(header).map_err(row_err(path, 1))?;
-        Ok(CsvFile { path, text, header })
+        let mut reader = csv_reader(&text);
+        let header = reader.headers().map_err(csv_err(path))?.clone();
+        if header.is_empty() {
+            return Err(DataError::Empty {
+                path: path.to_path_buf(),
+            });
+        }
+        let header_line = record_line(&header);
+        if reader.records().next().is_none() && ends_in_open_quote(&text, &header) {
+            return Err(row_err(path, header_line)(UNTERMINATED.into()));
+        }
+        let header = header.iter().map(str::to_owned).collect();
+        Ok(CsvFile {
+            path,
+            text,
+            header,
+            header_line,
+        })
     }
 
-    /// The index of column `name`; if the header has none, an error on line 1 saying
-    /// `missing(header)`.
+    /// The index of column `name`; if the header has none, an error on the header's line
+    /// saying `missing(header)`.
     pub(crate) fn column(
         &self,
         name: &str,
@@ -494,31 +504,45 @@ impl<'p> CsvFile<'p> {
         self.header
             .iter()
             .position(|h| h.trim() == name)
-            .ok_or_else(|| row_err(self.path, 1)(missing(&self.header)))
+            .ok_or_else(|| row_err(self.path, self.header_line)(missing(&self.header)))
     }
 
-    /// The records after the header with their 1-based line numbers. Blank lines are skipped;
+    /// The records after the header with the lines they start on. Blank lines are skipped;
     /// a record with more or fewer fields than the header is an error.
     pub(crate) fn records(
         &self,
     ) -> impl Iterator<Item = Result<(usize, Vec<String>), DataError>> + '_ {
         let n = self.header.len();
-        self.text
-            .lines()
-            .enumerate()
-            .skip(1)
-            .filter(|(_, line)| !line.trim().is_empty())
-            .map(move |(i, line)| {
-                let lineno = i + 1;
-                let fields = split_csv_line(line).map_err(row_err(self.path, lineno))?;
-                if fields.len() != n {
-                    return Err(row_err(self.path, lineno)(format!(
-                        "{} fields, header has {n}",
-                        fields.len()
-                    )));
-                }
-                Ok((lineno, fields))
-            })
+        let mut records = csv_reader(&self.text).into_records().peekable();
+        std::iter::from_fn(move || loop {
+            let record = match records.next()? {
+                Ok(r) => r,
+                Err(e) => return Some(Err(csv_err(self.path)(e))),
+            };
+            // A line of spaces is a one-field record to the csv crate: blank all the same.
+            if record.len() == 1 && record[0].trim().is_empty() {
+                continue;
+            }
+            let lineno = record_line(&record);
+            let err = row_err(self.path, lineno);
+            if records.peek().is_none() && ends_in_open_quote(&self.text, &record) {
+                return Some(Err(err(UNTERMINATED.into())));
+            }
+            if record.len() != n {
+                return Some(Err(err(format!("{} fields, header has {n}", record.len()))));
+            }
+            return Some(Ok((lineno, record.iter().map(str::to_owned).collect())));
+        })
+    }
+}
+
+const UNTERMINATED: &str = "unterminated quoted field";
+
+/// A `csv` crate error as a row error of `path` (at the line it names).
+fn csv_err(path: &Path) -> impl Fn(::csv::Error) -> DataError + '_ {
+    move |e| {
+        let line = e.position().map_or(1, |p| p.line() as usize);
+        row_err(path, line)(e.to_string())
     }
 }
 
