@@ -394,7 +394,7 @@ fn request_seeds(
             }
             derive_seed(a.seed_base, a.round, client_index, i)
         });
-        crate::engine::train::aligned_seed_in_block(layout, block, raw, previous, scratch)
+        crate::engine::recipe::aligned_seed_in_block(layout, block, raw, previous, scratch)
     };
     let mut seeds = Vec::new();
     for k in k0..k0.saturating_add(a.perturbations_per_client) {

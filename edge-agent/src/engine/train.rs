@@ -17,7 +17,6 @@ use fwdllm_shared::lora::{LoraLayout, LoraWeights};
 use serde::{Deserialize, Serialize};
 
 /// The discriminative pick, where the agent daemon has always found it (`daemon::round`).
-pub use super::recipe::aligned_seed_in_block;
 use super::recipe::TrainConfig;
 use super::train_run::{write_report, BestOnDev, RunAt, RunLog, Stepper};
 use super::{Engine, EngineError, EvalReport};
