@@ -671,9 +671,12 @@ pub(crate) fn strongly_connected(edges: &[(&str, &str)]) -> Vec<Vec<String>> {
 mod tests {
     use super::*;
 
+    /// Edges (from, to) of a graph, or (file, text) of a made-up crate.
+    type Pairs<'a> = &'a [(&'a str, &'a str)];
+
     #[test]
     fn strongly_connected_components_of_a_table_of_graphs() {
-        let cases: &[(&[(&str, &str)], &[&[&str]])] = &[
+        let cases: &[(Pairs, &[&[&str]])] = &[
             (&[], &[]),
             (&[("a", "b")], &[]),
             (&[("a", "b"), ("b", "a")], &[&["a", "b"]]),
@@ -746,7 +749,7 @@ mod tests {
 
     #[test]
     fn cycles_of_a_table_of_crates() {
-        let cases: &[(&[(&str, &str)], &[&str])] = &[
+        let cases: &[(Pairs, &[&str])] = &[
             // No references.
             (
                 &[("lib.rs", "mod a; mod b;"), ("a.rs", ""), ("b.rs", "")],
