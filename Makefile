@@ -72,7 +72,7 @@ fuzz: setup
 # Chaos bench: agents SIGKILLed mid-round and at commits, mosquitto restarted mid-round, the
 # aggregator SIGKILLed at random points and SIGTERMed with a round open, every update delivered
 # twice (synthetic gradients, real processes; each scenario with seeds 1-5, about 14 minutes),
-# then the real model clean / with 20 % Byzantine clients -> target/bench/chaos.json. Fails unless
+# then the real model clean / with 20 % Byzantine clients (about 9 minutes) -> target/bench/chaos.json. Fails unless
 # nothing was lost or doubled in any run, every replica hash matched and the Byzantine runs with
 # robust aggregation ended within 3 points of the clean one.
 chaos: setup
