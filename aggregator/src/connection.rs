@@ -1,7 +1,7 @@
 //! What every broker connection of the aggregator shares — the coordinator's own
 //! ([`crate::server`]), the ingest workers' ([`crate::ingest_workers`]) and the simulated
 //! clients of the benches: where the broker is ([`BrokerTarget`]), the wait before a reconnect
-//! ([`reconnect_wait`]) and a socket without Nagle's algorithm ([`no_delay`]).
+//! (`reconnect_wait`) and a socket without Nagle's algorithm ([`no_delay`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

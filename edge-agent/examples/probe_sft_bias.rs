@@ -15,7 +15,7 @@
 //!
 //! `cargo run --release --example probe_sft_bias -- --train 400 [--rank 8]`
 //! `SFT_GRID` lists the configurations, `;`-separated, each `directions,batch,steps,lr1|lr2`
-//! (directions 0 = the exact batch gradient). README "Instruction tuning" has the results.
+//! (directions 0 = the exact batch gradient). docs/RESULTS.md "Instruction tuning (SFT)" has the results.
 
 use std::path::PathBuf;
 

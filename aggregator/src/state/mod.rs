@@ -29,7 +29,7 @@ mod legacy;
 
 /// Bumped on incompatible changes of [`DurableState`]. 2: the open round records who sent
 /// each pair and whose answers were refused, plus the robust/DP counters (format 1 is still
-/// read: [`legacy`]).
+/// read: `state::legacy`).
 pub const STATE_FORMAT: u32 = 2;
 
 #[derive(Debug, Error)]

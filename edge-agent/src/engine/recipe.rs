@@ -1,5 +1,5 @@
 //! The local-training recipe both local trainers ([`super::train`], [`super::sft_train`]) and
-//! their shared step ([`super::train_run::Stepper`]) follow: the hyper-parameters
+//! their shared step (`train_run::Stepper`) follow: the hyper-parameters
 //! ([`TrainConfig`], its tuned defaults and the head-rows recipe), the seeds of a step (local
 //! seeds, and the discriminative pick the agent daemon uses too: [`aligned_seed_in_block`]) and
 //! its coefficients (block means, the schedule, the norm clamp).
@@ -111,7 +111,7 @@ impl TrainConfig {
     /// the estimate then nears the exact batch gradient. Chosen on dev accuracy of AG News by
     /// `examples/probe_features.rs --fg-grid` (64 directions on batches of 8, the previous
     /// recipe, trailed the exact gradient by 3–5 points there) and checked by `train-local` on
-    /// BBC and AG News (README, "Learning").
+    /// BBC and AG News (docs/RESULTS.md, "Classification: local training").
     pub fn head_rows_recipe(n_labels: usize) -> TrainConfig {
         let mut t = TrainConfig::default();
         t.lora.modules.clear();

@@ -20,7 +20,7 @@ use crate::data::{SftExample, Split};
 
 impl TrainConfig {
     /// The instruction-tuning recipe `train-local` runs on an sft task unless told otherwise
-    /// (README "Instruction tuning" has the runs behind it): LoRA B (A fixed at its seeded
+    /// (docs/RESULTS.md "Instruction tuning (SFT)" has the runs behind it): LoRA B (A fixed at its seeded
     /// init, as in the classification default), rank 2, on attn_v, attn_output and ffn_down of
     /// the last three layers — the projections that write into the residual stream the
     /// full-vocabulary head reads — so each perturbation runs 3 of 30 layers plus the head on
