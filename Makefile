@@ -10,7 +10,8 @@ setup:
 
 # One release build (one feature set, so one llama.cpp build) for demo and bench alike:
 # separate `cargo run -p` calls resolve different feature sets and rebuild shared dependencies.
-RELEASE_BUILD = $(CARGO) build --release -p fwdllm-shared -p fwdllm-agent -p fwdllm-aggregator --features fwdllm-aggregator/engine --bins --examples
+# The daemons, the front door `fwdllm` (aggregator/frontdoor) and the benches (tests/bench).
+RELEASE_BUILD = $(CARGO) build --release -p fwdllm-shared -p fwdllm-agent -p fwdllm-aggregator -p fwdllm -p fwdllm-bench --bins --examples
 
 demo: setup
 	$(RELEASE_BUILD)
@@ -32,8 +33,7 @@ bench: setup
 	target/release/fwdllm-agent train-local --threads 2 --max-steps 2000 --max-wall-s 900 --dev-every 20 --heldout-every 10 --no-prefix-cache-disk --check-quantized --no-progress --out target/train-local
 	target/release/fwdllm-agent bench-engine --threads 2 --out target/bench/engine.json
 	target/release/fwdllm bench-federation --out target/bench/federation.json
-	target/release/examples/fuzz --out target/bench/fuzz.json
-	target/release/fwdllm-aggregator scale --out target/bench/scale.json
+	target/release/fwdllm-bench scale --out target/bench/scale.json
 
 # Fleet scale alone: 100 / 1,000 / 10,000 simulated MQTT clients through mosquitto (1,000 also
 # with 2 and 4 ingest workers) and through the embedded broker (in its own process), end-to-end
@@ -43,7 +43,7 @@ bench: setup
 scale: setup
 	@mkdir -p target/bench
 	$(RELEASE_BUILD)
-	target/release/fwdllm-aggregator scale --out target/bench/scale.json
+	target/release/fwdllm-bench scale --out target/bench/scale.json
 
 # Issue 16's learning figures: local BBC and AG News, federated AG News with 8 agents on IID and
 # Dirichlet shards (3 seeds), the demo configuration, federated SFT on the headline task ->
@@ -67,7 +67,7 @@ bench-recipes: setup
 fuzz: setup
 	@mkdir -p target/bench
 	$(RELEASE_BUILD)
-	target/release/examples/fuzz --out target/bench/fuzz.json
+	target/release/fuzz --out target/bench/fuzz.json
 
 # Chaos bench: agents SIGKILLed mid-round and at commits, mosquitto restarted mid-round, the
 # aggregator SIGKILLed at random points and SIGTERMed with a round open, every update delivered
@@ -78,7 +78,7 @@ fuzz: setup
 chaos: setup
 	@mkdir -p target/bench
 	$(RELEASE_BUILD)
-	target/release/examples/chaos --out target/bench/chaos.json
+	target/release/chaos --out target/bench/chaos.json
 
 deb: setup
 	bash cross/build.sh amd64

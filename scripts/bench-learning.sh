@@ -24,7 +24,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=${BIN_DIR:-target/release}
-for b in fwdllm-agent fwdllm examples/learning_report; do
+for b in fwdllm-agent fwdllm learning_report; do
   [ -x "$bin/$b" ] || { echo "no $bin/$b: run 'make bench-learning' (it builds first)" >&2; exit 1; }
 done
 read -r -a seeds <<< "${SEEDS:-1 2 3}"
@@ -85,6 +85,6 @@ fi
 sft_args=()
 if [ -f "$out/sft.json" ]; then sft_args=(--sft "$out/sft.json"); fi
 
-"$bin/examples/learning_report" "${sft_args[@]}" --bbc-local "$out/bbc-local/metrics.json" \
+"$bin/learning_report" "${sft_args[@]}" --bbc-local "$out/bbc-local/metrics.json" \
   --ag-news-local "$out/ag_news-local/metrics.json" --fed-dir "$out/fed" --demo "$out/demo.json" \
   --out target/bench/learning.json --png target/bench/learning_noniid.png

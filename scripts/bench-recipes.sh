@@ -17,7 +17,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=${BIN_DIR:-target/release}
-for b in fwdllm-agent examples/recipe_report; do
+for b in fwdllm-agent recipe_report; do
   [ -x "$bin/$b" ] || { echo "no $bin/$b: run 'make bench-recipes' (it builds first)" >&2; exit 1; }
 done
 read -r -a tasks <<< "${TASKS:-bbc ag_news}"
@@ -44,4 +44,4 @@ for task in "${tasks[@]}"; do
   done
 done
 
-"$bin/examples/recipe_report" --dir "$out" --out target/bench/recipes.json --png target/bench/recipes.png
+"$bin/recipe_report" --dir "$out" --out target/bench/recipes.json --png target/bench/recipes.png

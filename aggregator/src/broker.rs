@@ -134,3 +134,26 @@ pub fn free_port(host: &str) -> Result<u16, BrokerError> {
     })?;
     Ok(port.port())
 }
+
+/// Raises the soft limit of open files to the hard limit (10,000 connections need as many
+/// descriptors here, and as many again in a broker child, which inherits the limit).
+/// Returns (soft, hard) after the change.
+pub fn raise_fd_limit() -> std::io::Result<(u64, u64)> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed by reference.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+    }
+    Ok((r.rlim_cur, r.rlim_max))
+}

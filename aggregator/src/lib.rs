@@ -10,34 +10,22 @@
 //! * [`ingest_workers`] — updates received and decoded by N connections sharing the updates
 //!   topic (`$share/…`, `[ingest] workers`), handed to the single coordinator.
 //! * [`broker`] — embedded rumqttd on loopback.
-//! * [`bridge`] — a site broker bridged to a central one, and the bench across the bridge.
 //! * [`config`] — TOML config and `validate`.
 //! * [`connection`] — what every broker connection shares: target, reconnect wait, no Nagle.
 //! * [`metrics`] — CSV/JSONL records and the PNG plot.
 //! * [`prometheus`] — the `/metrics` endpoint (Prometheus text exposition).
-//! * [`fuzz`] — mutation fuzzing of the decoders, the ingest and the config loaders.
 //! * [`security`] — TLS and credentials of the broker connection; the embedded broker's users.
-//! * [`sim`] — simulated clients (real MQTT connections, synthetic quadratic loss).
-//! * [`fleet`] — fleet-scale simulated clients sharing one replica (10,000 connections).
-//! * [`scale`] — the fleet-scale bench (`scale.json`): end-to-end ingest vs the broker ceiling.
 //! * [`monitor`] — live terminal view of a job on any broker.
 //! * [`export`] — GGUF LoRA export of the current weights.
-//! * `federation` (feature `engine`) — the demo's federation recipe: data dealt to agents,
-//!   engine and aggregator configs (shared by `fwdllm demo` and the chaos bench).
-//! * [`chaos`] — the chaos bench's instruments: ledger subscriber, rulings, duplicating proxy,
-//!   accounting of lost / doubled updates and replica hashes.
+//!
+//! The daemon alone: the front door `fwdllm` (demo, benches on one machine) is the crate in
+//! `aggregator/frontdoor`, the benches and harnesses are `tests/bench`.
 
-pub mod bridge;
 pub mod broker;
-pub mod chaos;
 pub mod config;
 pub mod connection;
 pub mod coordinator;
 pub mod export;
-#[cfg(feature = "engine")]
-pub mod federation;
-pub mod fleet;
-pub mod fuzz;
 pub mod ingest_workers;
 pub mod journal;
 pub mod metrics;
@@ -45,10 +33,8 @@ pub mod monitor;
 pub mod pacing;
 pub mod prometheus;
 pub mod robust;
-pub mod scale;
 pub mod security;
 pub mod selection;
 pub mod server;
-pub mod sim;
 pub mod state;
 pub mod step;

@@ -1,6 +1,6 @@
 //! Real agents across bridged brokers: three `fwdllm-agent` daemons (synthetic gradient source)
 //! on a site Mosquitto, the aggregator on a central one, the shipped bridge config between them
-//! (`fwdllm_aggregator::bridge`). Every round is announced as `All`, the fleet-size form, which
+//! (`fwdllm_bench::bridge`). Every round is announced as `All`, the fleet-size form, which
 //! goes out at QoS 0 (ARCHITECTURE.md, "Announcements at fleet size"): a QoS-0 message is not
 //! queued for a bridge that is down, so the bridge is held down from the moment commit 2 is
 //! durable, before the commit and round 3's announcement are published, and released once
@@ -12,8 +12,8 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use fwdllm_aggregator::bridge::{self, Bridged};
 use fwdllm_aggregator::coordinator::AggEvent;
+use fwdllm_bench::bridge::{self, Bridged};
 use fwdllm_shared::wire::ClientSelection;
 use fwdllm_tests::broker::MAX_PACKET;
 use fwdllm_tests::federation_suite::{

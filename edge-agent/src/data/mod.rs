@@ -290,7 +290,7 @@ pub struct TaskConfig {
 pub enum HeadFeatures {
     /// The state at the prompt's last position (the one the base logits come from). The
     /// default: a linear probe on it scored higher on dev than on the mean, on BBC and AG
-    /// News alike (`examples/probe_features.rs`; figures in docs/studies/head-rows.md).
+    /// News alike (`tests/bench/examples/probe_features.rs`; figures in docs/studies/head-rows.md).
     #[default]
     Last,
     /// The mean over every prompt position.

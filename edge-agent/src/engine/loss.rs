@@ -51,7 +51,7 @@ impl Engine {
     /// Final hidden states (after the output norm) of each text's prompt under the current
     /// adapter: the last position's, and the mean over all prompt positions. Needs the tail
     /// path with a label head (a layout with head rows routes there); diagnostics and feature
-    /// studies (`examples/probe_features.rs`).
+    /// studies (`tests/bench/examples/probe_features.rs`).
     pub fn pooled_hidden(
         &mut self,
         task: &Task,

@@ -109,7 +109,7 @@ impl TrainConfig {
     /// tensors a perturbation costs a `K x n_embd` product on cached features, not a forward
     /// pass, so a step can afford about as many directions as the head has values (`K x 577`):
     /// the estimate then nears the exact batch gradient. Chosen on dev accuracy of AG News by
-    /// `examples/probe_features.rs --fg-grid` (64 directions on batches of 8, the previous
+    /// `tests/bench/examples/probe_features.rs --fg-grid` (64 directions on batches of 8, the previous
     /// recipe, trailed the exact gradient by 3–5 points there) and checked by `train-local` on
     /// BBC and AG News (docs/RESULTS.md, "Classification: local training").
     pub fn head_rows_recipe(n_labels: usize) -> TrainConfig {
