@@ -25,6 +25,7 @@ test: lint
 	$(CARGO) test --workspace --all-features
 
 # Takes about half an hour; run it on an otherwise idle machine, since llama.cpp's threads spin.
+# The fuzzers have their own target (`make fuzz`, 10 minutes per target).
 bench: setup
 	@mkdir -p target/bench
 	$(RELEASE_BUILD)
@@ -61,13 +62,15 @@ bench-recipes: setup
 	$(RELEASE_BUILD)
 	bash scripts/bench-recipes.sh
 
-# >= 10M mutated inputs per target through the wire decoder, the update ingest, the GGUF reader
-# and both config loaders -> target/bench/fuzz.json (crashing inputs in target/bench/fuzz-crashes/).
-# `make test` runs a short loop of the same targets.
+# cargo-fuzz (nightly, libFuzzer, coverage-guided): the wire decoder, the update ingest, the GGUF
+# reader and both config loaders, FUZZ_SECONDS each (default 600) -> target/bench/fuzz.json
+# (executions, coverage, crashes; crash inputs in target/bench/fuzz-crashes/). `make test`
+# replays the committed corpus (fuzz/corpus/) through the same target functions.
+FUZZ_SECONDS ?= 600
 fuzz: setup
 	@mkdir -p target/bench
-	$(RELEASE_BUILD)
-	target/release/fuzz --out target/bench/fuzz.json
+	$(CARGO) build -p fwdllm-bench --bin fuzz_report
+	FUZZ_SECONDS=$(FUZZ_SECONDS) BIN_DIR=target/debug bash scripts/fuzz.sh
 
 # Chaos bench: agents SIGKILLed mid-round and at commits, mosquitto restarted mid-round, the
 # aggregator SIGKILLed at random points and SIGTERMed with a round open, every update delivered
