@@ -191,7 +191,7 @@ pub struct Hooks {
     /// Called with every [`AggEvent`] right after the state that produced it is on disk and
     /// *before* the updates it consumed are acknowledged to the broker: a record written here
     /// survives any later crash, so every acknowledged update has its outcome recorded (the
-    /// chaos bench's ledger, `crate::chaos`).
+    /// chaos bench's ledger, `fwdllm_bench::chaos` in `tests/bench`).
     pub on_event: Option<OnEvent>,
     /// Called with each commit's version and weights; may return a held-out (accuracy, loss)
     /// evaluation, recorded with the next commit's metrics.
