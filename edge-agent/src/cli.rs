@@ -4,8 +4,8 @@
 use anyhow::Context;
 
 use crate::cli_args::{
-    BenchEngineArgs, CalibrateArgs, EvalArgs, PrepareArgs, PromptSearchArgs, ShardArgs,
-    TrainLocalArgs,
+    BenchEngineArgs, CalibrateArgs, EvalArgs, MergeNormsArgs, PrepareArgs, PromptSearchArgs,
+    ShardArgs, TrainLocalArgs,
 };
 use crate::data::{self, Partition, TaskFile};
 use crate::engine::{self, Engine, Precision, TrainConfig};
@@ -30,6 +30,9 @@ pub enum EngineCommand {
     Shard(Box<ShardArgs>),
     /// Classify texts with a trained adapter (GGUF or an agent's replica); writes JSONL.
     Predict(Box<crate::predict::PredictArgs>),
+    /// Write a copy of the model with an adapter's trained norm gains in place, for stock
+    /// llama.cpp (whose LoRA loader cannot apply norm gains; use the copy with the adapter).
+    MergeNorms(Box<MergeNormsArgs>),
 }
 
 pub(crate) fn init_logging() {
@@ -57,6 +60,16 @@ impl EngineCommand {
                 Ok(())
             }
             EngineCommand::Predict(args) => crate::predict::run(*args),
+            EngineCommand::MergeNorms(args) => {
+                let n = merge_norms(&args.model, &args.adapter, &args.out)?;
+                println!(
+                    "wrote {} ({n} norm gains of {} merged into {})",
+                    args.out.display(),
+                    args.adapter.display(),
+                    args.model.display()
+                );
+                Ok(())
+            }
             EngineCommand::Eval(args) => {
                 if let TaskFile::Sft(st) = args.task.task_file()? {
                     return crate::sft_cli::eval(*args, st);
@@ -316,4 +329,30 @@ impl EngineCommand {
             }
         }
     }
+}
+
+/// Writes `out`: the model at `model` with the trained norm gains of the adapter file
+/// `adapter` in place (`fwdllm_shared::gguf::merge_norms`). Returns how many gains it merged;
+/// an adapter without norm gains is an error (stock llama.cpp loads it as it is).
+pub fn merge_norms(
+    model: &std::path::Path,
+    adapter: &std::path::Path,
+    out: &std::path::Path,
+) -> anyhow::Result<usize> {
+    let bytes = std::fs::read(adapter).with_context(|| format!("reading {}", adapter.display()))?;
+    let file = fwdllm_shared::gguf::read_gguf(&bytes)
+        .with_context(|| format!("{} is not a GGUF adapter", adapter.display()))?;
+    let shape = fwdllm_shared::gguf::model_shape_from_gguf(model)
+        .with_context(|| format!("reading the shape of {}", model.display()))?;
+    let norms = fwdllm_shared::gguf::read_adapter_norms(&file, shape.n_embd)
+        .with_context(|| format!("reading the norm gains of {}", adapter.display()))?;
+    anyhow::ensure!(
+        !norms.is_empty(),
+        "{} trains no norm gains: stock llama.cpp loads it as it is (llama-cli --lora {})",
+        adapter.display(),
+        adapter.display()
+    );
+    fwdllm_shared::gguf::merge_norms(model, &norms, out)
+        .with_context(|| format!("merging {} into {}", adapter.display(), model.display()))?;
+    Ok(norms.len())
 }

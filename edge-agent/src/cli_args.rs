@@ -412,3 +412,17 @@ pub struct ShardArgs {
     #[arg(long, default_value = "target/shards")]
     pub out: PathBuf,
 }
+
+/// Merge an adapter's trained norm gains into a copy of the model.
+#[derive(Debug, clap::Args)]
+pub struct MergeNormsArgs {
+    /// The adapter's base model (the GGUF it was trained on).
+    #[arg(long, default_value = ".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf")]
+    pub model: PathBuf,
+    /// GGUF adapter written by train-local, `fwdllm export` or a bench.
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// Output model file (written beside it, then renamed into place).
+    #[arg(long)]
+    pub out: PathBuf,
+}

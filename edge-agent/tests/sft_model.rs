@@ -27,7 +27,7 @@ fn engine(prefix: Precision, path: ForwardPath) -> Engine {
             prefix_cache_disk: false,
             ..EngineConfig::default()
         }
-        .for_lora(&TrainConfig::sft_recipe().lora),
+        .for_lora(&TrainConfig::sft_tail_recipe().lora),
     )
     .unwrap()
 }
@@ -48,7 +48,7 @@ fn headline(e: &Engine, n: usize) -> Vec<SftExample> {
 }
 
 fn sft_weights(e: &Engine, seed: u64, coeff: f32) -> LoraWeights {
-    let layout = LoraLayout::new(&e.model_shape(), &TrainConfig::sft_recipe().lora).unwrap();
+    let layout = LoraLayout::new(&e.model_shape(), &TrainConfig::sft_tail_recipe().lora).unwrap();
     let mut w = LoraWeights::init(layout);
     fwdllm_shared::update::add_direction(&mut w, seed, coeff);
     w
@@ -94,7 +94,7 @@ fn sft_training_lowers_the_nll_of_a_tiny_batch_and_refuses_head_rows() {
         dev: ex.clone(),
         heldout: ex,
     };
-    let mut cfg = TrainConfig::sft_recipe();
+    let mut cfg = TrainConfig::sft_tail_recipe();
     cfg.max_steps = 8;
     cfg.max_wall_s = 0.0;
     cfg.batch_size = 4;

@@ -39,6 +39,15 @@ pub enum LoraModule {
     FfnUp,
     #[serde(rename = "ffn_down")]
     FfnDown,
+    /// The RMSNorm gain before attention (`blk.N.attn_norm.weight`, `n_embd` values): not a
+    /// LoRA but a trainable additive delta on the gain, in units of the tensor's RMS
+    /// ([`norm_gains`]). Appended after the projections so their tags (and every existing
+    /// descriptor and wire encoding) are unchanged.
+    #[serde(rename = "attn_norm")]
+    AttnNorm,
+    /// The RMSNorm gain before the feed-forward block (`blk.N.ffn_norm.weight`), as [`LoraModule::AttnNorm`].
+    #[serde(rename = "ffn_norm")]
+    FfnNorm,
 }
 
 impl LoraModule {
@@ -53,6 +62,14 @@ impl LoraModule {
         LoraModule::FfnDown,
     ];
 
+    /// The RMSNorm gains a layout can train (see [`LoraModule::AttnNorm`]).
+    pub const NORMS: [LoraModule; 2] = [LoraModule::AttnNorm, LoraModule::FfnNorm];
+
+    /// Whether this is an RMSNorm gain rather than a projection carrying a LoRA.
+    pub fn is_norm(self) -> bool {
+        matches!(self, LoraModule::AttnNorm | LoraModule::FfnNorm)
+    }
+
     /// Tensor name fragment used by llama.cpp (`blk.{layer}.{name}.weight`).
     pub fn gguf_name(&self) -> &'static str {
         match self {
@@ -63,6 +80,8 @@ impl LoraModule {
             LoraModule::FfnGate => "ffn_gate",
             LoraModule::FfnUp => "ffn_up",
             LoraModule::FfnDown => "ffn_down",
+            LoraModule::AttnNorm => "attn_norm",
+            LoraModule::FfnNorm => "ffn_norm",
         }
     }
 
@@ -80,7 +99,7 @@ impl fmt::Display for LoraModule {
 
 /// Error of [`LoraModule::from_str`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown LoRA module `{0}`; valid names: attn_q, attn_k, attn_v, attn_output, ffn_gate, ffn_up, ffn_down")]
+#[error("unknown LoRA module `{0}`; valid names: attn_q, attn_k, attn_v, attn_output, ffn_gate, ffn_up, ffn_down, attn_norm, ffn_norm")]
 pub struct UnknownModule(pub String);
 
 impl FromStr for LoraModule {
@@ -88,6 +107,7 @@ impl FromStr for LoraModule {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         LoraModule::ALL
             .into_iter()
+            .chain(LoraModule::NORMS)
             .find(|m| m.gguf_name() == s)
             .ok_or_else(|| UnknownModule(s.to_string()))
     }
@@ -120,7 +140,8 @@ impl ModelShape {
 
     /// `(in, out)` of the base weight of module `m` (llama): q and attn_output are
     /// `n_embd -> n_embd`; k and v are `n_embd -> n_embd / n_head * n_head_kv` (GQA);
-    /// ffn_gate/up are `n_embd -> n_ff`; ffn_down is `n_ff -> n_embd`.
+    /// ffn_gate/up are `n_embd -> n_ff`; ffn_down is `n_ff -> n_embd`; a norm gain is
+    /// `(n_embd, 1)` (a vector, no projection).
     pub fn module_dims(&self, m: LoraModule) -> (u32, u32) {
         let kv = self.n_embd.checked_div(self.n_head).unwrap_or(0) * self.n_head_kv;
         match m {
@@ -128,6 +149,7 @@ impl ModelShape {
             LoraModule::AttnK | LoraModule::AttnV => (self.n_embd, kv),
             LoraModule::FfnGate | LoraModule::FfnUp => (self.n_embd, self.n_ff),
             LoraModule::FfnDown => (self.n_ff, self.n_embd),
+            LoraModule::AttnNorm | LoraModule::FfnNorm => (self.n_embd, 1),
         }
     }
 
@@ -243,7 +265,7 @@ pub enum LoraError {
     RankTooLarge { rank: u32, min_dim: u32 },
     #[error("lora.alpha is {0}; set alpha to a finite number > 0 (alpha = rank gives scale 1)")]
     BadAlpha(f32),
-    #[error("lora.modules is empty and lora.head_rows is 0; list at least one of attn_q, attn_k, attn_v, attn_output, ffn_gate, ffn_up, ffn_down, or set head_rows to the task's label count")]
+    #[error("lora.modules is empty and lora.head_rows is 0; list at least one of attn_q, attn_k, attn_v, attn_output, ffn_gate, ffn_up, ffn_down, attn_norm, ffn_norm, or set head_rows to the task's label count")]
     NoModules,
     #[error("lora.head_alpha is {0}; set head_alpha to a finite number > 0")]
     BadHeadAlpha(f32),
@@ -294,12 +316,44 @@ impl LoraTensor {
     }
 }
 
+/// One trained RMSNorm gain: where its delta lives in the flat parameter vector. The gain the
+/// model uses is [`norm_gains`]`(base, delta)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NormTensor {
+    pub layer: u32,
+    /// [`LoraModule::AttnNorm`] or [`LoraModule::FfnNorm`].
+    pub module: LoraModule,
+    /// `n_embd` values, initialised to 0.
+    pub delta: Range<usize>,
+}
+
+impl NormTensor {
+    /// llama.cpp name of the gain, e.g. `blk.3.attn_norm.weight`.
+    pub fn base_name(&self) -> String {
+        format!("blk.{}.{}.weight", self.layer, self.module.gguf_name())
+    }
+}
+
+/// The gains a trained norm delta stands for: `base + rms(base) · delta`, element-wise, with
+/// `rms` the root mean square of the base gain tensor (f64 sum in index order, so every
+/// platform gets the same bits). Scaling by the tensor's RMS makes a unit direction a change
+/// of the same relative size in every norm: the gains of SmolLM2 range from 0.03 to 0.4 in
+/// mean magnitude, and unscaled unit directions diverged at every lr tried
+/// (docs/studies/sft-layouts.md).
+pub fn norm_gains(base: &[f32], delta: &[f32], out: &mut Vec<f32>) {
+    let ss: f64 = base.iter().map(|&g| f64::from(g) * f64::from(g)).sum();
+    let rms = (ss / base.len().max(1) as f64).sqrt() as f32;
+    out.clear();
+    out.extend(base.iter().zip(delta).map(|(&g, &d)| g + rms * d));
+}
+
 /// Validated mapping from `(ModelShape, LoraConfig)` to ranges of the flat parameter vector.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoraLayout {
     shape: ModelShape,
     config: LoraConfig,
     tensors: Vec<LoraTensor>,
+    norms: Vec<NormTensor>,
     head: Option<HeadBlock>,
     trainable: Vec<Range<usize>>,
     total_len: usize,
@@ -345,6 +399,7 @@ impl LoraLayout {
         let min_dim = config
             .modules
             .iter()
+            .filter(|m| !m.is_norm())
             .map(|m| {
                 let (i, o) = shape.module_dims(*m);
                 i.min(o)
@@ -363,7 +418,11 @@ impl LoraLayout {
             .iter()
             .map(|m| {
                 let (i, o) = shape.module_dims(*m);
-                u128::from(config.rank) * (u128::from(i) + u128::from(o))
+                if m.is_norm() {
+                    u128::from(i)
+                } else {
+                    u128::from(config.rank) * (u128::from(i) + u128::from(o))
+                }
             })
             .sum();
         let head_len = u128::from(config.head_rows) * (u128::from(shape.n_embd) + 1);
@@ -381,7 +440,7 @@ impl LoraLayout {
         };
         let mut off = 0usize;
         for layer in start..end {
-            for &module in &config.modules {
+            for &module in config.modules.iter().filter(|m| !m.is_norm()) {
                 let (in_dim, out_dim) = shape.module_dims(module);
                 let a = off..off + r * in_dim as usize;
                 let b = a.end..a.end + out_dim as usize * r;
@@ -401,10 +460,25 @@ impl LoraLayout {
                 });
             }
         }
+        // Norm gains after every LoRA tensor (layers ascending, config order), before the head.
+        let mut norms = Vec::new();
+        for layer in start..end {
+            for &module in config.modules.iter().filter(|m| m.is_norm()) {
+                let delta = off..off + shape.n_embd as usize;
+                off = delta.end;
+                push_trainable(delta.clone());
+                norms.push(NormTensor {
+                    layer,
+                    module,
+                    delta,
+                });
+            }
+        }
         let adapter_trainable_len: usize = tensors
             .iter()
             .map(|t| if config.trainable == Trainable::AB { t.a.len() } else { 0 } + t.b.len())
-            .sum();
+            .sum::<usize>()
+            + norms.iter().map(|n| n.delta.len()).sum::<usize>();
         let head = (config.head_rows > 0).then(|| {
             let k = config.head_rows as usize;
             let delta = off..off + k * shape.n_embd as usize;
@@ -424,6 +498,7 @@ impl LoraLayout {
             shape: shape.clone(),
             config: config.clone(),
             tensors,
+            norms,
             head,
             trainable,
             total_len: off,
@@ -481,11 +556,18 @@ impl LoraLayout {
     /// The lowest layer this layout adapts (`None` for an empty layout). Layers below it are
     /// frozen for every perturbation: the tail engine computes them once per batch.
     pub fn first_layer(&self) -> Option<u32> {
-        self.tensors.iter().map(|t| t.layer).min()
+        let lora = self.tensors.iter().map(|t| t.layer);
+        lora.chain(self.norms.iter().map(|n| n.layer)).min()
     }
 
+    /// The LoRA tensors (projections); norm gains are in [`LoraLayout::norms`].
     pub fn tensors(&self) -> &[LoraTensor] {
         &self.tensors
+    }
+
+    /// The trained RMSNorm gains, after every LoRA tensor in the parameter vector.
+    pub fn norms(&self) -> &[NormTensor] {
+        &self.norms
     }
     /// Number of f32 parameters (A and B of every tensor).
     pub fn total_len(&self) -> usize {
@@ -702,6 +784,54 @@ mod tests {
 
     fn tiny_config() -> LoraConfig {
         crate::fixtures::golden_lora()
+    }
+
+    #[test]
+    fn norm_gains_layout_sits_after_the_lora_tensors_and_is_all_trainable() {
+        let s = ModelShape::smollm2_135m();
+        let config = LoraConfig {
+            modules: vec![LoraModule::AttnNorm, LoraModule::FfnNorm],
+            layers: None,
+            trainable: Trainable::B,
+            ..LoraConfig::default()
+        };
+        let l = LoraLayout::new(&s, &config).unwrap();
+        assert!(l.tensors().is_empty());
+        assert_eq!(l.norms().len(), 60);
+        assert_eq!(l.total_len(), 60 * 576);
+        assert_eq!(l.adapter_trainable_len(), 60 * 576);
+        assert_eq!(l.first_layer(), Some(0));
+        assert_eq!(l.norms()[1].base_name(), "blk.0.ffn_norm.weight");
+        assert_eq!(l.norms()[59].delta, 59 * 576..60 * 576);
+        // With a LoRA tensor in the list the norms follow every LoRA tensor.
+        let mixed = LoraLayout::new(
+            &s,
+            &LoraConfig {
+                modules: vec![LoraModule::AttnNorm, LoraModule::AttnV],
+                layers: Some((28, 30)),
+                ..config
+            },
+        )
+        .unwrap();
+        let lora_end = mixed.tensors().last().unwrap().b.end;
+        assert_eq!(mixed.norms()[0].delta.start, lora_end);
+        assert_eq!(mixed.first_layer(), Some(28));
+        assert_eq!(
+            "ffn_norm".parse::<LoraModule>().unwrap(),
+            LoraModule::FfnNorm
+        );
+    }
+
+    #[test]
+    fn norm_gains_scale_the_delta_by_the_tensors_rms_golden() {
+        let mut out = Vec::new();
+        norm_gains(&[3.0, -4.0, 0.0, 5.0], &[0.0, 1.0, -2.0, 0.5], &mut out);
+        // rms = sqrt((9 + 16 + 0 + 25) / 4) = sqrt(12.5)
+        let r = 12.5f64.sqrt() as f32;
+        assert_eq!(out, [3.0, -4.0 + r, -2.0 * r, 5.0 + 0.5 * r]);
+        let bits: Vec<u32> = out.iter().map(|x| x.to_bits()).collect();
+        // Golden bits: the same on every platform (f64 sum, one f32 rounding per step).
+        assert_eq!(bits, [1077936128, 3203255936, 3236054576, 1087934860]);
     }
 
     #[test]

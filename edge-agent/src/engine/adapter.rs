@@ -34,7 +34,7 @@ impl Engine {
         self.check_shape(weights)?;
         let layout = weights.layout();
         let hash = weights.hash();
-        self.route(self.layout_first_layer(layout))?;
+        self.route(self.layout_first_layer(layout), !layout.norms().is_empty())?;
         if self.current == Some(hash) {
             return Ok(());
         }
@@ -71,9 +71,65 @@ impl Engine {
                     }
                 }
             }
+            self.set_norms(layout, weights.params())?;
             self.current_lora = Some(lora_hash);
         }
         self.current = Some(hash);
+        Ok(())
+    }
+
+    /// Hands the layout's norm deltas to the tail ([`Engine::install_norms`]).
+    fn set_norms(
+        &mut self,
+        layout: &fwdllm_shared::lora::LoraLayout,
+        params: &[f32],
+    ) -> Result<(), EngineError> {
+        let norms = layout
+            .norms()
+            .iter()
+            .map(|n| (n.layer, n.base_name(), params[n.delta.clone()].to_vec()))
+            .collect();
+        self.install_norms(norms)
+    }
+
+    /// Makes `norms` (layer, full-model tensor name, delta) the tail's trained gains: written
+    /// into the live tail model at once, or kept for the next load (a tail loaded before any
+    /// norms were trained is dropped, so that it is loaded again live).
+    fn install_norms(&mut self, norms: Vec<(u32, String, Vec<f32>)>) -> Result<(), EngineError> {
+        let Some(t) = &mut self.tail else {
+            return match norms.is_empty() {
+                true => Ok(()),
+                false => Err(EngineError::NormsNeedTail),
+            };
+        };
+        if norms.is_empty() && t.norms.is_empty() {
+            return Ok(());
+        }
+        let first = t.first_layer;
+        t.norms = norms
+            .into_iter()
+            .map(|(layer, name, delta)| {
+                // The tail numbers its blocks from its first layer (`engine::tail`).
+                let rest = name
+                    .strip_prefix(&format!("blk.{layer}."))
+                    .expect("norm names are blk.{layer}.…");
+                (format!("blk.{}.{rest}", layer - first), delta)
+            })
+            .collect();
+        match &mut t.live {
+            Some(live) if t.model.is_some() => {
+                live.set_norms(&t.norms)
+                    .map_err(|problem| EngineError::Tail {
+                        path: self.model_path.clone(),
+                        problem,
+                    })?;
+            }
+            _ if !t.norms.is_empty() => {
+                t.live = None;
+                t.model = None;
+            }
+            _ => {}
+        }
         Ok(())
     }
 
@@ -114,10 +170,22 @@ impl Engine {
             .map_err(|e| EngineError::Llama(format!("LoRA adapter: {e}")))?;
         let head = fwdllm_shared::gguf::read_adapter_head(&file, self.shape.n_embd)
             .map_err(|e| EngineError::AdapterHead(e.to_string()))?;
+        let norms = fwdllm_shared::gguf::read_adapter_norms(&file, self.shape.n_embd)
+            .map_err(|e| EngineError::AdapterHead(e.to_string()))?;
+        if let Some(n) = norms.iter().find(|n| n.layer >= self.shape.n_layer) {
+            return Err(EngineError::AdapterHead(format!(
+                "the adapter trains {}, but the model has {} layers; is this the adapter's base model?",
+                n.name, self.shape.n_layer
+            )));
+        }
+        if !norms.is_empty() && !self.config.tail_capable() {
+            return Err(EngineError::NormsNeedTail);
+        }
         if self.config.tail_capable() {
             let first = tail::adapter_first_layer(bytes)
                 .or_else(|| head.as_ref().map(|_| self.shape.n_layer.saturating_sub(1)));
-            self.route(first)?;
+            let first = norms.iter().map(|n| n.layer).chain(first).min();
+            self.route(first, !norms.is_empty())?;
         }
         if head.is_some() && self.tail.is_none() {
             return Err(EngineError::HeadNeedsTail);
@@ -128,6 +196,12 @@ impl Engine {
             delta: h.delta,
             bias: h.bias,
         });
+        self.install_norms(
+            norms
+                .into_iter()
+                .map(|n| (n.layer, n.name, n.delta))
+                .collect(),
+        )?;
         if file.tensors.is_empty() {
             self.clear_lora();
             return Ok(());
@@ -148,12 +222,21 @@ impl Engine {
     /// Sets an adapter from a GGUF file on disk (llama.cpp's own loader on the full path).
     pub fn set_adapter_file(&mut self, path: &Path) -> Result<(), EngineError> {
         self.current = None;
+        let bytes = std::fs::read(path).map_err(|e| EngineError::io(path, e))?;
         if self.config.tail_capable() {
-            let bytes = std::fs::read(path).map_err(|e| EngineError::io(path, e))?;
             return self.set_adapter_bytes(&bytes).map_err(|e| match e {
                 EngineError::Llama(m) => EngineError::Llama(format!("{}: {m}", path.display())),
                 other => other,
             });
+        }
+        // llama.cpp's loader would skip the norm gains without a word.
+        let file = fwdllm_shared::gguf::read_gguf(&bytes)
+            .map_err(|e| EngineError::Llama(format!("{}: {e}", path.display())))?;
+        if !fwdllm_shared::gguf::read_adapter_norms(&file, self.shape.n_embd)
+            .map_err(|e| EngineError::AdapterHead(e.to_string()))?
+            .is_empty()
+        {
+            return Err(EngineError::NormsNeedTail);
         }
         self.llama
             .set_adapter_file(path)
@@ -170,6 +253,15 @@ impl Engine {
             t.adapter = None;
             if let Some((_, m)) = &mut t.model {
                 m.clear_adapter();
+            }
+            if !t.norms.is_empty() {
+                t.norms.clear();
+                // Restoring base gains only writes tensors read before; should it fail anyway,
+                // the tail is loaded afresh from the untouched file.
+                if t.live.as_mut().is_none_or(|l| l.set_norms(&[]).is_err()) {
+                    t.live = None;
+                    t.model = None;
+                }
             }
         }
     }

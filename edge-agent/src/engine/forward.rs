@@ -35,11 +35,25 @@ impl Engine {
         )?;
         let mut params = Self::llama_params(&self.config);
         params.embd_input = true;
-        let mut m = llama::Llama::load(&path, &params)
+        t.live = None;
+        let mut live = if t.norms.is_empty() {
+            None
+        } else {
+            Some(super::live::LiveModel::copy_of(&path)?)
+        };
+        let load_path = live.as_ref().map_or(path.clone(), |l| l.proc_path());
+        let mut m = llama::Llama::load(&load_path, &params)
             .map_err(|e| EngineError::Llama(format!("{}: {e}", path.display())))?;
         if let Some(bytes) = &t.adapter {
             m.set_adapter_bytes(bytes).map_err(EngineError::Llama)?;
         }
+        if let Some(l) = &mut live {
+            l.set_norms(&t.norms).map_err(|e| EngineError::Tail {
+                path: path.clone(),
+                problem: e,
+            })?;
+        }
+        t.live = live;
         t.model = Some((head.clone(), m));
         Ok(())
     }

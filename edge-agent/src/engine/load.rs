@@ -37,7 +37,10 @@ impl Engine {
         e.base_precision = base_precision;
         e.base_kv_f32 = kv_f32;
         if let Some(l) = config.tail_layer.filter(|_| config.tail_capable()) {
-            e.route(Some(l.min(e.shape.n_layer.saturating_sub(1))))?;
+            e.route(
+                Some(l.min(e.shape.n_layer.saturating_sub(1))),
+                config.trains_norms,
+            )?;
         }
         Ok(e)
     }
@@ -112,13 +115,18 @@ impl Engine {
 
     /// Picks the path for a layout whose first adapted layer is `first` (see [`ForwardPath`]):
     /// the tail from `first` if it is > 0 and the config allows it, else the full model at
-    /// training precision (loaded now if the engine holds only the prefix).
-    pub(super) fn route(&mut self, first: Option<u32>) -> Result<(), EngineError> {
+    /// training precision (loaded now if the engine holds only the prefix). A layout that
+    /// trains norm gains (`norms`) always takes the tail, from layer 0 if need be: only a tail
+    /// model is loaded live (`engine::live`).
+    pub(super) fn route(&mut self, first: Option<u32>, norms: bool) -> Result<(), EngineError> {
         if !self.config.tail_capable() {
+            if norms {
+                return Err(EngineError::NormsNeedTail);
+            }
             return Ok(());
         }
         match first {
-            Some(l) if l > 0 && l < self.shape.n_layer => {
+            Some(l) if (l > 0 || norms) && l < self.shape.n_layer => {
                 if self.tail.as_ref().map(|t| t.first_layer) == Some(l) {
                     return Ok(());
                 }
@@ -149,6 +157,8 @@ impl Engine {
                     first_layer: l,
                     model: None,
                     adapter: None,
+                    norms: Vec::new(),
+                    live: None,
                     cache: tail::PrefixCache::new(
                         self.config.prefix_cache_mib as usize * (1 << 20),
                     )

@@ -158,7 +158,10 @@ impl Engine {
             .iter()
             .map(|e| self.prompt_tokens_memo(task, &e.text))
             .collect();
-        let cacheable = self.tail.as_ref().is_some_and(|t| t.adapter.is_none());
+        let cacheable = self
+            .tail
+            .as_ref()
+            .is_some_and(|t| t.adapter.is_none() && t.norms.is_empty());
         // Pooling only matters for the hidden state, which only the tail path returns.
         let pool = match &self.tail {
             Some(_) => task.config.head_features,

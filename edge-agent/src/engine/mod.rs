@@ -32,6 +32,7 @@ mod estimator;
 mod forward;
 pub mod generate;
 mod head;
+mod live;
 pub mod llama;
 mod load;
 mod loss;
@@ -161,6 +162,10 @@ pub struct EngineConfig {
     /// Also keep prefix hidden states on disk under `cache_dir/prefix-states/` (one file per
     /// prompt, ~200 KB for 90 tokens of SmolLM2), so each example's prefix runs once ever.
     pub prefix_cache_disk: bool,
+    /// The layout trains norm gains (set by [`EngineConfig::for_lora`], never read from a
+    /// config file): base evaluations then already take the live tail from `tail_layer`.
+    #[serde(skip)]
+    pub trains_norms: bool,
 }
 
 impl Default for EngineConfig {
@@ -179,6 +184,7 @@ impl Default for EngineConfig {
             tail_layer: None,
             prefix_cache_mib: 32,
             prefix_cache_disk: true,
+            trains_norms: false,
         }
     }
 }
@@ -196,6 +202,10 @@ impl EngineConfig {
         } else {
             lora.layers.map(|(start, _)| start)
         };
+        self.trains_norms = lora.modules.iter().any(|m| m.is_norm());
+        if self.trains_norms {
+            self.tail_layer = Some(self.tail_layer.unwrap_or(0));
+        }
         self
     }
 
@@ -260,6 +270,8 @@ pub enum EngineError {
     HeadMismatch { rows: u32, n_labels: usize },
     #[error("verbalizer head rows need the tail path (the final hidden state comes from the tail model); use engine.precision = \"f32\" with forward_path = \"auto\" or \"tail\", and a layout that does not adapt layer 0")]
     HeadNeedsTail,
+    #[error("a layout that trains norm gains (attn_norm, ffn_norm) needs the tail path: use engine.precision = \"f32\" with forward_path = \"auto\" or \"tail\"")]
+    NormsNeedTail,
     #[error("adapter metadata: {0}")]
     AdapterHead(String),
     #[error("the layout has {rows} verbalizer head rows, which only apply to classification; an instruction (sft) task trains LoRA tensors only: set lora.head_rows = 0 (train-local: drop --head-rows/--head-only/--blockwise)")]
@@ -282,6 +294,11 @@ struct TailState {
     first_layer: u32,
     model: Option<(tail::TailHead, llama::Llama)>,
     adapter: Option<Vec<u8>>,
+    /// Trained norm gains (tail tensor name, delta) of the adapter in use; a tail model is
+    /// loaded live (`live`) while there are any.
+    norms: Vec<(String, Vec<f32>)>,
+    /// The writable in-memory copy the loaded tail model computes with, if loaded live.
+    live: Option<live::LiveModel>,
     cache: tail::PrefixCache,
     features: FeatureCache,
 }

@@ -141,10 +141,12 @@ fn build_tail(
         .map_err(|e| tail_err(src, e.to_string()))?;
     let arch = shape.arch.clone();
     let n_layer = shape.n_layer;
-    if first_layer == 0 || first_layer >= n_layer {
+    // A tail from layer 0 is every layer fed the token embeddings: what a layout of norm gains
+    // in every layer trains through (`engine::live`).
+    if first_layer >= n_layer {
         return Err(tail_err(
             src,
-            format!("a tail from layer {first_layer} of a {n_layer}-layer model is empty or the whole model"),
+            format!("a tail from layer {first_layer} of a {n_layer}-layer model is empty"),
         ));
     }
     let n_embd = u64::from(shape.n_embd);

@@ -31,7 +31,123 @@ pub fn adapter_kv(weights: &LoraWeights) -> Vec<(String, GgufValue)> {
         kv.push(("fwdllm.head.delta".into(), floats(h.delta.clone())));
         kv.push(("fwdllm.head.bias".into(), floats(h.bias.clone())));
     }
+    let norms = weights.layout().norms();
+    if !norms.is_empty() {
+        kv.push((
+            NORMS_NAMES_KEY.into(),
+            GgufValue::Array {
+                elem_type: ty::STRING,
+                values: norms
+                    .iter()
+                    .map(|n| GgufValue::String(n.base_name()))
+                    .collect(),
+            },
+        ));
+        kv.push((
+            NORMS_DELTA_KEY.into(),
+            GgufValue::Array {
+                elem_type: ty::F32,
+                values: norms
+                    .iter()
+                    .flat_map(|n| weights.params()[n.delta.clone()].iter())
+                    .map(|&x| GgufValue::F32(x))
+                    .collect(),
+            },
+        ));
+    }
     kv
+}
+
+/// Metadata key of the trained norm gains' tensor names (string array, `blk.L.attn_norm.weight`).
+/// Stock llama.cpp cannot apply a norm gain from an adapter (its loader skips `*_norm.weight`
+/// tensors), so the deltas travel as metadata it ignores, like the head rows; fwdllm's engine
+/// applies them ([`read_adapter_norms`]) and [`crate::gguf::merge_norms`] writes a model file
+/// with the gains in place for stock llama.cpp.
+pub const NORMS_NAMES_KEY: &str = "fwdllm.norms.names";
+/// Metadata key of the norm deltas (f32 array, `n_embd` per name, in name order); the gain is
+/// [`crate::lora::norm_gains`]`(base, delta)`.
+pub const NORMS_DELTA_KEY: &str = "fwdllm.norms.delta";
+
+/// One trained norm gain of an adapter file: the base tensor's name and its delta.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdapterNorm {
+    /// `blk.{layer}.{attn_norm|ffn_norm}.weight` of the full model.
+    pub name: String,
+    pub layer: u32,
+    pub delta: Vec<f32>,
+}
+
+/// The norm deltas of an adapter file's metadata (empty when it has none); an error naming the
+/// key when they are malformed (types, lengths, names that are not a layer's norm, non-finite
+/// values).
+pub fn read_adapter_norms(file: &GgufFile, n_embd: u32) -> Result<Vec<AdapterNorm>, GgufError> {
+    let Some(names) = file.get(NORMS_NAMES_KEY) else {
+        return Ok(Vec::new());
+    };
+    let bad = |key: &str, problem: String| GgufError::BadMetadata {
+        key: key.to_string(),
+        problem,
+    };
+    let GgufValue::Array { values: names, .. } = names else {
+        return Err(bad(NORMS_NAMES_KEY, "is not an array".into()));
+    };
+    let Some(GgufValue::Array { values: delta, .. }) = file.get(NORMS_DELTA_KEY) else {
+        return Err(bad(NORMS_DELTA_KEY, "missing or not an array".into()));
+    };
+    let n = n_embd as usize;
+    if delta.len() != names.len() * n {
+        return Err(bad(
+            NORMS_DELTA_KEY,
+            format!(
+                "has {} values, expected {} ({} norms x n_embd {n})",
+                delta.len(),
+                names.len() * n,
+                names.len()
+            ),
+        ));
+    }
+    names
+        .iter()
+        .zip(delta.chunks_exact(n.max(1)))
+        .map(|(name, d)| {
+            let GgufValue::String(name) = name else {
+                return Err(bad(
+                    NORMS_NAMES_KEY,
+                    "holds a value that is not a string".into(),
+                ));
+            };
+            let layer = name
+                .strip_prefix("blk.")
+                .and_then(|r| {
+                    r.strip_suffix(".attn_norm.weight")
+                        .or_else(|| r.strip_suffix(".ffn_norm.weight"))
+                })
+                .and_then(|l| l.parse::<u32>().ok())
+                .ok_or_else(|| {
+                    bad(
+                        NORMS_NAMES_KEY,
+                        format!(
+                            "names `{name}`, not blk.N.attn_norm.weight or blk.N.ffn_norm.weight"
+                        ),
+                    )
+                })?;
+            let delta = d
+                .iter()
+                .map(|v| match v {
+                    GgufValue::F32(x) if x.is_finite() => Ok(*x),
+                    _ => Err(bad(
+                        NORMS_DELTA_KEY,
+                        "holds a value that is not a finite f32".into(),
+                    )),
+                })
+                .collect::<Result<_, _>>()?;
+            Ok(AdapterNorm {
+                name: name.clone(),
+                layer,
+                delta,
+            })
+        })
+        .collect()
 }
 
 /// Verbalizer head rows stored in an adapter by [`adapter_kv`].

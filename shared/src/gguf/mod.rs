@@ -26,6 +26,7 @@
 //! reads LoRA adapters (tensors plus the `fwdllm.head.*` metadata).
 
 mod adapter;
+mod merge;
 mod read;
 mod write;
 
@@ -355,9 +356,11 @@ pub enum GgufError {
 }
 
 pub use adapter::{
-    adapter_kv, read_adapter_head, write_lora_adapter, write_lora_adapter_params,
-    write_lora_adapter_params_from_layer, AdapterHead,
+    adapter_kv, read_adapter_head, read_adapter_norms, write_lora_adapter,
+    write_lora_adapter_params, write_lora_adapter_params_from_layer, AdapterHead, AdapterNorm,
+    NORMS_DELTA_KEY, NORMS_NAMES_KEY,
 };
+pub use merge::merge_norms;
 pub use read::{model_shape_from_gguf, read_gguf, read_gguf_header};
 pub use write::{f32_gguf_header, pad_len, write_gguf_f32, F32Tensor};
 
@@ -394,6 +397,120 @@ mod tests {
             }],
         );
         w
+    }
+
+    /// A layout of norm gains and one LoRA tensor on layers 1..3 of a 3-layer, n_embd-8 model.
+    fn norm_weights() -> LoraWeights {
+        let shape = crate::fixtures::small_llama(3, 8, 2, 1);
+        let config = LoraConfig {
+            modules: vec![LoraModule::FfnNorm, LoraModule::AttnV, LoraModule::AttnNorm],
+            layers: Some((1, 3)),
+            ..LoraConfig::default()
+        };
+        let mut w = LoraWeights::init(LoraLayout::new(&shape, &config).unwrap());
+        apply_commit(
+            &mut w,
+            &[SeedCoeff {
+                seed: 3,
+                coeff: 0.5,
+            }],
+        );
+        w
+    }
+
+    #[test]
+    fn norm_deltas_round_trip_through_adapter_metadata_and_are_not_tensors() {
+        let w = norm_weights();
+        let f = read_gguf(&write_lora_adapter(&w)).unwrap();
+        let norms = read_adapter_norms(&f, 8).unwrap();
+        let names: Vec<&str> = norms.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "blk.1.ffn_norm.weight",
+                "blk.1.attn_norm.weight",
+                "blk.2.ffn_norm.weight",
+                "blk.2.attn_norm.weight"
+            ]
+        );
+        for (n, t) in norms.iter().zip(w.layout().norms()) {
+            assert_eq!(n.layer, t.layer);
+            assert_eq!(n.delta, w.params()[t.delta.clone()]);
+            assert!(
+                n.delta.iter().any(|&d| d != 0.0),
+                "the commit moved every value"
+            );
+        }
+        // Stock llama.cpp sees the LoRA pair only.
+        assert_eq!(f.tensors.len(), 4);
+        assert!(f.tensors.iter().all(|t| t.name.contains("attn_v")));
+        // The wrong width names the key; an adapter without norms has none.
+        let err = read_adapter_norms(&f, 9).unwrap_err();
+        assert!(err.to_string().contains(NORMS_DELTA_KEY), "{err}");
+        let plain = read_gguf(&write_lora_adapter(&adapter_weights())).unwrap();
+        assert!(read_adapter_norms(&plain, 12).unwrap().is_empty());
+    }
+
+    #[test]
+    fn merge_norms_rewrites_exactly_the_gains_and_refuses_what_it_cannot_merge() {
+        let dir = std::env::temp_dir().join(format!("fwdllm-merge-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let base: Vec<f32> = (0..8).map(|i| 0.1 * (i as f32 + 1.0)).collect();
+        let other: Vec<f32> = (0..16).map(|i| i as f32).collect();
+        let dims8 = [8u64];
+        let dims16 = [8u64, 2];
+        let model = dir.join("model.gguf");
+        let tensors = [
+            F32Tensor {
+                name: "blk.0.attn_norm.weight",
+                dims: &dims8,
+                data: &base,
+            },
+            F32Tensor {
+                name: "blk.0.attn_q.weight",
+                dims: &dims16,
+                data: &other,
+            },
+        ];
+        let kv = [(
+            "general.architecture".to_string(),
+            GgufValue::String("llama".into()),
+        )];
+        std::fs::write(&model, write_gguf_f32(&kv, &tensors)).unwrap();
+        let delta: Vec<f32> = (0..8).map(|i| 0.25 - 0.05 * i as f32).collect();
+        let norms = [AdapterNorm {
+            name: "blk.0.attn_norm.weight".into(),
+            layer: 0,
+            delta: delta.clone(),
+        }];
+        let out = dir.join("merged.gguf");
+        merge_norms(&model, &norms, &out).unwrap();
+        let (a, b) = (std::fs::read(&model).unwrap(), std::fs::read(&out).unwrap());
+        let f = read_gguf(&b).unwrap();
+        let at = (f.data_offset + f.tensor("blk.0.attn_norm.weight").unwrap().offset) as usize;
+        let mut want = Vec::new();
+        crate::lora::norm_gains(&base, &delta, &mut want);
+        let got: Vec<f32> = b[at..at + 32]
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        assert_eq!(got, want);
+        assert_ne!(got, base);
+        // Every byte outside the gain is the model's.
+        assert_eq!(a.len(), b.len());
+        assert_eq!(a[..at], b[..at]);
+        assert_eq!(a[at + 32..], b[at + 32..]);
+        // A norm the model lacks is an error naming it, and leaves no file behind.
+        let missing = [AdapterNorm {
+            name: "blk.5.ffn_norm.weight".into(),
+            layer: 5,
+            delta,
+        }];
+        let out2 = dir.join("missing.gguf");
+        let err = merge_norms(&model, &missing, &out2).unwrap_err();
+        assert!(err.to_string().contains("blk.5.ffn_norm.weight"), "{err}");
+        assert!(!out2.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
