@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: setup demo test lint bench bench-learning bench-recipes fuzz chaos deb cross clean-cache
+.PHONY: setup demo test lint bench bench-learning bench-recipes bench-deep fuzz chaos deb cross clean-cache
 
 setup:
 	@bash scripts/setup.sh
@@ -61,6 +61,13 @@ bench-recipes: setup
 	@mkdir -p target/bench
 	$(RELEASE_BUILD)
 	bash scripts/bench-recipes.sh
+
+# Issue 24's local SFT figures with the norm-gain recipe -> target/bench/deep.json (about 70
+# minutes on 2 idle cores; scripts/bench-deep.sh says what each key is).
+bench-deep: setup
+	@mkdir -p target/bench
+	$(RELEASE_BUILD)
+	bash scripts/bench-deep.sh
 
 # cargo-fuzz (nightly, libFuzzer, coverage-guided): the wire decoder, the update ingest, the GGUF
 # reader and both config loaders, FUZZ_SECONDS each (default 600) -> target/bench/fuzz.json

@@ -61,7 +61,21 @@ impl EngineCommand {
             }
             EngineCommand::Predict(args) => crate::predict::run(*args),
             EngineCommand::MergeNorms(args) => {
-                let n = merge_norms(&args.model, &args.adapter, &args.out)?;
+                let n =
+                    fwdllm_shared::gguf::merge_adapter_norms(&args.model, &args.adapter, &args.out)
+                        .with_context(|| {
+                            format!(
+                                "merging {} into {}",
+                                args.adapter.display(),
+                                args.model.display()
+                            )
+                        })?;
+                anyhow::ensure!(
+                    n > 0,
+                    "{} trains no norm gains: stock llama.cpp loads it as it is (llama-cli --lora {})",
+                    args.adapter.display(),
+                    args.adapter.display()
+                );
                 println!(
                     "wrote {} ({n} norm gains of {} merged into {})",
                     args.out.display(),
@@ -329,30 +343,4 @@ impl EngineCommand {
             }
         }
     }
-}
-
-/// Writes `out`: the model at `model` with the trained norm gains of the adapter file
-/// `adapter` in place (`fwdllm_shared::gguf::merge_norms`). Returns how many gains it merged;
-/// an adapter without norm gains is an error (stock llama.cpp loads it as it is).
-pub fn merge_norms(
-    model: &std::path::Path,
-    adapter: &std::path::Path,
-    out: &std::path::Path,
-) -> anyhow::Result<usize> {
-    let bytes = std::fs::read(adapter).with_context(|| format!("reading {}", adapter.display()))?;
-    let file = fwdllm_shared::gguf::read_gguf(&bytes)
-        .with_context(|| format!("{} is not a GGUF adapter", adapter.display()))?;
-    let shape = fwdllm_shared::gguf::model_shape_from_gguf(model)
-        .with_context(|| format!("reading the shape of {}", model.display()))?;
-    let norms = fwdllm_shared::gguf::read_adapter_norms(&file, shape.n_embd)
-        .with_context(|| format!("reading the norm gains of {}", adapter.display()))?;
-    anyhow::ensure!(
-        !norms.is_empty(),
-        "{} trains no norm gains: stock llama.cpp loads it as it is (llama-cli --lora {})",
-        adapter.display(),
-        adapter.display()
-    );
-    fwdllm_shared::gguf::merge_norms(model, &norms, out)
-        .with_context(|| format!("merging {} into {}", adapter.display(), model.display()))?;
-    Ok(norms.len())
 }

@@ -90,7 +90,12 @@ pub fn train_local(args: TrainLocalArgs, task: SftTaskConfig) -> anyhow::Result<
     if tc.lora.modules.iter().any(|m| m.is_norm()) {
         // Stock llama.cpp cannot take norm gains from an adapter: ship a merged model beside it.
         let merged = args.out.join("model-merged.gguf");
-        crate::cli::merge_norms(&args.engine.model, &args.out.join("adapter.gguf"), &merged)?;
+        fwdllm_shared::gguf::merge_adapter_norms(
+            &args.engine.model,
+            &args.out.join("adapter.gguf"),
+            &merged,
+        )
+        .with_context(|| format!("writing {}", merged.display()))?;
         println!(
             "wrote {} (the model with the trained norm gains; use it with adapter.gguf in stock llama.cpp)",
             merged.display()

@@ -5,10 +5,9 @@ mod real_model;
 
 use std::path::{Path, PathBuf};
 
-use fwdllm_agent::data::{self, SftExample, TaskFile};
 use fwdllm_agent::engine::{Engine, EngineConfig, EngineError, Precision, TrainConfig};
 use fwdllm_shared::lora::{LoraConfig, LoraLayout, LoraModule, LoraWeights};
-use real_model::{cache_dir, model, root};
+use real_model::{cache_dir, headline, model};
 
 /// Norm gains of the last two layers: a short tail keeps the test quick.
 fn norm_lora() -> LoraConfig {
@@ -36,21 +35,6 @@ fn engine(model: PathBuf, cache_dir: PathBuf, precision: Precision) -> Engine {
     .unwrap()
 }
 
-/// Four held-out headline examples, cut short.
-fn batch(e: &Engine) -> Vec<SftExample> {
-    let TaskFile::Sft(mut t) =
-        TaskFile::from_file(&root().join("edge-agent/tasks/ag_news_headline.toml")).unwrap()
-    else {
-        panic!("headline task is sft")
-    };
-    t.max_text_tokens = 24;
-    t.max_response_tokens = 8;
-    let ex = t
-        .load_examples(&root(), &|s, k| e.truncate_text(s, k))
-        .unwrap();
-    data::sft::split_sft(ex, &t).heldout[..4].to_vec()
-}
-
 fn tmp(name: &str) -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("norms_model");
     std::fs::create_dir_all(&dir).unwrap();
@@ -61,7 +45,7 @@ fn tmp(name: &str) -> PathBuf {
 fn live_norm_gains_equal_the_exported_adapter_and_the_merged_model_bit_for_bit() {
     let mut e = engine(model(), cache_dir(), Precision::F32);
     assert_eq!(e.tail_layer(), Some(28));
-    let b = batch(&e);
+    let b = headline(&e, 4);
     let base = e.sft_loss(&b).unwrap();
 
     let layout = LoraLayout::new(&e.model_shape(), &norm_lora()).unwrap();
@@ -87,7 +71,7 @@ fn live_norm_gains_equal_the_exported_adapter_and_the_merged_model_bit_for_bit()
 
     // The merged model (what stock llama.cpp loads) is the same function with no adapter.
     let merged = tmp("merged.gguf");
-    let n = fwdllm_agent::cli::merge_norms(&model(), &adapter, &merged).unwrap();
+    let n = fwdllm_shared::gguf::merge_adapter_norms(&model(), &adapter, &merged).unwrap();
     assert_eq!(n, 4);
     let mut m = engine(merged, tmp("cache"), Precision::F32);
     assert_eq!(m.sft_loss(&b).unwrap().to_bits(), trained.to_bits());

@@ -3,14 +3,14 @@
 
 mod real_model;
 
-use fwdllm_agent::data::{self, SftExample, TaskFile};
+use fwdllm_agent::data;
 use fwdllm_agent::engine::generate::StopReason;
 use fwdllm_agent::engine::sft_eval::GenerationBudget;
 use fwdllm_agent::engine::{
     Engine, EngineConfig, EngineError, ForwardPath, Precision, TrainConfig,
 };
 use fwdllm_shared::lora::{LoraLayout, LoraWeights};
-use real_model::{cache_dir, jsonl_stdout, model, predict, root};
+use real_model::{cache_dir, headline, jsonl_stdout, model, predict, root};
 
 /// The SFT recipe's engine: tail path from its first layer, prefix at `prefix`.
 fn engine(prefix: Precision, path: ForwardPath) -> Engine {
@@ -30,21 +30,6 @@ fn engine(prefix: Precision, path: ForwardPath) -> Engine {
         .for_lora(&TrainConfig::sft_tail_recipe().lora),
     )
     .unwrap()
-}
-
-/// The first `n` held-out examples of the headline task, cut short to keep tests fast.
-fn headline(e: &Engine, n: usize) -> Vec<SftExample> {
-    let TaskFile::Sft(mut t) =
-        TaskFile::from_file(&root().join("edge-agent/tasks/ag_news_headline.toml")).unwrap()
-    else {
-        panic!("headline task is sft")
-    };
-    t.max_text_tokens = 24;
-    t.max_response_tokens = 8;
-    let ex = t
-        .load_examples(&root(), &|s, k| e.truncate_text(s, k))
-        .unwrap();
-    data::sft::split_sft(ex, &t).heldout[..n].to_vec()
 }
 
 fn sft_weights(e: &Engine, seed: u64, coeff: f32) -> LoraWeights {

@@ -29,6 +29,9 @@ use crate::update::SeedCoeff;
 
 /// Version carried by every binary message. Bump on any incompatible change to a message body.
 /// 2: `LoraConfig` (inside `Checkpoint`) gained `head_rows`, `head_alpha`, `blockwise`.
+/// Still 2: `LoraModule` gained `attn_norm` and `ffn_norm` as appended variants, so every
+/// earlier message decodes as before; an older build rejects a checkpoint that trains norm gains
+/// with a decode error rather than misreading it.
 pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Bytes of the fixed envelope header (version u16 LE + kind u8).

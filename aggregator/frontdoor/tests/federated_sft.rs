@@ -34,6 +34,10 @@ fn two_agents_commit_sft_rounds_and_their_replicas_agree() {
             "1",
             "--sim-clients",
             "0",
+            // The tail layout keeps the suite's time: agents set norm-gain replicas through the
+            // same `Engine::set_adapter` that `edge-agent/tests/norms_model.rs` checks.
+            "--sft-layout",
+            "tail",
             "--out-dir",
         ])
         .arg(dir.path().join("run"))

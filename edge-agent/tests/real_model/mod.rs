@@ -61,3 +61,23 @@ pub(crate) fn jsonl_stdout(out: Output) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
+
+/// The first `n` held-out examples of the headline task (AG News description → title), cut
+/// short (24 text and 8 response tokens) to keep tests fast.
+pub(crate) fn headline(
+    e: &fwdllm_agent::engine::Engine,
+    n: usize,
+) -> Vec<fwdllm_agent::data::SftExample> {
+    let fwdllm_agent::data::TaskFile::Sft(mut t) = fwdllm_agent::data::TaskFile::from_file(
+        &root().join("edge-agent/tasks/ag_news_headline.toml"),
+    )
+    .unwrap() else {
+        panic!("headline task is sft")
+    };
+    t.max_text_tokens = 24;
+    t.max_response_tokens = 8;
+    let ex = t
+        .load_examples(&root(), &|s, k| e.truncate_text(s, k))
+        .unwrap();
+    fwdllm_agent::data::sft::split_sft(ex, &t).heldout[..n].to_vec()
+}

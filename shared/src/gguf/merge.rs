@@ -6,7 +6,10 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{BufReader, Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
-use super::{read_gguf_header, AdapterNorm, GgufError, GGML_TYPE_F32};
+use super::{
+    model_shape_from_gguf, read_adapter_norms, read_gguf, read_gguf_header, AdapterNorm, GgufError,
+    GGML_TYPE_F32,
+};
 use crate::lora::norm_gains;
 
 /// Copies the model at `model` to `out` with each of `norms` applied to its gain tensor
@@ -78,4 +81,20 @@ pub fn merge_norms(model: &Path, norms: &[AdapterNorm], out: &Path) -> Result<()
     f.sync_all().map_err(io)?;
     drop(f);
     fs::rename(&tmp, out).map_err(|e| open(out, e))
+}
+
+/// [`merge_norms`] of the norm gains the adapter file `adapter` carries into the model at
+/// `model`, written to `out`. Returns how many gains it merged; with none it writes nothing
+/// and returns 0 (stock llama.cpp loads such an adapter as it is).
+pub fn merge_adapter_norms(model: &Path, adapter: &Path, out: &Path) -> Result<usize, GgufError> {
+    let bytes = fs::read(adapter).map_err(|e| GgufError::Open {
+        path: adapter.to_path_buf(),
+        source: e,
+    })?;
+    let n_embd = model_shape_from_gguf(model)?.n_embd;
+    let norms = read_adapter_norms(&read_gguf(&bytes)?, n_embd)?;
+    if !norms.is_empty() {
+        merge_norms(model, &norms, out)?;
+    }
+    Ok(norms.len())
 }

@@ -360,7 +360,7 @@ pub use adapter::{
     write_lora_adapter_params, write_lora_adapter_params_from_layer, AdapterHead, AdapterNorm,
     NORMS_DELTA_KEY, NORMS_NAMES_KEY,
 };
-pub use merge::merge_norms;
+pub use merge::{merge_adapter_norms, merge_norms};
 pub use read::{model_shape_from_gguf, read_gguf, read_gguf_header};
 pub use write::{f32_gguf_header, pad_len, write_gguf_f32, F32Tensor};
 
@@ -449,6 +449,16 @@ mod tests {
         assert!(err.to_string().contains(NORMS_DELTA_KEY), "{err}");
         let plain = read_gguf(&write_lora_adapter(&adapter_weights())).unwrap();
         assert!(read_adapter_norms(&plain, 12).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_checkpoint_of_norm_gains_crosses_the_wire_bit_for_bit() {
+        let w = norm_weights();
+        let c = crate::wire::Checkpoint::from_weights(3, &w);
+        let back: crate::wire::Checkpoint = crate::wire::decode(&crate::wire::encode(&c)).unwrap();
+        let w2 = back.to_weights().unwrap();
+        assert_eq!(w2.layout().norms(), w.layout().norms());
+        assert_eq!(w2.hash(), w.hash());
     }
 
     #[test]

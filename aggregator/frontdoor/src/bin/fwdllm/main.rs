@@ -94,6 +94,17 @@ struct FedArgs {
     /// compare data splits stop at equal commits, so a warm cache does not favour one.
     #[arg(long, default_value_t = 0)]
     max_commits: u64,
+    /// Instruction (sft) tasks: the layout trained. `norms` (the recipe: RMSNorm gains of every
+    /// layer, whole-model evaluations) or `tail` (LoRA on the last three layers: ten times
+    /// cheaper per evaluation, a fraction of the gain; docs/studies/sft-layouts.md).
+    #[arg(long, value_enum, default_value_t = SftLayout::Norms)]
+    sft_layout: SftLayout,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SftLayout {
+    Norms,
+    Tail,
 }
 
 #[derive(Subcommand)]

@@ -19,7 +19,7 @@ use fwdllm_aggregator::export;
 use fwdllm_frontdoor::federation;
 use serde_json::json;
 
-use crate::{run, FedArgs, Split};
+use crate::{run, FedArgs, SftLayout, Split};
 
 /// Held-out examples whose greedy generation is scored for F1 (generation costs a decode per
 /// token; the NLL covers the whole held-out split).
@@ -41,7 +41,10 @@ pub(crate) async fn bench(
         bail!("--agents must be at least 1");
     }
     let t0 = Instant::now();
-    let train = TrainConfig::sft_recipe();
+    let train = match fed.sft_layout {
+        SftLayout::Norms => TrainConfig::sft_recipe(),
+        SftLayout::Tail => TrainConfig::sft_tail_recipe(),
+    };
     let mut eval_engine = Engine::load(&federation::engine_config(&fed.model, 2, &train.lora))?;
     let root = std::env::current_dir()?;
     let examples = task
@@ -105,7 +108,18 @@ pub(crate) async fn bench(
         println!("evaluating version {selected_version} (best on dev) ...");
         eval_engine.evaluate_sft(Some(&selected_weights), &heldout, budget)?
     };
-    export::export_gguf(&selected_weights, &out_dir.join("adapter.gguf"))?;
+    let adapter = out_dir.join("adapter.gguf");
+    export::export_gguf(&selected_weights, &adapter)?;
+    if !selected_weights.layout().norms().is_empty() {
+        // Stock llama.cpp cannot take norm gains from an adapter: the model with them in place.
+        let merged = out_dir.join("model-merged.gguf");
+        fwdllm_shared::gguf::merge_adapter_norms(&fed.model, &adapter, &merged)
+            .with_context(|| format!("writing {}", merged.display()))?;
+        println!(
+            "wrote {} (use it with adapter.gguf in stock llama.cpp)",
+            merged.display()
+        );
+    }
     let drop = |r: &SftEvalReport| (zero.nll - r.nll) / zero.nll;
     let samples: Vec<_> = zero
         .samples
