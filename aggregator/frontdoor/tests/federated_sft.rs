@@ -68,3 +68,60 @@ fn two_agents_commit_sft_rounds_and_their_replicas_agree() {
     assert!(dir.path().join("run/adapter.gguf").is_file());
     assert_eq!(r["samples"].as_array().map(Vec::len), Some(3));
 }
+
+#[test]
+fn the_norm_gain_recipe_commits_federated_rounds_and_exports_a_merged_model() {
+    // The default SFT layout (RMSNorm gains of every layer, whole-model evaluations) through
+    // the daemon's engine source and the aggregator: replicas agree bit for bit, and the export
+    // comes with the model holding the gains, for stock llama.cpp.
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let report = dir.path().join("sft.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_fwdllm"))
+        .current_dir(&root)
+        .args([
+            "bench-federation",
+            "--task",
+            "edge-agent/tasks/ag_news_headline.toml",
+            "--agents",
+            "2",
+            "--max-commits",
+            "2",
+            "--minutes",
+            "10",
+            "--heldout",
+            "8",
+            "--eval-every",
+            "1",
+            "--sim-clients",
+            "0",
+            "--perturbations",
+            "2",
+            "--out-dir",
+        ])
+        .arg(dir.path().join("run"))
+        .arg("--out")
+        .arg(&report)
+        .output()
+        .expect("run fwdllm");
+    assert!(
+        out.status.success(),
+        "bench-federation failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).expect("report")).expect("json");
+    assert_eq!(r["commits"], 2, "{r:#}");
+    assert_eq!(r["replica_hashes_equal"], true, "{r:#}");
+    // 30 layers × (attn_norm, ffn_norm) × n_embd 576.
+    assert_eq!(r["lora_trainable_params"], 34_560, "{r:#}");
+    assert_ne!(r["zero_shot_nll"], r["last_version_nll"], "{r:#}");
+    let merged = dir.path().join("run/model-merged.gguf");
+    let model = root.join(".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert_eq!(
+        std::fs::metadata(&merged).expect("model-merged.gguf").len(),
+        std::fs::metadata(&model).expect("model").len(),
+        "the merged model is the model with its gains rewritten in place"
+    );
+}
