@@ -92,10 +92,10 @@ impl View {
         if let Some(c) = &self.commit {
             let _ = writeln!(
                 s,
-                "last commit: round {} -> version {} ({} pairs) hash {}",
+                "last commit: round {} -> version {} ({}) hash {}",
                 c.round,
                 c.new_version,
-                c.pairs.len(),
+                c.step.describe(),
                 &c.weights_hash.to_string()[..16]
             );
         }

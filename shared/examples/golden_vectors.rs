@@ -13,6 +13,7 @@ use fwdllm_shared::fixtures;
 use fwdllm_shared::lora::{LoraLayout, LoraWeights};
 use fwdllm_shared::perturb::{derive_seed, direction, direction_word, gaussian_approx, mix_seed};
 use fwdllm_shared::update::apply_commit;
+use fwdllm_shared::wire::{self, CommitStep, RoundCommit};
 
 fn hex_bits(v: &[f32]) -> Vec<String> {
     v.iter().map(|x| format!("{:#010x}", x.to_bits())).collect()
@@ -53,6 +54,26 @@ fn main() {
     out.insert("init_hash".into(), w.hash().to_string().into());
     apply_commit(&mut w, &fixtures::golden_commit());
     out.insert("commit_hash".into(), w.hash().to_string().into());
+    // Both wire forms of that commit (the dense one holds the bits just computed).
+    for (key, step) in [
+        (
+            "commit_pairs_bytes_blake3",
+            CommitStep::Pairs(fixtures::golden_commit()),
+        ),
+        (
+            "commit_dense_bytes_blake3",
+            CommitStep::Dense(w.trainable_values().collect()),
+        ),
+    ] {
+        let bytes = wire::encode(&RoundCommit {
+            round: 1,
+            base_version: 0,
+            new_version: 1,
+            step,
+            weights_hash: w.hash(),
+        });
+        out.insert(key.into(), blake3::hash(&bytes).to_hex().to_string().into());
+    }
     // A longer replay on the real SmolLM2 layout (rank 4, all modules, A and B trainable).
     let (replayed, perturbed) = fixtures::smollm2_replay();
     out.insert(

@@ -9,8 +9,8 @@ use fwdllm_shared::lora::{LoraConfig, LoraLayout, LoraModule, LoraWeights, Model
 use fwdllm_shared::perturb::{derive_seed, direction};
 use fwdllm_shared::update::{apply_commit, SeedCoeff};
 use fwdllm_shared::wire::{
-    encode, Checkpoint, ClientSelection, ClientUpdate, RoundAnnounce, RoundCommit, SeedScalar,
-    TaskParams,
+    encode, Checkpoint, ClientSelection, ClientUpdate, CommitStep, RoundAnnounce, RoundCommit,
+    SeedScalar, TaskParams,
 };
 
 fn update_with(n: u32) -> ClientUpdate {
@@ -99,10 +99,45 @@ fn main() {
         round: 1234,
         base_version: 1200,
         new_version: 1201,
-        pairs: pairs.clone(),
+        step: CommitStep::Pairs(pairs.clone()),
         weights_hash: weights.hash(),
     };
     put("commit_bytes_256", encode(&commit).len().into());
+    // The classification recipe's layout (5 verbalizer head rows: 2,885 values) with a round of
+    // 1,024 pairs: the aggregator sends the smaller form (`CommitStep::smaller`).
+    let head = LoraWeights::init(
+        LoraLayout::new(
+            &shape,
+            &LoraConfig {
+                modules: Vec::new(),
+                head_rows: 5,
+                ..LoraConfig::default()
+            },
+        )
+        .expect("SmolLM2 head-rows layout"),
+    );
+    let round_1024: Vec<SeedCoeff> = (0..1024)
+        .map(|k| SeedCoeff {
+            seed: derive_seed(0xF00D, 1234, 7, k),
+            coeff: 1e-4,
+        })
+        .collect();
+    for (key, step) in [
+        (
+            "commit_bytes_head_rows_1024_pairs",
+            CommitStep::Pairs(round_1024.clone()),
+        ),
+        (
+            "commit_bytes_head_rows_1024_smallest",
+            CommitStep::smaller(round_1024, &head),
+        ),
+    ] {
+        let c = RoundCommit {
+            step,
+            ..commit.clone()
+        };
+        put(key, encode(&c).len().into());
+    }
     let announce = RoundAnnounce {
         job: "bbc".into(),
         round: 1234,

@@ -198,14 +198,10 @@ impl Topics {
         format!("{}/#", self.base)
     }
 
-    /// The filters an agent subscribes to: round, commit, commit log, checkpoint.
+    /// The filters an agent subscribes to: round, commit log, checkpoint. Not the latest-commit
+    /// topic: every commit is also in the log, and both would deliver it twice.
     pub fn agent_filters(&self) -> Vec<String> {
-        vec![
-            self.round(),
-            self.commit(),
-            self.commits_filter(),
-            self.checkpoint(),
-        ]
+        vec![self.round(), self.commits_filter(), self.checkpoint()]
     }
 
     /// Parses a topic of this job; `None` for topics of other jobs or unknown shapes.

@@ -11,6 +11,7 @@
 use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
+use thiserror::Error;
 
 use crate::lora::{LoraLayout, LoraWeights};
 use crate::perturb;
@@ -85,6 +86,38 @@ pub fn apply_commit(weights: &mut LoraWeights, pairs: &[SeedCoeff]) {
     for p in pairs {
         add_direction(weights, p.seed, p.coeff);
     }
+}
+
+/// A dense commit ([`crate::wire::CommitStep::Dense`]) that these weights cannot take.
+#[derive(Debug, Error, Clone, PartialEq)]
+pub enum StepError {
+    #[error("a dense commit carries {got} values but this layout trains {expected}: it belongs to another layout or job; fetch a checkpoint")]
+    DenseLength { got: usize, expected: usize },
+    #[error("a dense commit carries the non-finite value {value} at trainable index {index}; the aggregator that sent it is faulty")]
+    DenseNonFinite { index: usize, value: f32 },
+}
+
+/// Sets the trainable values, in direction order, to `values` (the dense form of a commit).
+/// Checks everything before writing, so on error the weights are untouched.
+pub fn set_trainable_values(weights: &mut LoraWeights, values: &[f32]) -> Result<(), StepError> {
+    let expected = weights.layout().trainable_len();
+    if values.len() != expected {
+        return Err(StepError::DenseLength {
+            got: values.len(),
+            expected,
+        });
+    }
+    if let Some((index, &value)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+        return Err(StepError::DenseNonFinite { index, value });
+    }
+    let (layout, params) = weights.layout_and_params_mut();
+    let mut rest = values;
+    for r in layout.trainable_ranges() {
+        let (head, tail) = rest.split_at(r.len());
+        params[r.clone()].copy_from_slice(head);
+        rest = tail;
+    }
+    Ok(())
 }
 
 /// Writes the full parameter vector `θ + eps * v(seed)` into `scratch` (resized to

@@ -25,14 +25,14 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::lora::{LoraConfig, LoraError, LoraLayout, LoraWeights, ModelShape, WeightsHash};
-use crate::update::SeedCoeff;
+use crate::update::{self as update_math, SeedCoeff, StepError};
 
 /// Version carried by every binary message. Bump on any incompatible change to a message body.
 /// 2: `LoraConfig` (inside `Checkpoint`) gained `head_rows`, `head_alpha`, `blockwise`.
-/// Still 2: `LoraModule` gained `attn_norm` and `ffn_norm` as appended variants, so every
-/// earlier message decodes as before; an older build rejects a checkpoint that trains norm gains
-/// with a decode error rather than misreading it.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// `LoraModule` then gained `attn_norm` and `ffn_norm` as appended variants (no bump: every
+/// earlier message decodes as before). 3: `RoundCommit` carries a [`CommitStep`] (its pairs or
+/// the dense trainable values, whichever is smaller) instead of always its pairs.
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Bytes of the fixed envelope header (version u16 LE + kind u8).
 pub const HEADER_LEN: usize = 3;
@@ -327,17 +327,76 @@ mod seed_coeff_vec {
     }
 }
 
+/// How a commit moves the weights from `base_version` to `new_version`. The aggregator sends
+/// whichever form is smaller ([`CommitStep::smaller`]): a round of many pairs on a small layout
+/// (head rows: 2,885 values) costs less as the values themselves. Both forms land on the same
+/// bits: the dense form is the aggregator's own weights after it applied the pairs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum CommitStep {
+    /// Coefficients with the learning rate, schedule, averaging and trust-region clamp folded
+    /// in; replayed in order with [`update_math::apply_commit`].
+    Pairs(#[serde(with = "seed_coeff_vec")] Vec<SeedCoeff>),
+    /// Every trainable value after the commit, in direction order
+    /// ([`update_math::set_trainable_values`]). The values, not their difference from the
+    /// base: `w + (w' - w)` need not round to `w'` in f32, `w'` itself is exact.
+    Dense(Vec<f32>),
+}
+
+impl CommitStep {
+    /// Bytes per pair on the wire (fixed-width seed + f32) and per dense value (f32).
+    const PAIR_BYTES: usize = 12;
+    const VALUE_BYTES: usize = 4;
+
+    /// The smaller encoding of a step: `pairs`, or the trainable values of `after` (the
+    /// weights once `pairs` are applied). A tie keeps the pairs, which also say the direction.
+    pub fn smaller(pairs: Vec<SeedCoeff>, after: &LoraWeights) -> CommitStep {
+        let dense = after.layout().trainable_len() * Self::VALUE_BYTES;
+        if dense < pairs.len() * Self::PAIR_BYTES {
+            CommitStep::Dense(after.trainable_values().collect())
+        } else {
+            CommitStep::Pairs(pairs)
+        }
+    }
+
+    /// Moves `weights` (at the commit's base version) to the commit's new version. A dense step
+    /// that does not fit the layout is refused and leaves the weights untouched.
+    pub fn apply(&self, weights: &mut LoraWeights) -> Result<(), StepError> {
+        match self {
+            CommitStep::Pairs(pairs) => {
+                update_math::apply_commit(weights, pairs);
+                Ok(())
+            }
+            CommitStep::Dense(values) => update_math::set_trainable_values(weights, values),
+        }
+    }
+
+    /// The pairs, when the step carries them (audits that account for every seed need them:
+    /// the aggregator's `state.commit_form = "pairs"`).
+    pub fn pairs(&self) -> Option<&[SeedCoeff]> {
+        match self {
+            CommitStep::Pairs(p) => Some(p),
+            CommitStep::Dense(_) => None,
+        }
+    }
+
+    /// For logs: "12 pairs" or "2885 dense values".
+    pub fn describe(&self) -> String {
+        match self {
+            CommitStep::Pairs(p) => format!("{} pairs", p.len()),
+            CommitStep::Dense(v) => format!("{} dense values", v.len()),
+        }
+    }
+}
+
 /// Published retained on the commit topic (latest) and on the commit log topic of its version.
-/// Replaying `pairs` in order with `update::apply_commit` on weights at `base_version` yields
-/// weights at `new_version` whose hash is `weights_hash`.
+/// Applying `step` to weights at `base_version` yields weights at `new_version` whose hash is
+/// `weights_hash`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RoundCommit {
     pub round: u64,
     pub base_version: u64,
     pub new_version: u64,
-    /// Coefficients with the learning rate, schedule, averaging and trust-region clamp folded in.
-    #[serde(with = "seed_coeff_vec")]
-    pub pairs: Vec<SeedCoeff>,
+    pub step: CommitStep,
     pub weights_hash: WeightsHash,
 }
 
@@ -566,4 +625,118 @@ pub struct AggregatorMetrics {
     pub dp_commits: u64,
     pub dp_epsilon: Option<f64>,
     pub dp_delta: Option<f64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures;
+
+    fn golden_weights() -> LoraWeights {
+        let layout = LoraLayout::new(&fixtures::golden_shape(), &fixtures::golden_lora()).unwrap();
+        LoraWeights::init(layout)
+    }
+
+    fn commit(step: CommitStep, weights_hash: WeightsHash) -> RoundCommit {
+        RoundCommit {
+            round: 1,
+            base_version: 0,
+            new_version: 1,
+            step,
+            weights_hash,
+        }
+    }
+
+    /// Golden vectors for both forms of one commit: the same weights bits (the golden
+    /// `commit_hash`), and pinned encodings, so that a change of either form's wire layout or
+    /// of what the dense form holds shows up here.
+    #[test]
+    fn both_commit_forms_land_on_the_golden_bits_and_encode_as_pinned() {
+        let mut by_pairs = golden_weights();
+        let pairs = CommitStep::Pairs(fixtures::golden_commit());
+        pairs.apply(&mut by_pairs).unwrap();
+        let hash = by_pairs.hash();
+        assert_eq!(
+            hash.to_string(),
+            "068b0bafce5745ca750cc1f7724b552e8e786ebf2773e35285068f1e7477880f"
+        );
+        let dense = CommitStep::Dense(by_pairs.trainable_values().collect());
+        let mut by_dense = golden_weights();
+        dense.apply(&mut by_dense).unwrap();
+        let bits = |w: &LoraWeights| w.params().iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&by_dense), bits(&by_pairs));
+
+        let pinned = |step: CommitStep| {
+            let bytes = encode(&commit(step, hash));
+            assert_eq!(
+                decode::<RoundCommit>(&bytes).unwrap(),
+                commit(decode_step(&bytes), hash)
+            );
+            (bytes.len(), blake3::hash(&bytes).to_hex().to_string())
+        };
+        assert_eq!(
+            pinned(pairs),
+            (
+                76,
+                "00e2f2ee610fff7627e3cbd166d3507246f65a6474007b22a1b517e2bf61d6a1".into()
+            )
+        );
+        assert_eq!(
+            pinned(dense),
+            (
+                873,
+                "02628b5d4d684d4e03b01bfbc5c94de8aabb0d0c8075b08713126f8e00a20a7f".into()
+            )
+        );
+    }
+
+    fn decode_step(bytes: &[u8]) -> CommitStep {
+        decode::<RoundCommit>(bytes).unwrap().step
+    }
+
+    #[test]
+    fn a_commit_carries_whichever_form_is_smaller() {
+        let w = golden_weights();
+        let t = w.layout().trainable_len();
+        let pairs = |n: usize| {
+            (0..n as u64)
+                .map(|seed| SeedCoeff { seed, coeff: 0.5 })
+                .collect::<Vec<_>>()
+        };
+        // 12 bytes per pair against 4 per value: pairs up to t / 3 of them (a tie keeps them).
+        let most = t / 3;
+        assert!(
+            matches!(CommitStep::smaller(pairs(most), &w), CommitStep::Pairs(p) if p.len() == most)
+        );
+        match CommitStep::smaller(pairs(most + 1), &w) {
+            CommitStep::Dense(v) => assert_eq!(v, w.trainable_values().collect::<Vec<_>>()),
+            other => panic!("expected the dense form, got {}", other.describe()),
+        }
+        let bytes = |s: CommitStep| encode(&commit(s, w.hash())).len();
+        assert!(
+            bytes(CommitStep::smaller(pairs(most + 1), &w))
+                < bytes(CommitStep::Pairs(pairs(most + 1)))
+        );
+    }
+
+    #[test]
+    fn a_dense_step_that_does_not_fit_is_refused_and_changes_nothing() {
+        let mut w = golden_weights();
+        let before = w.clone();
+        let t = w.layout().trainable_len();
+        let short = CommitStep::Dense(vec![0.5; t - 1]);
+        assert_eq!(
+            short.apply(&mut w),
+            Err(StepError::DenseLength {
+                got: t - 1,
+                expected: t
+            })
+        );
+        let mut poisoned = vec![0.5; t];
+        poisoned[t - 1] = f32::NAN;
+        let err = CommitStep::Dense(poisoned).apply(&mut w).unwrap_err();
+        assert!(matches!(err, StepError::DenseNonFinite { index, .. } if index == t - 1));
+        assert!(err.to_string().contains("non-finite"), "{err}");
+        assert_eq!(w, before);
+    }
 }

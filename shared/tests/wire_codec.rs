@@ -101,9 +101,14 @@ prop_compose! {
         base_version in any::<u64>(),
         new_version in any::<u64>(),
         pairs in prop::collection::vec((any::<u64>(), finite()).prop_map(|(seed, coeff)| SeedCoeff { seed, coeff }), 0..64),
+        dense in prop::option::of(prop::collection::vec(finite(), 0..64)),
         weights_hash in arb_hash(),
     ) -> RoundCommit {
-        RoundCommit { round, base_version, new_version, pairs, weights_hash }
+        let step = match dense {
+            Some(values) => CommitStep::Dense(values),
+            None => CommitStep::Pairs(pairs),
+        };
+        RoundCommit { round, base_version, new_version, step, weights_hash }
     }
 }
 
@@ -300,9 +305,11 @@ fn peek_kind_checks_header() {
     assert_eq!(peek_kind(&[1]), Err(WireError::Truncated));
     assert_eq!(peek_kind(&[9, 0, 1]), Err(WireError::UnknownVersion(9)));
     assert!(matches!(
-        peek_kind(&[2, 0, 77]),
+        peek_kind(&[3, 0, 77]),
         Err(WireError::Malformed(_))
     ));
+    // Protocol 2 (commits always pairs) is refused by number, not misread.
+    assert_eq!(peek_kind(&[2, 0, 3]), Err(WireError::UnknownVersion(2)));
     assert_eq!(
         peek_kind(&encode(&sample_update(1))),
         Ok(MessageKind::ClientUpdate)
@@ -329,7 +336,7 @@ fn header_layout_is_pinned() {
     assert_eq!(
         bytes,
         [
-            2, 0, 2, // version 2 LE, kind ClientUpdate
+            3, 0, 2, // version 3 LE, kind ClientUpdate
             1, b'a', // client_id
             1, 2, 3, // round, base_version, seq (varints)
             1, 8, 7, 6, 5, 4, 3, 2, 1, 0, 0, 0x80,

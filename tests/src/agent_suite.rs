@@ -13,8 +13,8 @@ use fwdllm_shared::perturb::derive_seed;
 use fwdllm_shared::topics::Topics;
 use fwdllm_shared::update::{apply_commit, SeedCoeff};
 use fwdllm_shared::wire::{
-    self, AgentState, AgentStatus, Checkpoint, ClientSelection, ClientUpdate, RoundAnnounce,
-    RoundCommit, TaskParams,
+    self, AgentState, AgentStatus, Checkpoint, ClientSelection, ClientUpdate, CommitStep,
+    RoundAnnounce, RoundCommit, TaskParams,
 };
 use rumqttc::QoS;
 use tokio::sync::watch;
@@ -192,11 +192,17 @@ impl Reference {
             .collect();
         apply_commit(&mut self.weights, &pairs);
         self.version += 1;
+        // Even rounds travel dense, so every suite replays both forms of the wire.
+        let step = if round % 2 == 0 {
+            CommitStep::Dense(self.weights.trainable_values().collect())
+        } else {
+            CommitStep::Pairs(pairs)
+        };
         RoundCommit {
             round,
             base_version: self.version - 1,
             new_version: self.version,
-            pairs,
+            step,
             weights_hash: self.weights.hash(),
         }
     }
@@ -381,7 +387,10 @@ pub async fn checkpoint_catch_up(broker: &Broker) {
     // A commit that replays to different bits than its hash says (as if corrupted): the agent
     // must not answer at version 8 from those bits but repair itself from the checkpoint.
     let mut bad = reference.commit(8);
-    bad.pairs[0].coeff += 0.5;
+    match &mut bad.step {
+        CommitStep::Pairs(p) => p[0].coeff += 0.5,
+        CommitStep::Dense(v) => v[0] += 0.5,
+    }
     peer.commit(&bad).await;
     peer.checkpoint(8, &reference.weights).await;
     let a9 = reference.announce(9, 0, 2);

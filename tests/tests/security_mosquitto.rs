@@ -214,10 +214,10 @@ async fn tls_acl_refuse_impersonation_and_forged_commits_and_rounds_go_on() {
         round: 1_000_000,
         base_version: v1,
         new_version: v1 + 1,
-        pairs: vec![fwdllm_shared::update::SeedCoeff {
+        step: wire::CommitStep::Pairs(vec![fwdllm_shared::update::SeedCoeff {
             seed: 0xbad_5eed,
             coeff: 1e6,
-        }],
+        }]),
         weights_hash: WeightsHash([0xee; 32]),
     });
     let forged = [

@@ -13,7 +13,6 @@ use std::time::Duration;
 use fwdllm_shared::lora::{LoraLayout, LoraWeights};
 use fwdllm_shared::perturb::{derive_seed, direction, gaussian_approx, mix64};
 use fwdllm_shared::topics::{TopicKind, Topics};
-use fwdllm_shared::update::apply_commit;
 use fwdllm_shared::wire::{
     self, client_index, AgentState, AgentStatus, Checkpoint, ClientUpdate, RoundAnnounce,
     RoundCommit, SeedScalar,
@@ -114,7 +113,9 @@ impl Replica {
         }
         self.pending.insert(c.base_version, c);
         while let Some(c) = self.pending.remove(&self.version) {
-            apply_commit(&mut self.weights, &c.pairs);
+            if c.step.apply(&mut self.weights).is_err() {
+                return false;
+            }
             self.version = c.new_version;
             if self.weights.hash() != c.weights_hash {
                 return false;
@@ -134,7 +135,7 @@ impl Replica {
                 self.pending.retain(|&base, _| base >= cp.model_version);
                 let mut ok = true;
                 while let Some(c) = self.pending.remove(&self.version) {
-                    apply_commit(&mut self.weights, &c.pairs);
+                    ok &= c.step.apply(&mut self.weights).is_ok();
                     self.version = c.new_version;
                     ok &= self.weights.hash() == c.weights_hash;
                 }

@@ -346,6 +346,20 @@ pub struct StateConfig {
     /// latest (earlier when nothing more is waiting), so an update is acknowledged within this
     /// bound plus one fsync.
     pub group_commit_max_ms: u64,
+    /// What a commit carries, on the wire and in the log.
+    pub commit_form: CommitForm,
+}
+
+/// `state.commit_form`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CommitForm {
+    /// The pairs or the dense trainable values, whichever is smaller
+    /// (`fwdllm_shared::wire::CommitStep::smaller`).
+    Smallest,
+    /// Always the pairs: every commit says which seeds it holds (exactly-once audits such as
+    /// the chaos bench's ledger), at up to 3x the bytes on small layouts.
+    Pairs,
 }
 
 impl Default for StateConfig {
@@ -356,6 +370,7 @@ impl Default for StateConfig {
             plot_every: 10,
             group_commit_max_updates: 4096,
             group_commit_max_ms: 20,
+            commit_form: CommitForm::Smallest,
         }
     }
 }

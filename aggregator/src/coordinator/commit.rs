@@ -9,10 +9,11 @@
 //! commit log since the last checkpoint. Once per round, so O(d) amortised per pooled pair.
 
 use fwdllm_shared::update::apply_commit;
-use fwdllm_shared::wire::{self, Checkpoint, RoundCommit};
+use fwdllm_shared::wire::{self, Checkpoint, CommitStep, RoundCommit};
 use log::info;
 
 use super::{AggEvent, Coordinator};
+use crate::config::CommitForm;
 use crate::pacing::RoundPool;
 use crate::robust;
 use crate::state::OpenRound;
@@ -84,20 +85,25 @@ impl Coordinator {
         );
         apply_commit(&mut self.weights, &step.pairs);
         let hash = self.weights.hash();
+        let commit_step = match self.cfg.state.commit_form {
+            CommitForm::Smallest => CommitStep::smaller(step.pairs.clone(), &self.weights),
+            CommitForm::Pairs => CommitStep::Pairs(step.pairs.clone()),
+        };
         let commit = RoundCommit {
             round: open.round,
             base_version: self.state.version,
             new_version: self.state.version + 1,
-            pairs: step.pairs.clone(),
+            step: commit_step,
             weights_hash: hash,
         };
         self.state.version += 1;
         let v = self.state.version;
         info!(
-            "round {} committed ({reason:?}): version {v}, {} pairs from {} clients, z = {:.2}, lr = {:.3e}, ‖Δθ‖ = {:.3e}{}, loss = {:.4}",
+            "round {} committed ({reason:?}): version {v}, {} pairs from {} clients (sent as {}), z = {:.2}, lr = {:.3e}, ‖Δθ‖ = {:.3e}{}, loss = {:.4}",
             open.round,
             open.pairs.len(),
             responded,
+            commit.step.describe(),
             pool.z(),
             step.lr,
             step.step_norm,

@@ -1,25 +1,101 @@
 //! Reading `state.bin` of earlier formats, so an upgraded aggregator resumes where the old one
 //! stopped (the open round included). Each older layout is kept here as it was, frozen.
 
-use fwdllm_shared::lora::{LoraConfig, ModelShape};
-use fwdllm_shared::wire::{RoundAnnounce, RoundCommit, SeedScalar};
+use fwdllm_shared::lora::{LoraConfig, ModelShape, WeightsHash};
+use fwdllm_shared::update::SeedCoeff;
+use fwdllm_shared::wire::{CommitStep, RoundAnnounce, RoundCommit, SeedScalar};
 use serde::Deserialize;
 
 use super::{Counters, DurableState, LossStats, OpenRound, STATE_FORMAT};
 use crate::robust::RobustCounters;
 
-/// Decodes a `state.bin` of the current format or of format 1 (upgraded in memory; the next
-/// write stores the current format). The format number is the first field of every version.
+/// Decodes a `state.bin` of the current format or of formats 1 and 2 (upgraded in memory; the
+/// next write stores the current format). The format number is the first field of every version.
 pub(crate) fn decode_state(bytes: &[u8]) -> Result<DurableState, String> {
     let (format, _) = postcard::take_from_bytes::<u32>(bytes).map_err(|e| e.to_string())?;
     match format {
         1 => postcard::from_bytes::<StateV1>(bytes)
             .map(StateV1::upgrade)
             .map_err(|e| e.to_string()),
+        2 => postcard::from_bytes::<StateV2>(bytes)
+            .map(StateV2::upgrade)
+            .map_err(|e| e.to_string()),
         STATE_FORMAT => postcard::from_bytes(bytes).map_err(|e| e.to_string()),
         other => Err(format!(
-            "format {other} (this build reads {STATE_FORMAT} and 1); run the aggregator version that wrote it"
+            "format {other} (this build reads {STATE_FORMAT}, 2 and 1); run the aggregator version that wrote it"
         )),
+    }
+}
+
+/// A pair as formats 1 and 2 stored it (the wire's fixed-width seed, then the f32).
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
+struct PairV2(#[serde(with = "postcard::fixint::le")] u64, f32);
+
+/// `RoundCommit` of formats 1 and 2 (protocol 2): always its pairs.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
+struct CommitV2 {
+    round: u64,
+    base_version: u64,
+    new_version: u64,
+    pairs: Vec<PairV2>,
+    weights_hash: WeightsHash,
+}
+
+impl CommitV2 {
+    fn upgrade(self) -> RoundCommit {
+        RoundCommit {
+            round: self.round,
+            base_version: self.base_version,
+            new_version: self.new_version,
+            step: CommitStep::Pairs(
+                self.pairs
+                    .into_iter()
+                    .map(|PairV2(seed, coeff)| SeedCoeff { seed, coeff })
+                    .collect(),
+            ),
+            weights_hash: self.weights_hash,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
+struct StateV2 {
+    format: u32,
+    job: String,
+    shape: ModelShape,
+    lora: LoraConfig,
+    seed_base: u64,
+    version: u64,
+    round: u64,
+    checkpoint_version: u64,
+    log: Vec<CommitV2>,
+    last_commit: Option<CommitV2>,
+    open: Option<OpenRound>,
+    counters: Counters,
+    robust: RobustCounters,
+}
+
+impl StateV2 {
+    fn upgrade(self) -> DurableState {
+        let _ = self.format;
+        DurableState {
+            format: STATE_FORMAT,
+            job: self.job,
+            shape: self.shape,
+            lora: self.lora,
+            seed_base: self.seed_base,
+            version: self.version,
+            round: self.round,
+            checkpoint_version: self.checkpoint_version,
+            log: self.log.into_iter().map(CommitV2::upgrade).collect(),
+            last_commit: self.last_commit.map(CommitV2::upgrade),
+            open: self.open,
+            counters: self.counters,
+            robust: self.robust,
+        }
     }
 }
 
@@ -49,8 +125,8 @@ struct StateV1 {
     version: u64,
     round: u64,
     checkpoint_version: u64,
-    log: Vec<RoundCommit>,
-    last_commit: Option<RoundCommit>,
+    log: Vec<CommitV2>,
+    last_commit: Option<CommitV2>,
     open: Option<OpenRoundV1>,
     counters: Counters,
 }
@@ -67,8 +143,8 @@ impl StateV1 {
             version: self.version,
             round: self.round,
             checkpoint_version: self.checkpoint_version,
-            log: self.log,
-            last_commit: self.last_commit,
+            log: self.log.into_iter().map(CommitV2::upgrade).collect(),
+            last_commit: self.last_commit.map(CommitV2::upgrade),
             // Owners unknown: the per-client cap skips this one round (clipping still applies).
             open: self.open.map(|o| OpenRound {
                 round: o.round,
@@ -97,8 +173,9 @@ mod tests {
     use fwdllm_shared::wire::{ClientSelection, TaskParams};
 
     #[test]
-    fn a_format_1_state_with_an_open_round_is_upgraded() {
+    fn format_1_and_2_states_are_upgraded() {
         let layout = AggregatorConfig::default().layout().unwrap();
+        let announce_hash = fwdllm_shared::lora::LoraWeights::init(layout.clone()).hash();
         let announce = RoundAnnounce {
             job: "j".into(),
             round: 4,
@@ -156,6 +233,41 @@ mod tests {
         )
         .unwrap();
         assert_eq!(again.version, 3);
+        // Format 2 (protocol 2 commits, always pairs) reads as pairs steps, bit for bit.
+        let v2 = StateV2 {
+            format: 2,
+            job: s.job.clone(),
+            shape: s.shape.clone(),
+            lora: s.lora.clone(),
+            seed_base: 1,
+            version: 4,
+            round: 4,
+            checkpoint_version: 3,
+            log: vec![CommitV2 {
+                round: 4,
+                base_version: 3,
+                new_version: 4,
+                pairs: vec![PairV2(u64::MAX, -0.25)],
+                weights_hash: announce_hash,
+            }],
+            last_commit: None,
+            open: None,
+            counters: Counters::default(),
+            robust: RobustCounters::default(),
+        };
+        let s2 = decode_state(&postcard::to_stdvec(&v2).unwrap()).unwrap();
+        assert_eq!(s2.format, STATE_FORMAT);
+        assert_eq!(
+            s2.log[0].step,
+            CommitStep::Pairs(vec![SeedCoeff {
+                seed: u64::MAX,
+                coeff: -0.25
+            }])
+        );
+        assert_eq!(
+            (s2.log[0].new_version, s2.log[0].weights_hash),
+            (4, announce_hash)
+        );
         let mut future = postcard::to_stdvec(&7u32).unwrap();
         future.extend_from_slice(&[0; 16]);
         assert!(decode_state(&future).unwrap_err().contains("format 7"));

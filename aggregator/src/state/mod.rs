@@ -20,7 +20,6 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use fwdllm_shared::lora::{LoraConfig, LoraWeights, ModelShape, WeightsHash};
-use fwdllm_shared::update::apply_commit;
 use fwdllm_shared::wire::{self, Checkpoint, RoundAnnounce, RoundCommit, SeedScalar};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -28,9 +27,10 @@ use thiserror::Error;
 mod legacy;
 
 /// Bumped on incompatible changes of [`DurableState`]. 2: the open round records who sent
-/// each pair and whose answers were refused, plus the robust/DP counters (format 1 is still
-/// read: `state::legacy`).
-pub const STATE_FORMAT: u32 = 2;
+/// each pair and whose answers were refused, plus the robust/DP counters. 3: logged commits
+/// carry a `CommitStep` (pairs or dense values). Formats 1 and 2 are still read
+/// (`state::legacy`).
+pub const STATE_FORMAT: u32 = 3;
 
 #[derive(Debug, Error)]
 pub enum StateError {
@@ -303,7 +303,12 @@ impl Store {
                     ),
                 });
             }
-            apply_commit(&mut weights, &c.pairs);
+            c.step
+                .apply(&mut weights)
+                .map_err(|e| StateError::Corrupt {
+                    path: path.clone(),
+                    message: format!("logged commit to version {}: {e}", c.new_version),
+                })?;
             let actual = weights.hash();
             if actual != c.weights_hash {
                 return Err(StateError::Replay {

@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 
 use fwdllm_shared::lora::{LoraWeights, WeightsHash};
-use fwdllm_shared::update::{apply_commit, SeedCoeff};
-use fwdllm_shared::wire::{Checkpoint, RoundCommit};
+use fwdllm_shared::update::SeedCoeff;
+use fwdllm_shared::wire::{Checkpoint, CommitStep, RoundCommit};
 
 /// Commits kept that are not yet applicable (ahead of the replica). Bounded so a flood of
 /// retained log entries cannot grow memory without limit.
@@ -36,9 +36,17 @@ pub struct Replica {
     pending: BTreeMap<u64, RoundCommit>,
     /// Set when a replayed commit produced a different hash than the aggregator's.
     diverged: bool,
-    /// Pairs of the commit that produced the current version (discriminative sampling aligns
-    /// new directions with it); `None` after a checkpoint until the next commit.
-    last_commit: Option<Vec<SeedCoeff>>,
+    /// The step of the commit that produced the current version (discriminative sampling
+    /// aligns new directions with it); `None` after a checkpoint until the next commit.
+    last_step: Option<LastStep>,
+}
+
+/// What the replica keeps of the last commit to rebuild its direction.
+#[derive(Debug, Clone)]
+enum LastStep {
+    Pairs(Vec<SeedCoeff>),
+    /// Trainable values after minus before (a dense commit carries no pairs).
+    Delta(Vec<f32>),
 }
 
 impl Replica {
@@ -62,9 +70,20 @@ impl Replica {
     pub fn hash(&self) -> Option<WeightsHash> {
         self.hash
     }
-    /// The (seed, coeff) pairs of the commit that produced the current version, if replayed.
-    pub fn last_commit(&self) -> Option<&[SeedCoeff]> {
-        self.last_commit.as_deref()
+    /// The step of the commit that produced the current version over the trainable values
+    /// (`Σ coeff·v(seed)` of its pairs, or the change a dense commit made), if replayed.
+    pub fn last_step_direction(&self) -> Option<Vec<f32>> {
+        let layout = self.weights.as_ref()?.layout();
+        match self.last_step.as_ref()? {
+            LastStep::Pairs(pairs) => {
+                let mut d = vec![0f32; layout.trainable_len()];
+                for p in pairs {
+                    fwdllm_shared::update::accumulate_direction(layout, p.seed, p.coeff, &mut d);
+                }
+                Some(d)
+            }
+            LastStep::Delta(d) => Some(d.clone()),
+        }
     }
     /// True after a replayed commit's hash disagreed with the aggregator's (needs a checkpoint).
     pub fn diverged(&self) -> bool {
@@ -109,9 +128,28 @@ impl Replica {
         // Drop what is behind us.
         self.pending = self.pending.split_off(&self.version);
         while let Some(c) = self.pending.remove(&self.version) {
-            apply_commit(weights, &c.pairs);
+            // Taken before the step: a dense commit's direction is its values minus these.
+            let step = match &c.step {
+                CommitStep::Pairs(p) => LastStep::Pairs(p.clone()),
+                CommitStep::Dense(after) => LastStep::Delta(
+                    after
+                        .iter()
+                        .zip(weights.trainable_values())
+                        .map(|(a, b)| a - b)
+                        .collect(),
+                ),
+            };
+            if let Err(e) = c.step.apply(weights) {
+                log::warn!(
+                    "commit of round {} to version {} does not apply ({e}); will fetch a checkpoint",
+                    c.round,
+                    c.new_version
+                );
+                self.diverged = true;
+                break;
+            }
             self.version = c.new_version;
-            self.last_commit = Some(c.pairs.clone());
+            self.last_step = Some(step);
             let hash = weights.hash();
             self.hash = Some(hash);
             applied += 1;
@@ -126,10 +164,10 @@ impl Replica {
                 break;
             }
             log::debug!(
-                "replayed commit of round {} -> version {} ({} pairs)",
+                "replayed commit of round {} -> version {} ({})",
                 c.round,
                 c.new_version,
-                c.pairs.len()
+                c.step.describe()
             );
         }
         applied
@@ -161,7 +199,7 @@ impl Replica {
         self.weights = Some(weights);
         self.version = cp.model_version;
         self.diverged = false;
-        self.last_commit = None;
+        self.last_step = None;
         Ok(Some(self.advance()))
     }
 
@@ -219,12 +257,18 @@ mod tests {
                     coeff: 1e-3 * (k as f32 + 1.0),
                 })
                 .collect();
-            apply_commit(&mut w, &pairs);
+            fwdllm_shared::update::apply_commit(&mut w, &pairs);
+            // Odd versions travel dense, as the aggregator sends small layouts' commits.
+            let step = if v % 2 == 1 {
+                CommitStep::Dense(w.trainable_values().collect())
+            } else {
+                CommitStep::Pairs(pairs)
+            };
             commits.push(RoundCommit {
                 round: v + 10,
                 base_version: v,
                 new_version: v + 1,
-                pairs,
+                step,
                 weights_hash: w.hash(),
             });
             states.push(w.clone());
@@ -296,6 +340,47 @@ mod tests {
         let cp = Checkpoint::from_weights(2, &states[2]);
         assert_eq!(r.on_checkpoint(&cp).unwrap(), Some(0));
         assert_eq!(r.sync_to(2, &states[2].hash()), Sync::Ready);
+    }
+
+    #[test]
+    fn a_dense_commit_for_another_layout_is_refused_and_repaired_by_a_checkpoint() {
+        let (mut commits, states) = chain(2);
+        commits[1].step = CommitStep::Dense(vec![0.0; 3]);
+        let mut r = Replica::with_weights(init(), 0);
+        r.on_commit(commits[0].clone());
+        r.on_commit(commits[1].clone());
+        assert!(r.diverged());
+        assert_eq!(r.version(), 1);
+        assert_eq!(r.weights().unwrap().params(), states[1].params());
+        let cp = Checkpoint::from_weights(2, &states[2]);
+        assert_eq!(r.on_checkpoint(&cp).unwrap(), Some(0));
+        assert_eq!(r.sync_to(2, &states[2].hash()), Sync::Ready);
+    }
+
+    #[test]
+    fn the_last_step_direction_is_the_change_either_form_made() {
+        let (commits, states) = chain(2);
+        let mut r = Replica::with_weights(init(), 0);
+        let change = |v: usize| -> Vec<f32> {
+            let before: Vec<f32> = states[v - 1].trainable_values().collect();
+            states[v]
+                .trainable_values()
+                .zip(before)
+                .map(|(a, b)| a - b)
+                .collect()
+        };
+        for v in 1..=2 {
+            r.on_commit(commits[v - 1].clone());
+            let got = r.last_step_direction().unwrap();
+            // Pairs (v = 1) rebuild Σ coeff·v(seed), equal to the change up to rounding;
+            // the dense commit (v = 2) is the change itself.
+            for (g, c) in got.iter().zip(change(v)) {
+                assert!(
+                    (g - c).abs() <= 1e-6 * c.abs().max(1e-3),
+                    "v {v}: {g} vs {c}"
+                );
+            }
+        }
     }
 
     #[test]

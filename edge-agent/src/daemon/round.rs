@@ -180,7 +180,7 @@ impl Daemon {
         let index = wire::client_index(&self.client_id);
         let c = self.config.gradient.discriminative_candidates.max(1);
         // Discriminative sampling: candidates k·c .. k·c+c-1, keep the one best aligned with
-        // the commit that produced this version (rebuilt from its (seed, coeff) pairs). With
+        // the commit that produced this version (its pairs' direction, or a dense commit's change). With
         // c = 1 the single candidate is seed k itself and no direction is built.
         let layout = self
             .replica
@@ -189,15 +189,8 @@ impl Daemon {
             .layout()
             .clone();
         let previous = (c > 1)
-            .then(|| self.replica.last_commit())
-            .flatten()
-            .map(|pairs| {
-                let mut d = vec![0f32; layout.trainable_len()];
-                for p in pairs {
-                    fwdllm_shared::update::accumulate_direction(&layout, p.seed, p.coeff, &mut d);
-                }
-                d
-            });
+            .then(|| self.replica.last_step_direction())
+            .flatten();
         let mut scratch = Vec::new();
         let seeds = request_seeds(&a, index, k0, c, &layout, previous.as_deref(), &mut scratch);
         let weights = Arc::new(

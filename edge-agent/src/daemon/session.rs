@@ -125,8 +125,10 @@ impl Daemon {
                 );
                 // Subscribe on every connection: cheap, and it re-delivers the retained round and
                 // commit log, which is how a reconnecting agent catches up. The round comes last
-                // so that commits usually arrive before the announcement that needs them.
-                let mut filters = vec![self.topics.commit(), self.topics.commits_filter()];
+                // so that commits usually arrive before the announcement that needs them. Not the
+                // latest-commit topic: the log carries every version, and subscribing to both
+                // downloaded each commit twice.
+                let mut filters = vec![self.topics.commits_filter()];
                 if self.needs_checkpoint() || self.checkpoint_subscribed {
                     filters.push(self.topics.checkpoint());
                     self.checkpoint_subscribed = true;

@@ -449,6 +449,8 @@ pub async fn bridged_run(
     let mut cfg = AggregatorConfig::tiny("bridged", dir.path());
     cfg.job.max_commits = commits;
     cfg.state.checkpoint_every = 3;
+    // The run accounts for every committed seed, which a dense commit does not name.
+    cfg.state.commit_form = fwdllm_aggregator::config::CommitForm::Pairs;
     cfg.selection.eval_every = 0;
     cfg.round.min_clients = clients as u32;
     cfg.round.perturbations_per_client = 2;
@@ -521,7 +523,7 @@ pub async fn bridged_run(
     let mut committed: BTreeMap<u64, u32> = BTreeMap::new();
     for bytes in seen.values() {
         if let Ok(rc) = wire::decode::<RoundCommit>(bytes) {
-            for p in rc.pairs {
+            for p in rc.step.pairs().expect("state.commit_form = pairs") {
                 *committed.entry(p.seed).or_default() += 1;
             }
         }

@@ -169,11 +169,8 @@ async fn observe(
         };
         let publish = match ev {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                for f in [
-                    topics.commit(),
-                    topics.commits_filter(),
-                    topics.checkpoint(),
-                ] {
+                // What an agent subscribes to, less the round (this client does not answer).
+                for f in [topics.commits_filter(), topics.checkpoint()] {
                     let _ = client.subscribe(f, QoS::AtLeastOnce).await;
                 }
                 continue;

@@ -27,6 +27,7 @@ async fn duplicated_deliveries_are_counted_once_and_nothing_is_lost() {
     let mut cfg = AggregatorConfig::tiny("chaos-dup", dir.path());
     cfg.job.max_commits = COMMITS;
     cfg.state.checkpoint_every = 2;
+    cfg.state.commit_form = fwdllm_aggregator::config::CommitForm::Pairs;
     cfg.round.min_clients = CLIENTS as u32;
     cfg.round.quorum = CLIENTS as u32;
     cfg.round.perturbations_per_client = PERTURBATIONS;
@@ -120,7 +121,10 @@ async fn duplicated_deliveries_are_counted_once_and_nothing_is_lost() {
     }
     // Every commit holds exactly CLIENTS x PERTURBATIONS pairs, and replays to its hash.
     for c in ledger.commits.values() {
-        assert_eq!(c.pairs.len(), CLIENTS * PERTURBATIONS as usize);
+        assert_eq!(
+            c.step.pairs().unwrap().len(),
+            CLIENTS * PERTURBATIONS as usize
+        );
     }
     let r = check_replicas(&layout, &ledger, &fin);
     assert_eq!((r.commits_replayed, r.mismatches()), (COMMITS, 0), "{r:?}");

@@ -200,15 +200,20 @@ fn write_corpus(dir: &Path) -> Result<()> {
         round: 1,
         base_version: 0,
         new_version: 1,
-        pairs: vec![fwdllm_shared::update::SeedCoeff {
+        step: wire::CommitStep::Pairs(vec![fwdllm_shared::update::SeedCoeff {
             seed: 3,
             coeff: -0.25,
-        }],
+        }]),
         weights_hash: WeightsHash([9; 32]),
+    };
+    let dense_commit = RoundCommit {
+        step: wire::CommitStep::Dense(vec![0.5, -0.25, 1e-3]),
+        ..commit.clone()
     };
     put("wire", "announce.bin", &wire::encode(&announce))?;
     put("wire", "update.bin", &wire::encode(&update))?;
     put("wire", "commit.bin", &wire::encode(&commit))?;
+    put("wire", "commit-dense.bin", &wire::encode(&dense_commit))?;
     put(
         "wire",
         "checkpoint.bin",

@@ -71,7 +71,14 @@ impl Ledger {
         }
     }
 
+    /// Panics on a dense commit: the ledger accounts for every seed, so the aggregator under
+    /// test must run with `state.commit_form = "pairs"`.
     pub fn on_commit(&mut self, c: RoundCommit) {
+        assert!(
+            c.step.pairs().is_some(),
+            "commit {} is dense; the ledger needs state.commit_form = \"pairs\"",
+            c.new_version
+        );
         match self.commits.get(&c.new_version) {
             Some(old) if *old != c => self.commit_forks += 1,
             Some(_) => {}
@@ -272,7 +279,7 @@ impl Rulings {
         let committed: BTreeSet<u64> = ledger
             .commits
             .values()
-            .flat_map(|c| c.pairs.iter().map(|p| p.seed))
+            .flat_map(|c| pairs_of(c).iter().map(|p| p.seed))
             .collect();
         ledger.updates.iter().all(|(id, o)| {
             self.updates.contains_key(id)
@@ -354,12 +361,19 @@ pub struct Tally {
     pub doubled_examples: Vec<String>,
 }
 
+/// The pairs of a commit the ledger took ([`Ledger::on_commit`] admits no dense ones).
+fn pairs_of(c: &RoundCommit) -> &[fwdllm_shared::update::SeedCoeff] {
+    c.step
+        .pairs()
+        .expect("the ledger admits pairs commits only")
+}
+
 /// Classifies every update of `ledger` (see [`crate::chaos`] for the classes).
 pub fn account(ledger: &Ledger, rulings: &Rulings, fin: &FinalState) -> Tally {
     // seed → rounds of the commits holding it (one entry per committed pair).
     let mut committed: HashMap<u64, Vec<u64>> = HashMap::new();
     for c in ledger.commits.values() {
-        for p in &c.pairs {
+        for p in pairs_of(c) {
             committed.entry(p.seed).or_default().push(c.round);
         }
     }
@@ -447,7 +461,7 @@ pub fn account(ledger: &Ledger, rulings: &Rulings, fin: &FinalState) -> Tally {
     t.unattributed_pairs = ledger
         .commits
         .values()
-        .flat_map(|c| &c.pairs)
+        .flat_map(pairs_of)
         .filter(|p| !owned.contains(&p.seed))
         .count() as u64;
     t
@@ -501,7 +515,7 @@ pub fn check_replicas(layout: &LoraLayout, ledger: &Ledger, fin: &FinalState) ->
             r.commits_missing += last - v + 1;
             break;
         };
-        apply_commit(&mut w, &c.pairs);
+        apply_commit(&mut w, pairs_of(c));
         let h = w.hash();
         r.commits_replayed += 1;
         if c.base_version != v - 1 || h != c.weights_hash {
@@ -546,10 +560,12 @@ mod tests {
             round,
             base_version: version - 1,
             new_version: version,
-            pairs: seeds
-                .iter()
-                .map(|&seed| SeedCoeff { seed, coeff: 0.0 })
-                .collect(),
+            step: fwdllm_shared::wire::CommitStep::Pairs(
+                seeds
+                    .iter()
+                    .map(|&seed| SeedCoeff { seed, coeff: 0.0 })
+                    .collect(),
+            ),
             weights_hash: WeightsHash([0; 32]),
         }
     }
@@ -781,7 +797,7 @@ mod tests {
                 round: v,
                 base_version: v - 1,
                 new_version: v,
-                pairs,
+                step: fwdllm_shared::wire::CommitStep::Pairs(pairs),
                 weights_hash: w.hash(),
             });
         }

@@ -19,7 +19,6 @@ use fwdllm_aggregator::server::{self, BrokerTarget, Hooks};
 use fwdllm_bench::chaos::{account, check_replicas, FinalState, Observer, RulingRecord, Rulings};
 use fwdllm_frontdoor::federation::{self, FedData};
 use fwdllm_shared::lora::{LoraWeights, WeightsHash};
-use fwdllm_shared::update::apply_commit;
 use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -319,6 +318,8 @@ async fn run_variant(
         perturbations,
         0,
     )?;
+    // The ledger accounts for every seed, which a dense commit does not name.
+    cfg.state.commit_form = fwdllm_aggregator::config::CommitForm::Pairs;
     if !v.robust {
         cfg.robust.max_abs_g = f64::MAX;
         cfg.robust.clip_sigmas = 0.0;
@@ -417,7 +418,9 @@ async fn run_variant(
             .commits
             .get(&version)
             .with_context(|| format!("commit of version {version} missing from the ledger"))?;
-        apply_commit(&mut w, &c.pairs);
+        c.step
+            .apply(&mut w)
+            .with_context(|| format!("the commit of version {version} does not apply"))?;
         if version % CURVE_EVERY == 0 || version == target {
             if check.hashes.get(&version) != Some(&w.hash()) {
                 bail!("the replay to version {version} does not verify");

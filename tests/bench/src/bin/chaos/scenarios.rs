@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use fwdllm_aggregator::config::AggregatorConfig;
+use fwdllm_aggregator::config::{AggregatorConfig, CommitForm};
 use fwdllm_bench::chaos::{
     account, check_replicas, DupProxy, FinalState, Ledger, Observer, ReplicaCheck, Rulings, Tally,
 };
@@ -165,6 +165,8 @@ fn aggregator_config(job: &str, state: &Path, broker: SocketAddr, s: &Setup) -> 
     c.state.dir = state.to_path_buf();
     c.state.checkpoint_every = 10;
     c.state.plot_every = 0;
+    // The ledger accounts for every seed, which a dense commit does not name.
+    c.state.commit_form = CommitForm::Pairs;
     // Rounds open with half the fleet and commit once every selected client still online
     // answered (the cap is every agent's share), so a killed agent does not stall a round.
     c.round.min_clients = (n / 2).max(1);
