@@ -4,6 +4,7 @@
 #     headline task with the shipped recipe (TrainConfig::sft_recipe: the RMSNorm gains of every
 #     layer), adapter chosen on dev, 200 held-out examples, WALL_S of training (default 3300 s,
 #     so that the whole run with its evaluations stays inside 60 minutes);
+#   target/bench/deep.png  held-out and dev NLL of that run against evaluations and wall seconds;
 #   sft_eval_cost_ratio  seconds per loss evaluation of the recipe over the previous tail recipe
 #     (TrainConfig::sft_tail_recipe), each timed over steps 2..STEPS of a short run, one run after
 #     the other in this script.
@@ -45,6 +46,8 @@ if [ "${LOCAL:-1}" = 1 ]; then
   echo "== train-local, shipped recipe, ${wall} s of training"
   "$bin" train-local "${common[@]}" --max-wall-s "$wall" --out "$out/local" > "$out/local.log" 2>&1
   tail -n 6 "$out/local.log" | sed 's/^/   /'
+  # The curves (held-out and dev NLL against evaluations and wall seconds) -> deep.png.
+  "${BIN_DIR:-target/release}/deep_plot" --metrics "$out/local/metrics.json" --png target/bench/deep.png
 fi
 
 python3 - "$out" "$recipe_s" "$tail_s" "$threads" "${LOCAL:-1}" <<'EOF'
