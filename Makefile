@@ -13,9 +13,10 @@ setup:
 # The daemons, the front door `fwdllm` (aggregator/frontdoor) and the benches (tests/bench).
 RELEASE_BUILD = $(CARGO) build --release -p fwdllm-shared -p fwdllm-agent -p fwdllm-aggregator -p fwdllm -p fwdllm-bench --bins --examples
 
+# The demo builds its one binary with the lighter `lean` profile (Cargo.toml says why).
 demo: setup
-	$(RELEASE_BUILD)
-	target/release/fwdllm demo
+	$(CARGO) build --profile lean -p fwdllm --bin fwdllm
+	target/lean/fwdllm demo
 
 lint: setup
 	$(CARGO) fmt --all -- --check

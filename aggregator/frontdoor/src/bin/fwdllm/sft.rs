@@ -85,7 +85,7 @@ pub(crate) async fn bench(
         perturbations,
         fed.eval_every,
     )?;
-    cfg.job.max_commits = fed.max_commits;
+    cfg.job.max_commits = fed.max_commits.unwrap_or(0);
     let trainable = cfg.layout().map_err(anyhow::Error::msg)?.trainable_len();
     let threads = run::agent_threads(fed.agents);
     let mut sources: Vec<Box<dyn GradientSource + Send>> = Vec::new();
