@@ -362,8 +362,11 @@ pub struct LoraLayout {
 }
 
 impl LoraLayout {
-    /// Validates `config` against `shape` and computes the layout.
-    pub fn new(shape: &ModelShape, config: &LoraConfig) -> Result<LoraLayout, LoraError> {
+    /// Validates `config` against `shape` and returns the parameter count of its layout
+    /// without building it. Decoders of untrusted messages compare a message's parameter count
+    /// with this first: [`LoraLayout::new`] allocates per tensor, and a claimed shape of 10⁹
+    /// tiny layers would otherwise abort the process on allocation (found by `make fuzz`).
+    pub fn checked_len(shape: &ModelShape, config: &LoraConfig) -> Result<usize, LoraError> {
         shape.validate()?;
         if config.rank == 0 {
             return Err(LoraError::ZeroRank);
@@ -430,7 +433,13 @@ impl LoraLayout {
         if total > isize::MAX as u128 / 4 {
             return Err(LoraError::TooLarge(total));
         }
+        Ok(total as usize)
+    }
 
+    /// Validates `config` against `shape` and computes the layout.
+    pub fn new(shape: &ModelShape, config: &LoraConfig) -> Result<LoraLayout, LoraError> {
+        LoraLayout::checked_len(shape, config)?;
+        let (start, end) = config.layers.unwrap_or((0, shape.n_layer));
         let r = config.rank as usize;
         let mut tensors = Vec::with_capacity((end - start) as usize * config.modules.len());
         let mut trainable: Vec<Range<usize>> = Vec::new();

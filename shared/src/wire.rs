@@ -475,6 +475,16 @@ impl Checkpoint {
 
     /// Rebuilds the weights and verifies their hash against `weights_hash`.
     pub fn to_weights(&self) -> Result<LoraWeights, CheckpointError> {
+        // The parameter count first: the claimed shape is untrusted, and the layout it names
+        // is only built once it matches the parameters the message really carries.
+        let expected = LoraLayout::checked_len(&self.shape, &self.config)?;
+        if expected != self.params.len() {
+            return Err(LoraError::ParamLenMismatch {
+                expected,
+                got: self.params.len(),
+            }
+            .into());
+        }
         let layout = LoraLayout::new(&self.shape, &self.config)?;
         let weights = LoraWeights::from_params(layout, self.params.clone())?;
         let actual = weights.hash();

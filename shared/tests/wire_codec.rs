@@ -3,7 +3,7 @@
 //! rejected with its typed error.
 
 use fwdllm_shared::lora::{
-    LoraConfig, LoraLayout, LoraModule, LoraWeights, ModelShape, WeightsHash,
+    LoraConfig, LoraError, LoraLayout, LoraModule, LoraWeights, ModelShape, WeightsHash,
 };
 use fwdllm_shared::update::SeedCoeff;
 use fwdllm_shared::wire::*;
@@ -363,6 +363,24 @@ fn checkpoint_with_tampered_params_fails_hash_check() {
         short.to_weights(),
         Err(CheckpointError::Layout(_))
     ));
+}
+
+#[test]
+fn checkpoint_claiming_a_huge_shape_is_refused_before_its_layout_is_allocated() {
+    // `make fuzz` found this: a few bytes claiming a billion layers made `to_weights` allocate
+    // the layout's tensor list (hundreds of GB) and abort the process.
+    let w = LoraWeights::init(LoraLayout::new(&tiny_shape(), &tiny_config()).unwrap());
+    let mut cp = Checkpoint::from_weights(3, &w);
+    cp.shape.n_layer = 1 << 30;
+    cp.config.layers = None;
+    let err = cp.to_weights().unwrap_err();
+    assert!(
+        matches!(
+            err,
+            CheckpointError::Layout(LoraError::ParamLenMismatch { got, .. }) if got == w.params().len()
+        ),
+        "{err}"
+    );
 }
 
 #[test]
