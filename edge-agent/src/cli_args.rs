@@ -37,6 +37,10 @@ pub struct EngineArgs {
     /// Precision of the frozen prefix on the tail path (its error cancels in ΔL).
     #[arg(long, value_enum, default_value_t = Precision::Q8_0)]
     pub prefix_precision: Precision,
+    /// Type of the tail model's weight matrices: f32 (exact), bf16 (about half the cost of an
+    /// evaluation on CPUs with AVX512-BF16) or q8_0. Norms and the head stay F32.
+    #[arg(long, value_enum, default_value_t = engine::TailMatrices::F32)]
+    pub tail_matrices: engine::TailMatrices,
     /// MiB of cached prefix hidden states.
     #[arg(long, default_value_t = 32)]
     pub prefix_cache_mib: u32,
@@ -58,6 +62,7 @@ impl EngineArgs {
             flash_attn: self.flash_attn,
             forward_path: self.forward_path,
             prefix_precision: self.prefix_precision,
+            tail_matrices: self.tail_matrices,
             prefix_cache_mib: self.prefix_cache_mib,
             prefix_cache_disk: !self.no_prefix_cache_disk,
             ..EngineConfig::default()

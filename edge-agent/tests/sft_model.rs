@@ -6,14 +6,19 @@ mod real_model;
 use fwdllm_agent::data;
 use fwdllm_agent::engine::generate::StopReason;
 use fwdllm_agent::engine::sft_eval::GenerationBudget;
+use fwdllm_agent::engine::tail::{tail_path, TailHead};
 use fwdllm_agent::engine::{
-    Engine, EngineConfig, EngineError, ForwardPath, Precision, TrainConfig,
+    Engine, EngineConfig, EngineError, ForwardPath, Precision, TailMatrices, TrainConfig,
 };
 use fwdllm_shared::lora::{LoraLayout, LoraWeights};
 use real_model::{cache_dir, headline, jsonl_stdout, model, predict, root};
 
 /// The SFT recipe's engine: tail path from its first layer, prefix at `prefix`.
 fn engine(prefix: Precision, path: ForwardPath) -> Engine {
+    engine_with(prefix, path, TailMatrices::F32)
+}
+
+fn engine_with(prefix: Precision, path: ForwardPath, matrices: TailMatrices) -> Engine {
     Engine::load(
         &EngineConfig {
             model: model(),
@@ -24,6 +29,7 @@ fn engine(prefix: Precision, path: ForwardPath) -> Engine {
             seqs_per_decode: 4,
             forward_path: path,
             prefix_precision: prefix,
+            tail_matrices: matrices,
             prefix_cache_disk: false,
             ..EngineConfig::default()
         }
@@ -192,4 +198,41 @@ fn predict_on_an_sft_task_writes_the_greedy_generations() {
         err.contains("line 1") && err.contains("`description`"),
         "{err}"
     );
+}
+
+#[test]
+fn tail_matrices_are_stored_as_asked_and_their_loss_differences_track_the_f32_tail() {
+    // ΔL of one direction (what a forward gradient reads) on each tail, against the F32 one.
+    let mut delta = Vec::new();
+    for m in [TailMatrices::F32, TailMatrices::Bf16, TailMatrices::Q8_0] {
+        let mut e = engine_with(Precision::Q8_0, ForwardPath::Auto, m);
+        let ex = headline(&e, 4);
+        let base = e.sft_loss(&ex).unwrap();
+        e.set_adapter(&sft_weights(&e, 5, 0.05)).unwrap();
+        let moved = e.sft_loss(&ex).unwrap();
+        delta.push((m, base, moved - base));
+        // The file holds the matrices in the asked type; norms and the head stay F32.
+        let path = tail_path(&model(), 27, &TailHead::Full, m, &cache_dir());
+        let header =
+            fwdllm_shared::gguf::read_gguf_header(std::fs::File::open(&path).unwrap()).unwrap();
+        let ty = |name: &str| header.tensor(name).unwrap().ggml_type;
+        let matrix = match m {
+            TailMatrices::F32 => 0,
+            TailMatrices::Bf16 => 30,
+            TailMatrices::Q8_0 => 8,
+        };
+        assert_eq!(ty("blk.0.ffn_down.weight"), matrix, "{m:?}");
+        assert_eq!(ty("blk.0.attn_norm.weight"), 0, "{m:?}");
+        assert_eq!(ty("token_embd.weight"), 0, "{m:?}");
+    }
+    eprintln!("(matrices, base NLL, ΔL): {delta:?}");
+    let (_, base32, d32) = delta[0];
+    assert!(d32.abs() > 1e-3, "the direction moves the F32 loss: {d32}");
+    for &(m, base, d) in &delta[1..] {
+        assert!(
+            (base - base32).abs() < 0.02 * base32,
+            "{m:?}: base {base} vs {base32}"
+        );
+        assert!((d - d32).abs() < 0.25 * d32.abs(), "{m:?}: ΔL {d} vs {d32}");
+    }
 }

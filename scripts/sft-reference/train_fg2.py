@@ -71,6 +71,8 @@ ex = C.keyed(C.get_data())
 from build_layout import build
 
 
+import build_layout as _bl
+_bl._MODEL[0] = model  # the TIED layouts read the base gains
 ad = build(a.layout)
 first = ad.min_layer()
 lo = 0

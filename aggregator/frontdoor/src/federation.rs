@@ -140,7 +140,6 @@ pub fn aggregator_config(
     cfg.round.eps = train.eps;
     cfg.round.min_clients = n;
     cfg.round.quorum = n.div_ceil(2);
-    cfg.round.deadline_s = 60.0;
     cfg.task.batch_size = train.batch_size as u32;
     cfg.task.one_sided = train.one_sided;
     // K = agents x perturbations pairs per commit, like the engine's tuned local training
@@ -161,6 +160,15 @@ pub fn aggregator_config(
     cfg.step.min_lr_ratio = 0.2;
     // ≈ the engine's absolute clamp (max_update_norm) at the initial ‖θ‖ of this layout.
     let layout = cfg.layout().map_err(|e| FederationError::Config(vec![e]))?;
+    // A round waits for every selected agent (the cap above), so the deadline only bounds a
+    // silent agent. A layout that adapts layer 0 runs the whole model per evaluation: 8 agents
+    // sharing 2 cores then take ~2 minutes for a round of 8 directions, and 60 s abandoned
+    // every round (measured 2026-12-08, deep SFT recipe), so those get 10 minutes.
+    cfg.round.deadline_s = if layout.first_layer() == Some(0) {
+        600.0
+    } else {
+        60.0
+    };
     let theta0 = fwdllm_aggregator::step::params_norm(LoraWeights::init(layout).params());
     cfg.step.trust_region =
         f64::from(train.max_update_norm) * k_ratio / theta0.max(cfg.step.trust_floor).max(1e-6);

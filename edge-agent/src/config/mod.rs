@@ -246,6 +246,11 @@ pub struct EngineSection {
     /// ggml's fast kernels cover), "quantized" (the file as shipped), "q4_0", "f16" or "f32".
     /// Its rounding is the same for every perturbation of a batch and cancels in ΔL.
     pub prefix_precision: String,
+    /// Type of the tail model's weight matrices: "f32" (default, exact), "bf16" or "q8_0"
+    /// (norms and the head stay F32). On the AVX-512 x86 this was measured on, neither is
+    /// faster than F32 (ARCHITECTURE.md, "Engine"); they are for CPUs whose int8 or bf16 dot
+    /// products outrun their F32 ones.
+    pub tail_matrices: String,
     /// MiB of cached prefix hidden states (least recently used prompts are dropped).
     pub prefix_cache_mib: u32,
     /// Also keep prefix hidden states on disk under the cache directory, so that each example
@@ -271,6 +276,7 @@ impl Default for EngineSection {
             cache_dir: String::new(),
             forward_path: ForwardPath::Auto,
             prefix_precision: "q8_0".into(),
+            tail_matrices: "f32".into(),
             prefix_cache_mib: 32,
             prefix_cache_disk: true,
             dev_examples: 32,
@@ -447,6 +453,22 @@ mod tests {
         let c = load("[engine]\nmodel = \"/nonexistent/m.gguf\"\n", &[]).unwrap();
         let keys: Vec<_> = c.check_files().into_iter().map(|p| p.key).collect();
         assert_eq!(keys, ["engine.model", "engine.task", "engine.shard"]);
+    }
+
+    #[test]
+    fn a_tail_matrix_type_is_checked_and_the_error_names_the_choices() {
+        let c = load("[engine]\ntail_matrices = \"q8_0\"\n", &[]).unwrap();
+        assert_eq!(
+            crate::engine::TailMatrices::parse(&c.engine.tail_matrices),
+            Some(crate::engine::TailMatrices::Q8_0)
+        );
+        let err = load("[engine]\ntail_matrices = \"f16\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("engine.tail_matrices") && err.contains("\"bf16\""),
+            "{err}"
+        );
     }
 
     #[test]

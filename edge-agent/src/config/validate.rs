@@ -223,6 +223,13 @@ impl AgentConfig {
                     "use \"q8_0\" (default), \"quantized\", \"q4_0\", \"f16\" or \"f32\"",
                 );
             }
+            if crate::engine::TailMatrices::parse(&e.tail_matrices).is_none() {
+                p.bad(
+                    "engine.tail_matrices",
+                    format!("{:?} is not a tail matrix type", e.tail_matrices),
+                    "use \"f32\" (default), \"bf16\" or \"q8_0\"",
+                );
+            }
         }
         p.0
     }

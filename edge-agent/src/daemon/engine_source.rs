@@ -6,7 +6,7 @@ use fwdllm_shared::lora::LoraWeights;
 
 use crate::config::AgentConfig;
 use crate::data::{self, Example, SftExample, SplitMix64, TaskFile};
-use crate::engine::{Engine, EngineConfig, Precision};
+use crate::engine::{Engine, EngineConfig, Precision, TailMatrices};
 
 use super::gradient::{
     DevScore, GradientBatch, GradientError, GradientRequest, GradientSource, LossStats,
@@ -23,6 +23,8 @@ pub enum EngineSourceError {
     EmptyShard(String),
     #[error("{0} is not one of f32, f16, quantized, q8_0, q4_0")]
     Precision(String),
+    #[error("{0} is not one of f32, bf16, q8_0")]
+    TailMatrices(String),
     #[error("engine: {0}")]
     Engine(#[from] crate::engine::EngineError),
 }
@@ -152,6 +154,9 @@ impl EngineSource {
         };
         let precision = parse("engine.precision", &e.precision)?;
         let prefix_precision = parse("engine.prefix_precision", &e.prefix_precision)?;
+        let tail_matrices = TailMatrices::parse(&e.tail_matrices).ok_or_else(|| {
+            EngineSourceError::TailMatrices(format!("engine.tail_matrices = {:?}", e.tail_matrices))
+        })?;
         let cache_dir = if e.cache_dir.is_empty() {
             config.state_dir().join("prepared")
         } else {
@@ -167,6 +172,7 @@ impl EngineSource {
             cache_dir,
             forward_path: e.forward_path,
             prefix_precision,
+            tail_matrices,
             prefix_cache_mib: e.prefix_cache_mib,
             prefix_cache_disk: e.prefix_cache_disk,
             // The layout arrives with the first replica; the engine picks its path then.

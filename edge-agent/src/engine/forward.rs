@@ -31,6 +31,7 @@ impl Engine {
             &self.config.model,
             t.first_layer,
             head,
+            self.config.tail_matrices,
             &self.config.cache_dir,
         )?;
         let mut params = Self::llama_params(&self.config);

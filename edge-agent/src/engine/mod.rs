@@ -38,6 +38,7 @@ mod load;
 mod loss;
 pub mod prepare;
 pub mod recipe;
+mod rows;
 pub mod sft_eval;
 pub mod sft_train;
 pub mod tail;
@@ -54,6 +55,7 @@ use serde::{Deserialize, Serialize};
 
 pub use loss::{token_nll, EvalReport, PooledHidden};
 pub use recipe::TrainConfig;
+pub use tail::TailMatrices;
 pub use task::Task;
 
 /// Weight precision the engine computes in. Only F32 weights keep f32 activations in ggml's
@@ -153,6 +155,10 @@ pub struct EngineConfig {
     /// Precision of the frozen prefix on the tail path. Its error is the same for every
     /// perturbation of a batch and cancels in ΔL, so the shipped quantised file is enough.
     pub prefix_precision: Precision,
+    /// The type of the tail model's weight matrices (F32 by default; bf16 halves the cost of
+    /// a whole-model evaluation on CPUs with AVX512-BF16, see [`tail::TailMatrices`]).
+    #[serde(default)]
+    pub tail_matrices: tail::TailMatrices,
     /// The layout's first adapted layer when the caller knows it before any adapter is set,
     /// so that evaluations of the base model already take the tail path (values past the last
     /// layer mean the last layer: a layout of head rows only).
@@ -181,6 +187,7 @@ impl Default for EngineConfig {
             flash_attn: false,
             forward_path: ForwardPath::Auto,
             prefix_precision: Precision::Q8_0,
+            tail_matrices: tail::TailMatrices::F32,
             tail_layer: None,
             prefix_cache_mib: 32,
             prefix_cache_disk: true,
@@ -370,9 +377,10 @@ impl Engine {
     pub fn describe_path(&self) -> String {
         match &self.tail {
             Some(t) => format!(
-                "tail from layer {} (prefix {})",
+                "tail from layer {} (prefix {}, {} matrices)",
                 t.first_layer,
-                self.base_precision.as_str()
+                self.base_precision.as_str(),
+                self.config.tail_matrices.as_str()
             ),
             None => format!("full {}", self.base_precision.as_str()),
         }

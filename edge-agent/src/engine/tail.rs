@@ -30,8 +30,9 @@ use std::sync::Arc;
 
 use fwdllm_shared::gguf::{self, GgufTensorInfo, GgufValue};
 
-use super::llama::{self, Token};
+use super::llama::Token;
 use super::prepare::{cached_derivation, hash_file};
+use super::rows;
 use super::EngineError;
 
 /// Which output rows a tail model keeps.
@@ -66,26 +67,102 @@ impl TailHead {
     }
 }
 
+/// The type the tail model stores its per-layer weight matrices in. Norms (written live) and
+/// the head (a label head's unit rows must stay exact) are always F32.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum TailMatrices {
+    /// Exact dequantised values, F32 products: the reference path.
+    #[default]
+    F32,
+    /// bfloat16 matrices: ggml then rounds each product's input to bfloat16 too (8-bit
+    /// mantissa, a relative error per value, not per block), and on CPUs with AVX512-BF16 its
+    /// tinyBLAS kernel does twice the multiply-adds per instruction of the F32 one.
+    Bf16,
+    /// Q8_0 matrices: inputs are rounded to 8 bits per block of 32 (the block's largest value
+    /// sets the step), with integer dot products.
+    #[value(name = "q8_0")]
+    #[serde(rename = "q8_0")]
+    Q8_0,
+}
+
+impl TailMatrices {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TailMatrices::F32 => "f32",
+            TailMatrices::Bf16 => "bf16",
+            TailMatrices::Q8_0 => "q8_0",
+        }
+    }
+
+    /// Parses the config spelling ([`TailMatrices::as_str`]).
+    pub fn parse(s: &str) -> Option<TailMatrices> {
+        [TailMatrices::F32, TailMatrices::Bf16, TailMatrices::Q8_0]
+            .into_iter()
+            .find(|m| m.as_str() == s)
+    }
+
+    fn ggml_type(self) -> u32 {
+        match self {
+            TailMatrices::F32 => gguf::GGML_TYPE_F32,
+            TailMatrices::Bf16 => rows::GGML_TYPE_BF16,
+            TailMatrices::Q8_0 => rows::GGML_TYPE_Q8_0,
+        }
+    }
+
+    /// llama.cpp's `general.file_type` for a file of mostly this type.
+    fn file_type(self) -> u32 {
+        match self {
+            TailMatrices::F32 => 0,   // LLAMA_FTYPE_ALL_F32
+            TailMatrices::Bf16 => 32, // LLAMA_FTYPE_MOSTLY_BF16
+            TailMatrices::Q8_0 => 7,  // LLAMA_FTYPE_MOSTLY_Q8_0
+        }
+    }
+}
+
 /// Path of the tail model of `model` from layer `first_layer` with `head`.
-pub fn tail_path(model: &Path, first_layer: u32, head: &TailHead, cache_dir: &Path) -> PathBuf {
+pub fn tail_path(
+    model: &Path,
+    first_layer: u32,
+    head: &TailHead,
+    matrices: TailMatrices,
+    cache_dir: &Path,
+) -> PathBuf {
     let stem = model
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "model".into());
-    cache_dir.join(format!("{stem}.tail{first_layer}-{}.f32.gguf", head.id()))
+    cache_dir.join(format!(
+        "{stem}.tail{first_layer}-{}.{}.gguf",
+        head.id(),
+        matrices.as_str()
+    ))
 }
 
-/// Returns a verified tail model (layers `first_layer..`, `head`) of `model`, building it once.
+/// Returns a verified tail model (layers `first_layer..`, `head`, matrices stored as
+/// `matrices`) of `model`, building it once.
 pub fn prepare_tail(
     model: &Path,
     first_layer: u32,
     head: &TailHead,
+    matrices: TailMatrices,
     cache_dir: &Path,
 ) -> Result<PathBuf, EngineError> {
     if !model.is_file() {
         return Err(EngineError::ModelNotFound(model.to_path_buf()));
     }
-    let out = tail_path(model, first_layer, head, cache_dir);
+    let out = tail_path(model, first_layer, head, matrices, cache_dir);
     let (source_size, source_blake3) = hash_file(model)?;
     let identity = serde_json::json!({
         "kind": "tail",
@@ -94,15 +171,17 @@ pub fn prepare_tail(
         "source_blake3": source_blake3,
         "first_layer": first_layer,
         "head": head.id(),
+        "matrices": matrices.as_str(),
     });
     cached_derivation(&out, identity, |tmp| {
         log::info!(
-            "building the tail model (layers {first_layer}.., head {}) of {} -> {}",
+            "building the tail model (layers {first_layer}.., head {}, {} matrices) of {} -> {}",
             head.id(),
+            matrices.as_str(),
             model.display(),
             out.display()
         );
-        build_tail(model, tmp, first_layer, head, &source_blake3)
+        build_tail(model, tmp, first_layer, head, matrices, &source_blake3)
     })
 }
 
@@ -113,10 +192,11 @@ fn tail_err(path: &Path, problem: impl Into<String>) -> EngineError {
     }
 }
 
-/// One tensor of the tail file: its new name and shape, and where its rows come from.
+/// One tensor of the tail file: its new name, shape and type, and where its rows come from.
 struct Planned<'a> {
     name: String,
     dims: Vec<u64>,
+    ggml_type: u32,
     source: &'a GgufTensorInfo,
     /// Rows of the source to take, in order (`None` = all).
     rows: Option<Vec<u64>>,
@@ -131,6 +211,7 @@ fn build_tail(
     dst: &Path,
     first_layer: u32,
     head: &TailHead,
+    matrices: TailMatrices,
     source_blake3: &str,
 ) -> Result<(), EngineError> {
     let file = File::open(src).map_err(|e| EngineError::io(src, e))?;
@@ -166,9 +247,16 @@ fn build_tail(
             if idx < first_layer {
                 continue;
             }
+            // Weight matrices take the requested type; vectors (norms, biases) stay F32.
+            let matrix = t.dims.len() == 2 && t.dims[1] > 1;
             plan.push(Planned {
                 name: format!("blk.{}.{tail}", idx - first_layer),
                 dims: t.dims.clone(),
+                ggml_type: if matrix {
+                    matrices.ggml_type()
+                } else {
+                    gguf::GGML_TYPE_F32
+                },
                 source: t,
                 rows: None,
                 unit_rows: 0,
@@ -177,6 +265,7 @@ fn build_tail(
             plan.push(Planned {
                 name: t.name.clone(),
                 dims: t.dims.clone(),
+                ggml_type: gguf::GGML_TYPE_F32,
                 source: t,
                 rows: None,
                 unit_rows: 0,
@@ -226,6 +315,7 @@ fn build_tail(
     plan.push(Planned {
         name: "token_embd.weight".into(),
         dims: vec![n_embd, n_rows],
+        ggml_type: gguf::GGML_TYPE_F32,
         source: head_src,
         rows: Some(rows),
         unit_rows,
@@ -267,7 +357,10 @@ fn build_tail(
     let n_rows_u32 = u32::try_from(n_rows).map_err(|_| tail_err(src, "head too large"))?;
     kv.extend([
         ("general.alignment".into(), GgufValue::U32(32)),
-        ("general.file_type".into(), GgufValue::U32(0)), // LLAMA_FTYPE_ALL_F32
+        (
+            "general.file_type".into(),
+            GgufValue::U32(matrices.file_type()),
+        ),
         (vocab_size, GgufValue::U32(n_rows_u32)),
         (
             "tokenizer.ggml.model".into(),
@@ -284,11 +377,29 @@ fn build_tail(
         ),
     ]);
 
-    let infos: Vec<(&str, &[u64])> = plan
+    let infos = plan
         .iter()
-        .map(|p| (p.name.as_str(), p.dims.as_slice()))
-        .collect();
-    let (hdr, alignment) = gguf::f32_gguf_header(&kv, &infos);
+        .map(|p| {
+            let ne0 = *p.dims.first().unwrap_or(&1);
+            let rows: u64 = p.dims.iter().skip(1).product();
+            let row_bytes = rows::ggml_row_bytes(p.ggml_type, ne0 as usize).ok_or_else(|| {
+                tail_err(
+                    src,
+                    format!(
+                        "tensor {} has rows of {ne0} values, not whole blocks of ggml type {}",
+                        p.name, p.ggml_type
+                    ),
+                )
+            })?;
+            Ok(gguf::TensorInfo {
+                name: p.name.as_str(),
+                dims: p.dims.as_slice(),
+                ggml_type: p.ggml_type,
+                n_bytes: rows * row_bytes as u64,
+            })
+        })
+        .collect::<Result<Vec<_>, EngineError>>()?;
+    let (hdr, alignment) = gguf::gguf_header(&kv, &infos);
     let out = File::create(dst).map_err(|e| EngineError::io(dst, e))?;
     let mut w = BufWriter::with_capacity(1 << 20, out);
     let io = |e| EngineError::io(dst, e);
@@ -301,7 +412,7 @@ fn build_tail(
         let t = p.source;
         let ne0 = *t.dims.first().unwrap_or(&1);
         let src_rows: u64 = t.dims.iter().skip(1).product();
-        let row_bytes = llama::ggml_row_bytes(t.ggml_type, ne0 as usize).ok_or_else(|| {
+        let row_bytes = rows::ggml_row_bytes(t.ggml_type, ne0 as usize).ok_or_else(|| {
             tail_err(
                 src,
                 format!(
@@ -332,11 +443,16 @@ fn build_tail(
                     format!("tensor {} row {r}: {e} (truncated file?)", t.name),
                 )
             })?;
-            llama::dequantize_row(t.ggml_type, &raw, &mut vals)
+            rows::dequantize_row(t.ggml_type, &raw, &mut vals)
                 .map_err(|e| tail_err(src, format!("tensor {}: {e}", t.name)))?;
             bytes.clear();
-            for v in &vals {
-                bytes.extend_from_slice(&v.to_le_bytes());
+            if p.ggml_type == gguf::GGML_TYPE_F32 {
+                for v in &vals {
+                    bytes.extend_from_slice(&v.to_le_bytes());
+                }
+            } else {
+                rows::quantize_rows(p.ggml_type, &vals, vals.len(), &mut bytes)
+                    .map_err(|e| tail_err(src, format!("tensor {}: {e}", t.name)))?;
             }
             w.write_all(&bytes).map_err(io)?;
             written += bytes.len();

@@ -362,7 +362,7 @@ pub use adapter::{
 };
 pub use merge::{merge_adapter_norms, merge_norms};
 pub use read::{model_shape_from_gguf, read_gguf, read_gguf_header};
-pub use write::{f32_gguf_header, pad_len, write_gguf_f32, F32Tensor};
+pub use write::{f32_gguf_header, gguf_header, pad_len, write_gguf_f32, F32Tensor, TensorInfo};
 
 #[cfg(test)]
 mod tests {
@@ -449,6 +449,52 @@ mod tests {
         assert!(err.to_string().contains(NORMS_DELTA_KEY), "{err}");
         let plain = read_gguf(&write_lora_adapter(&adapter_weights())).unwrap();
         assert!(read_adapter_norms(&plain, 12).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_header_of_mixed_types_places_each_tensor_at_its_aligned_offset() {
+        // A Q8_0 row of 64 values is 2 blocks of 34 bytes: 68 bytes, padded to 96 at 32.
+        let kv = vec![("general.alignment".to_string(), GgufValue::U32(32))];
+        let (hdr, alignment) = gguf_header(
+            &kv,
+            &[
+                TensorInfo {
+                    name: "q",
+                    dims: &[64, 1],
+                    ggml_type: 8,
+                    n_bytes: 68,
+                },
+                TensorInfo {
+                    name: "f",
+                    dims: &[3],
+                    ggml_type: GGML_TYPE_F32,
+                    n_bytes: 12,
+                },
+            ],
+        );
+        assert_eq!(alignment, 32);
+        assert_eq!(hdr.len() % 32, 0);
+        let f = read_gguf_header(&hdr[..]).unwrap();
+        let q = f.tensor("q").unwrap();
+        let t = f.tensor("f").unwrap();
+        assert_eq!((q.ggml_type, q.offset), (8, 0));
+        assert_eq!(
+            (t.ggml_type, t.offset, t.dims.as_slice()),
+            (0, 96, &[3u64][..])
+        );
+        assert_eq!(f.data_offset, hdr.len() as u64);
+        // The F32 wrapper is the same header for F32 tensors.
+        let (a, _) = f32_gguf_header(&kv, &[("f", &[3])]);
+        let (b, _) = gguf_header(
+            &kv,
+            &[TensorInfo {
+                name: "f",
+                dims: &[3],
+                ggml_type: GGML_TYPE_F32,
+                n_bytes: 12,
+            }],
+        );
+        assert_eq!(a, b);
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! The GGUF writer: headers and whole files of F32 tensors, byte-exact to what llama.cpp's
+//! The GGUF writer: headers for tensors of any ggml type and whole files of F32 tensors, byte-exact to what llama.cpp's
 //! `gguf_init_from_file` accepts.
 
 use super::{GgufValue, GGML_TYPE_F32, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUF_VERSION};
@@ -57,11 +57,22 @@ fn kv_alignment(kv: &[(String, GgufValue)]) -> usize {
         .unwrap_or(GGUF_DEFAULT_ALIGNMENT as usize)
 }
 
-/// The header of a GGUF v3 file whose tensors are all F32 (name, ggml `ne`), stored back to
-/// back in the given order, each padded to the alignment: magic, counts, `kv`, tensor infos,
-/// and the padding up to the data section. Returns the header and the alignment; a writer
-/// then appends each tensor's little-endian f32 data followed by [`pad_len`] zero bytes.
-pub fn f32_gguf_header(kv: &[(String, GgufValue)], tensors: &[(&str, &[u64])]) -> (Vec<u8>, usize) {
+/// One tensor of a header written by [`gguf_header`]: name, ggml `ne` (fastest-varying first),
+/// ggml type, and the bytes of its data (for F32, 4 per value; for a block type, its rows'
+/// `ggml_row_size`: the writer cannot know block sizes, so the caller states them).
+#[derive(Debug, Clone, Copy)]
+pub struct TensorInfo<'a> {
+    pub name: &'a str,
+    pub dims: &'a [u64],
+    pub ggml_type: u32,
+    pub n_bytes: u64,
+}
+
+/// The header of a GGUF v3 file whose tensors (of any ggml type) are stored back to back in
+/// the given order, each padded to the alignment: magic, counts, `kv`, tensor infos, and the
+/// padding up to the data section. Returns the header and the alignment; a writer then
+/// appends each tensor's data followed by [`pad_len`] zero bytes.
+pub fn gguf_header(kv: &[(String, GgufValue)], tensors: &[TensorInfo<'_>]) -> (Vec<u8>, usize) {
     let alignment = kv_alignment(kv);
     let mut out = Vec::with_capacity(4096);
     out.extend_from_slice(&GGUF_MAGIC);
@@ -74,21 +85,34 @@ pub fn f32_gguf_header(kv: &[(String, GgufValue)], tensors: &[(&str, &[u64])]) -
         put_value(&mut out, v);
     }
     let mut offset = 0u64;
-    for (name, dims) in tensors {
-        let n: u64 = dims.iter().product();
-        put_str(&mut out, name);
-        out.extend_from_slice(&(dims.len() as u32).to_le_bytes());
-        for d in *dims {
+    for t in tensors {
+        put_str(&mut out, t.name);
+        out.extend_from_slice(&(t.dims.len() as u32).to_le_bytes());
+        for d in t.dims {
             out.extend_from_slice(&d.to_le_bytes());
         }
-        out.extend_from_slice(&GGML_TYPE_F32.to_le_bytes());
+        out.extend_from_slice(&t.ggml_type.to_le_bytes());
         out.extend_from_slice(&offset.to_le_bytes());
-        offset += (n as usize * 4).div_ceil(alignment) as u64 * alignment as u64;
+        offset += t.n_bytes.div_ceil(alignment as u64) * alignment as u64;
     }
     if !tensors.is_empty() {
         pad_to(&mut out, alignment);
     }
     (out, alignment)
+}
+
+/// [`gguf_header`] for tensors that are all F32 (name, ggml `ne`).
+pub fn f32_gguf_header(kv: &[(String, GgufValue)], tensors: &[(&str, &[u64])]) -> (Vec<u8>, usize) {
+    let infos: Vec<TensorInfo<'_>> = tensors
+        .iter()
+        .map(|&(name, dims)| TensorInfo {
+            name,
+            dims,
+            ggml_type: GGML_TYPE_F32,
+            n_bytes: dims.iter().product::<u64>() * 4,
+        })
+        .collect();
+    gguf_header(kv, &infos)
 }
 
 /// Zero bytes that follow `n_bytes` of tensor data to reach the alignment.
