@@ -87,8 +87,9 @@ pub enum TailMatrices {
     #[default]
     F32,
     /// bfloat16 matrices: ggml then rounds each product's input to bfloat16 too (8-bit
-    /// mantissa, a relative error per value, not per block), and on CPUs with AVX512-BF16 its
-    /// tinyBLAS kernel does twice the multiply-adds per instruction of the F32 one.
+    /// mantissa, a relative error per value, not per block). Its AVX512-BF16 kernel does twice
+    /// the multiply-adds per instruction of the F32 one, but on the Xeon measured it issues at
+    /// half the rate: no faster (docs/RESULTS.md, "Tail matrix types").
     Bf16,
     /// Q8_0 matrices: inputs are rounded to 8 bits per block of 32 (the block's largest value
     /// sets the step), with integer dot products.
